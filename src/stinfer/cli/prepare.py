@@ -1,0 +1,123 @@
+"""`stinfer prepare`: read any supported input into a validated slide `.h5ad`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from stinfer.cli.options import add_output_arguments, checked_output
+from stinfer.errors import InputError
+
+logger = logging.getLogger("stinfer")
+
+EXAMPLES = """\
+examples:
+  stinfer prepare --format legacy-st --counts C2.tsv.gz --spots C2_selection.tsv \\
+      --image C2.jpg --sample-id C2 --out C2.h5ad
+  stinfer prepare --format legacy-st --counts A1.tsv.gz --spots A1_selection.tsv \\
+      --sample-id A1 --out A1.h5ad            # counts-only slide (no image)
+  stinfer prepare --format visium --path SPACERANGER_DIR [--image FULLRES.tif] --out S.h5ad
+  stinfer prepare --format h5ad --path S.h5ad --image S.tif --out S_prepared.h5ad
+  stinfer prepare --format hest --path HEST_ROOT --sample-id TENX95 --out TENX95.h5ad
+
+The output holds raw counts in X, spot centres in full-resolution image pixels in
+obsm["spatial"] (x, y), grid coordinates in obs["array_row"/"array_col"], and the sample id,
+image path, image scale, microns per pixel and spot diameter in uns["stinfer"]. What the
+reader dropped or assumed is printed and kept in uns["stinfer"]["notes"].
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "prepare",
+        help="read Visium / legacy ST / h5ad / HEST-1k input into a validated .h5ad",
+        description="Read a slide in any supported format, validate it, and write a .h5ad.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--format",
+        required=True,
+        choices=["visium", "legacy-st", "h5ad", "hest"],
+        help="input format",
+    )
+    parser.add_argument(
+        "--path",
+        help="Space Ranger folder (visium), .h5ad file (h5ad) or HEST-1k root folder (hest)",
+    )
+    parser.add_argument("--counts", help="legacy-st: spots x genes counts .tsv(.gz)")
+    parser.add_argument("--spots", help="legacy-st: spot selection .tsv (x, y, pixel_x, pixel_y)")
+    parser.add_argument(
+        "--image",
+        help="H&E image (full resolution); without it a Visium folder uses its hires/lowres PNG "
+        "and a legacy-st slide is counts-only",
+    )
+    parser.add_argument("--sample-id", help="slide name (default: derived from the input)")
+    parser.add_argument(
+        "--pixel-size-um",
+        type=float,
+        help="microns per full-resolution pixel (default: from the metadata or the spot grid)",
+    )
+    parser.add_argument(
+        "--cache-patches",
+        metavar="DIR",
+        help="also extract the 160x160 spot patches into this cache folder (reused by training)",
+    )
+    add_output_arguments(parser, "output .h5ad")
+    parser.set_defaults(func=run)
+
+
+def read_input(args: argparse.Namespace):
+    """Dispatch to the reader of ``args.format`` with the arguments it takes."""
+    from stinfer import io
+
+    if args.format == "legacy-st":
+        if not args.counts or not args.spots:
+            raise InputError("--format legacy-st needs --counts and --spots.")
+        return io.read_legacy_st(
+            args.counts,
+            args.spots,
+            image=args.image,
+            sample_id=args.sample_id,
+            pixel_size_um=args.pixel_size_um,
+        )
+    if not args.path:
+        raise InputError(f"--format {args.format} needs --path.")
+    if args.format == "visium":
+        return io.read_visium(args.path, image=args.image, sample_id=args.sample_id)
+    if args.format == "h5ad":
+        return io.read_h5ad_slide(
+            args.path, image=args.image, sample_id=args.sample_id, pixel_size_um=args.pixel_size_um
+        )
+    if not args.sample_id:
+        raise InputError("--format hest needs --sample-id (the HEST-1k sample, e.g. TENX95).")
+    return io.read_hest(args.path, args.sample_id)
+
+
+def run(args: argparse.Namespace) -> None:
+    from stinfer.io.atomic import write_h5ad
+    from stinfer.io.slide_data import prepare_for_h5ad, slide_meta
+
+    out = checked_output(args)
+    slide = read_input(args)
+    meta = slide_meta(slide)
+    if args.cache_patches:
+        from stinfer.data.patches import PatchSpec, spot_patches
+
+        if meta["image_path"] is None:
+            raise InputError("--cache-patches needs a slide with an image (--image).")
+        patches = spot_patches(slide, PatchSpec(), cache_dir=args.cache_patches)
+        logger.info(
+            "cached %d patches of shape %s in %s",
+            len(patches),
+            patches.shape[1:],
+            args.cache_patches,
+        )
+    write_h5ad(prepare_for_h5ad(slide), out, overwrite=args.overwrite)
+    pixel = f"{meta['pixel_size_um']:.3f} um/px" if meta["pixel_size_um"] else "unknown um/px"
+    print(
+        f"wrote {out}: {slide.n_obs} spots x {slide.n_vars} genes, sample {meta['sample_id']}, "
+        f"image {meta['image_path'] or 'none'} (scale {meta['image_scale']:g}), {pixel}"
+    )
+    for note in meta["notes"]:
+        print(f"note: {note}")

@@ -1,0 +1,298 @@
+"""Transformer autoencoder over co-expression vectors: the gene embeddings (CoxFormer Suppl. S2).
+
+Each gene's row of the completed co-expression matrix ``(C_cox)_{i,:}`` (length ``n_genes``;
+32,016 in the paper) is compressed to a 512-d latent ``e_i``, the gene embedding, by an
+autoencoder trained with the mean squared reconstruction error.
+
+Tokenisation (the paper does not give it; stinfer's choice): the vector is zero-padded to
+``n_tokens * token_length`` with ``token_length = ceil(n_genes / n_tokens)`` and cut into
+``n_tokens`` consecutive chunks; each chunk is embedded by one linear layer to ``d_model`` and
+gets a learned position embedding (attention alone is blind to order).
+
+Architecture (Suppl. S2): 2 ``TransformerEncoderLayer`` and 2 ``TransformerDecoderLayer``, 8
+heads, feed-forward 2048, ReLU. Between them the bottleneck (stinfer's wiring): the encoded
+tokens are flattened and mapped linearly to the 512-d latent; the decoder's memory is the
+latent mapped back to ``n_tokens`` tokens, and its queries are learned position tokens, so
+everything the decoder knows about the gene passes through the latent. A linear layer maps
+each decoded token back to its chunk; padding is cropped before the loss.
+
+Training (Suppl. S2): Adam lr 1e-4, cosine annealing (T_max 50, eta_min 1e-6), batch 32, 200
+epochs, through :func:`stinfer.train.fit`. Sparse rows are densified per batch only.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field, replace
+
+import lightning as L
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from stinfer.errors import InputError
+from stinfer.train import TrainerConfig, fit
+
+logger = logging.getLogger("stinfer")
+
+__all__ = [
+    "AutoencoderConfig",
+    "AutoencoderResult",
+    "AutoencoderTask",
+    "CoexpressionAutoencoder",
+    "RowDensifier",
+    "encode_rows",
+    "train_autoencoder",
+]
+
+
+@dataclass
+class AutoencoderConfig:
+    """Hyperparameters of the co-expression autoencoder (CoxFormer Suppl. S2 unless marked)."""
+
+    latent_dim: int = 512  # Suppl. S2: embedding dimension
+    n_tokens: int = 64  # stinfer: tokens per co-expression vector (not in the paper)
+    d_model: int = 512  # stinfer: token width (not in the paper; equal to the latent)
+    n_heads: int = 8  # Suppl. S2
+    feedforward_dim: int = 2048  # Suppl. S2
+    n_encoder_layers: int = 2  # Suppl. S2
+    n_decoder_layers: int = 2  # Suppl. S2
+    dropout: float = 0.1  # torch.nn.TransformerEncoderLayer default (Suppl. S2 cites it)
+    learning_rate: float = 1e-4  # Suppl. S2: Adam
+    t_max: int = 50  # Suppl. S2: cosine annealing T_max (epochs)
+    eta_min: float = 1e-6  # Suppl. S2
+    batch_size: int = 32  # Suppl. S2
+    max_epochs: int = 200  # Suppl. S2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise InputError(
+                f"d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})."
+            )
+        if min(self.latent_dim, self.n_tokens, self.d_model, self.batch_size) < 1:
+            raise InputError("latent_dim, n_tokens, d_model and batch_size must be positive.")
+
+
+class CoexpressionAutoencoder(nn.Module):
+    """Tokenised Transformer autoencoder: ``(B, n_genes)`` -> ``(B, latent)`` -> ``(B, n_genes)``.
+
+    Parameters
+    ----------
+    n_genes
+        Length of each co-expression vector.
+    config
+        Architecture fields of :class:`AutoencoderConfig`.
+    """
+
+    def __init__(self, n_genes: int, config: AutoencoderConfig | None = None) -> None:
+        super().__init__()
+        config = config or AutoencoderConfig()
+        self.n_genes = int(n_genes)
+        self.n_tokens = min(config.n_tokens, self.n_genes)
+        self.token_length = math.ceil(self.n_genes / self.n_tokens)
+        d_model = config.d_model
+
+        def encoder_layer() -> nn.TransformerEncoderLayer:
+            return nn.TransformerEncoderLayer(
+                d_model,
+                config.n_heads,
+                config.feedforward_dim,
+                config.dropout,
+                "relu",
+                batch_first=True,
+            )
+
+        def decoder_layer() -> nn.TransformerDecoderLayer:
+            return nn.TransformerDecoderLayer(
+                d_model,
+                config.n_heads,
+                config.feedforward_dim,
+                config.dropout,
+                "relu",
+                batch_first=True,
+            )
+
+        self.token_embedding = nn.Linear(self.token_length, d_model)
+        self.encoder_positions = nn.Parameter(torch.randn(1, self.n_tokens, d_model) * 0.02)
+        self.encoder = nn.TransformerEncoder(
+            encoder_layer(), config.n_encoder_layers, enable_nested_tensor=False
+        )
+        self.to_latent = nn.Linear(self.n_tokens * d_model, config.latent_dim)
+        self.from_latent = nn.Linear(config.latent_dim, self.n_tokens * d_model)
+        self.decoder_queries = nn.Parameter(torch.randn(1, self.n_tokens, d_model) * 0.02)
+        self.decoder = nn.TransformerDecoder(decoder_layer(), config.n_decoder_layers)
+        self.token_output = nn.Linear(d_model, self.token_length)
+
+    def tokens(self, vectors: torch.Tensor) -> torch.Tensor:
+        """``(B, n_genes)`` -> ``(B, n_tokens, token_length)``, zero-padded at the end."""
+        padding = self.n_tokens * self.token_length - self.n_genes
+        return nn.functional.pad(vectors, (0, padding)).view(-1, self.n_tokens, self.token_length)
+
+    def encode(self, vectors: torch.Tensor) -> torch.Tensor:
+        """``(B, n_genes)`` co-expression rows -> ``(B, latent_dim)`` gene embeddings."""
+        hidden = self.token_embedding(self.tokens(vectors)) + self.encoder_positions
+        hidden = self.encoder(hidden)
+        return self.to_latent(hidden.flatten(1))
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """``(B, latent_dim)`` -> ``(B, n_genes)`` reconstructed rows."""
+        memory = self.from_latent(latent).view(latent.shape[0], self.n_tokens, -1)
+        queries = self.decoder_queries.expand(latent.shape[0], -1, -1)
+        decoded = self.token_output(self.decoder(queries, memory))
+        return decoded.flatten(1)[:, : self.n_genes]
+
+    def forward(self, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(reconstruction, latent)``."""
+        latent = self.encode(vectors)
+        return self.decode(latent), latent
+
+
+class RowDensifier:
+    """``collate_fn``: row indices -> ``(B, n_genes)`` float32 dense rows of a CSR matrix."""
+
+    def __init__(self, matrix: sp.csr_matrix) -> None:
+        self.matrix = sp.csr_matrix(matrix, dtype=np.float32)
+
+    def __call__(self, rows: list[int]) -> torch.Tensor:
+        return torch.from_numpy(self.matrix[np.asarray(rows)].toarray())
+
+
+class AutoencoderTask(L.LightningModule):
+    """Lightning wrapper: MSE reconstruction, Adam + cosine annealing (Suppl. S2)."""
+
+    def __init__(self, module: CoexpressionAutoencoder, config: AutoencoderConfig) -> None:
+        super().__init__()
+        self.module = module
+        self.config = config
+
+    def training_step(self, batch: torch.Tensor, batch_index: int) -> torch.Tensor:
+        reconstruction, _ = self.module(batch)
+        loss = nn.functional.mse_loss(reconstruction.float(), batch.float())
+        self.log("train/mse", loss, on_step=False, on_epoch=True, batch_size=batch.shape[0])
+        return loss
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.config.learning_rate)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=self.config.t_max, eta_min=self.config.eta_min
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
+        }
+
+
+@dataclass
+class AutoencoderResult:
+    """What :func:`train_autoencoder` returns.
+
+    Attributes
+    ----------
+    embeddings
+        ``(n_genes, latent_dim)`` float32 gene embeddings (eval mode, no dropout).
+    final_mse, final_mse_nonzero
+        Reconstruction MSE over all entries after training (eval mode), and over the
+        non-zero entries only.
+    history
+        Per-epoch ``train/mse`` from :func:`stinfer.train.fit`.
+    seconds
+        Training plus encoding wall time.
+    """
+
+    embeddings: np.ndarray
+    final_mse: float
+    final_mse_nonzero: float
+    history: list = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def encode_rows(
+    module: CoexpressionAutoencoder, matrix: sp.spmatrix, batch_size: int = 256
+) -> tuple[np.ndarray, dict[str, float]]:
+    """Embed every row of ``matrix`` in eval mode.
+
+    Returns
+    -------
+    embeddings : numpy.ndarray
+        ``(n_rows, latent_dim)`` float32.
+    errors : dict
+        ``mse`` over all entries (the training loss) and ``mse_nonzero`` over the stored
+        entries only (most entries of a top-K row are zero, so ``mse`` alone flatters).
+    """
+    densify = RowDensifier(matrix)
+    device = next(module.parameters()).device
+    module.eval()
+    parts, squared_error, squared_error_nonzero = [], 0.0, 0.0
+    with torch.no_grad():
+        for start in range(0, matrix.shape[0], batch_size):
+            batch = densify(list(range(start, min(start + batch_size, matrix.shape[0])))).to(device)
+            reconstruction, latent = module(batch)
+            error = (reconstruction.float() - batch) ** 2
+            squared_error += float(error.sum())
+            squared_error_nonzero += float(error[batch != 0].sum())
+            parts.append(latent.float().cpu().numpy())
+    embeddings = np.concatenate(parts) if parts else np.zeros((0, module.to_latent.out_features))
+    n_entries = max(1, matrix.shape[0] * matrix.shape[1])
+    errors = {
+        "mse": squared_error / n_entries,
+        "mse_nonzero": squared_error_nonzero / max(1, densify.matrix.count_nonzero()),
+    }
+    return embeddings.astype(np.float32), errors
+
+
+def train_autoencoder(
+    coexpression: sp.spmatrix | np.ndarray,
+    config: AutoencoderConfig | None = None,
+    trainer: TrainerConfig | None = None,
+) -> tuple[AutoencoderResult, CoexpressionAutoencoder]:
+    """Train the autoencoder on the rows of ``coexpression`` and embed every gene.
+
+    Parameters
+    ----------
+    coexpression
+        ``(n_genes, n_genes)`` completed co-expression ``C_cox`` (sparse is fine; rows are
+        densified per batch).
+    config
+        :class:`AutoencoderConfig` (paper defaults).
+    trainer
+        Devices, precision, progress bar; ``max_epochs`` and ``seed`` come from ``config``.
+        Every gene is embedded, so there is no validation split; the final reconstruction MSE
+        is reported instead.
+    """
+    config = config or AutoencoderConfig()
+    matrix = sp.csr_matrix(coexpression, dtype=np.float32)
+    if matrix.shape[0] < 1 or matrix.shape[1] < 1:
+        raise InputError(f"the co-expression matrix is empty ({matrix.shape}).")
+    torch.manual_seed(config.seed)
+    module = CoexpressionAutoencoder(matrix.shape[1], config)
+    loader = DataLoader(
+        np.arange(matrix.shape[0]),
+        batch_size=config.batch_size,
+        shuffle=True,
+        collate_fn=RowDensifier(matrix),
+    )
+    trainer = replace(
+        trainer or TrainerConfig(), max_epochs=config.max_epochs, monitor=None, seed=config.seed
+    )
+    start = time.perf_counter()
+    fitted = fit(AutoencoderTask(module, config), loader, None, trainer)
+    embeddings, errors = encode_rows(module, matrix)
+    seconds = time.perf_counter() - start
+    logger.info(
+        "autoencoder: %d genes -> %d-d embeddings, reconstruction MSE %.4g (non-zero entries "
+        "%.4g) in %.1f s",
+        matrix.shape[0],
+        embeddings.shape[1],
+        errors["mse"],
+        errors["mse_nonzero"],
+        seconds,
+    )
+    result = AutoencoderResult(
+        embeddings, errors["mse"], errors["mse_nonzero"], fitted.history, seconds
+    )
+    return result, module

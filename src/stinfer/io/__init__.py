@@ -1,0 +1,75 @@
+"""Readers: slide files -> validated slide AnnData (see :mod:`stinfer.io.slide_data`).
+
+One reader per format, all ending in :func:`~stinfer.io.slide_data.make_slide`:
+
+- :func:`read_visium`: a 10x Space Ranger output folder;
+- :func:`read_legacy_st`: a legacy ST section (HER2ST layout: count table + spot table);
+- :func:`read_h5ad_slide`: a plain ``.h5ad`` with ``obsm["spatial"]`` and an image path;
+- :func:`read_hest`: one HEST-1k sample.
+
+:func:`read_slide` picks the reader by format name, for the CLI and configuration files.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+import anndata as ad
+
+from stinfer.errors import InputError
+from stinfer.io.h5ad import read_h5ad_slide, read_hest
+from stinfer.io.legacy_st import read_legacy_st
+from stinfer.io.slide_data import make_slide, prepare_for_h5ad, slide_meta
+from stinfer.io.visium import read_visium
+
+READERS: dict[str, Callable[..., ad.AnnData]] = {
+    "visium": read_visium,
+    "legacy-st": read_legacy_st,
+    "h5ad": read_h5ad_slide,
+    "hest": read_hest,
+}
+
+
+def read_slide(format: str, **kwargs: object) -> ad.AnnData:
+    """Read a slide with the reader of ``format`` (one of :data:`READERS`).
+
+    Parameters
+    ----------
+    format
+        ``"visium"``, ``"legacy-st"``, ``"h5ad"`` or ``"hest"`` (case-insensitive; ``_`` may
+        stand for ``-``).
+    **kwargs
+        The reader's arguments, e.g. ``read_slide("visium", path="outs", image="he.tif")``.
+
+    Raises
+    ------
+    InputError
+        The format is unknown, or an argument is missing or not accepted by the reader (the
+        message lists the reader's arguments).
+    """
+    name = str(format).strip().lower().replace("_", "-")
+    if name not in READERS:
+        raise InputError(f"unknown slide format {format!r}; choose one of {', '.join(READERS)}.")
+    reader = READERS[name]
+    signature = inspect.signature(reader)
+    try:
+        signature.bind(**kwargs)
+    except TypeError as error:
+        raise InputError(
+            f"format {name!r}: {error}; the reader takes {', '.join(signature.parameters)}."
+        ) from error
+    return reader(**kwargs)
+
+
+__all__ = [
+    "READERS",
+    "make_slide",
+    "prepare_for_h5ad",
+    "read_h5ad_slide",
+    "read_hest",
+    "read_legacy_st",
+    "read_slide",
+    "read_visium",
+    "slide_meta",
+]

@@ -1,0 +1,295 @@
+"""The slide data model: one AnnData per slide, built and checked in one place.
+
+Every reader ends in :func:`make_slide`, so every slide stinfer hands out looks the same:
+
+- ``X``: raw integer UMI counts, ``scipy.sparse.csr_matrix`` (spots x genes), dtype float32
+  holding whole numbers (AnnData/scanpy convention);
+- ``obs_names``: unique spot ids (barcodes, or ``"<x>x<y>"`` array coordinates for legacy ST);
+- ``var_names``: unique gene names (duplicates made unique as ``NAME-1``, ``NAME-2`` and reported);
+- ``obsm["spatial"]``: spot centres in *full-resolution image pixels*, float64, columns (x, y);
+- ``obs["array_row"]``, ``obs["array_col"]``: grid coordinates where the format has them;
+- ``uns["stinfer"]``: a dict with the keys of :data:`SLIDE_META_KEYS`.
+
+``uns["stinfer"]["image_scale"]`` maps full-resolution pixels to the pixels of the image file
+named by ``image_path`` (1.0 for a full-resolution image, ``tissue_hires_scalef`` for a Visium
+hires PNG), so regions are always requested in full-resolution coordinates and read in the
+right pixel space.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from stinfer.errors import InputError
+
+logger = logging.getLogger("stinfer")
+
+SLIDE_META_KEYS = (
+    "sample_id",  # str: the slide's name
+    "image_path",  # str | None: H&E image file (absolute path) or None for a counts-only slide
+    "image_scale",  # float: image-file pixels per full-resolution pixel
+    "pixel_size_um",  # float | None: microns per full-resolution pixel
+    "spot_diameter_px",  # float | None: spot diameter in full-resolution pixels
+    "source_format",  # str: visium | legacy-st | h5ad | hest | synthetic
+    "notes",  # list[str]: what the reader dropped, renamed or assumed
+)
+
+
+def check_counts(counts: sp.spmatrix | np.ndarray, source: str) -> sp.csr_matrix:
+    """Return ``counts`` as float32 CSR after checking they are raw counts.
+
+    Raises :class:`InputError` naming ``source`` when any value is negative, non-finite or not
+    a whole number: a normalised or log-transformed matrix is not what the models expect.
+    """
+    matrix = sp.csr_matrix(counts)
+    values = matrix.data
+    if values.size:
+        if not np.all(np.isfinite(values)):
+            raise InputError(f"{source}: the count matrix holds NaN or infinite values.")
+        if values.min() < 0:
+            raise InputError(
+                f"{source}: the count matrix holds negative values (min {values.min():g}); "
+                "raw UMI counts are expected, not normalised or scaled data."
+            )
+        fractional = np.abs(values - np.round(values)) > 1e-6
+        if fractional.any():
+            example = values[fractional][0]
+            raise InputError(
+                f"{source}: the count matrix holds non-integer values (e.g. {example:g}); "
+                "raw UMI counts are expected, not normalised or log-transformed data."
+            )
+    matrix = matrix.astype(np.float32)
+    matrix.eliminate_zeros()
+    return matrix
+
+
+def unique_gene_names(names: Sequence[str], source: str, notes: list[str]) -> pd.Index:
+    """Make gene names unique (``NAME``, ``NAME-1``, ...) and record how many were duplicated."""
+    index = pd.Index([str(name) for name in names])
+    if index.is_unique:
+        return index
+    duplicated = index[index.duplicated(keep=False)].unique()
+    counter = pd.Series(index).groupby(index).cumcount().to_numpy()
+    renamed = [name if k == 0 else f"{name}-{k}" for name, k in zip(index, counter, strict=True)]
+    message = (
+        f"{source}: {len(duplicated)} duplicated gene names made unique by suffixing -1, -2, ... "
+        f"(e.g. {', '.join(map(str, duplicated[:3]))})."
+    )
+    notes.append(message)
+    logger.warning(message)
+    return pd.Index(renamed)
+
+
+def make_slide(
+    counts: sp.spmatrix | np.ndarray,
+    spot_names: Sequence[str],
+    gene_names: Sequence[str],
+    spatial_xy: np.ndarray,
+    *,
+    sample_id: str,
+    source_format: str,
+    source: str,
+    array_row: np.ndarray | None = None,
+    array_col: np.ndarray | None = None,
+    image_path: str | None = None,
+    image_scale: float = 1.0,
+    pixel_size_um: float | None = None,
+    spot_diameter_px: float | None = None,
+    notes: list[str] | None = None,
+    obs_columns: pd.DataFrame | None = None,
+) -> ad.AnnData:
+    """Build a validated slide AnnData (see the module docstring for the layout).
+
+    Parameters
+    ----------
+    counts
+        Spots x genes raw counts; checked by :func:`check_counts`.
+    spatial_xy
+        ``(n_spots, 2)`` spot centres in full-resolution image pixels, columns (x, y).
+    source
+        The file or folder the data came from; named in every error message.
+    notes
+        Messages the reader already collected (dropped spots, assumptions); stored in
+        ``uns["stinfer"]["notes"]``.
+    obs_columns
+        Extra per-spot columns (e.g. ``in_tissue``, a domain label), aligned with ``spot_names``.
+    """
+    notes = list(notes or [])
+    matrix = check_counts(counts, source)
+    spot_index = pd.Index([str(name) for name in spot_names])
+    if matrix.shape != (len(spot_index), len(gene_names)):
+        raise InputError(
+            f"{source}: the count matrix is {matrix.shape[0]} x {matrix.shape[1]} but there are "
+            f"{len(spot_index)} spot names and {len(gene_names)} gene names."
+        )
+    if not spot_index.is_unique:
+        duplicated = spot_index[spot_index.duplicated()].unique()
+        raise InputError(
+            f"{source}: {len(duplicated)} spot ids occur more than once (e.g. {duplicated[0]})."
+        )
+    spatial = np.asarray(spatial_xy, dtype=np.float64)
+    if spatial.shape != (len(spot_index), 2):
+        raise InputError(f"{source}: spot coordinates have shape {spatial.shape}, expected (n, 2).")
+    if not np.all(np.isfinite(spatial)):
+        raise InputError(f"{source}: some spot coordinates are missing or not finite.")
+
+    obs = pd.DataFrame(index=spot_index)
+    if array_row is not None:
+        obs["array_row"] = np.asarray(array_row, dtype=np.int64)
+    if array_col is not None:
+        obs["array_col"] = np.asarray(array_col, dtype=np.int64)
+    if obs_columns is not None:
+        for column in obs_columns.columns:
+            obs[column] = np.asarray(obs_columns[column])
+    var = pd.DataFrame(index=unique_gene_names(gene_names, source, notes))
+
+    slide = ad.AnnData(X=matrix, obs=obs, var=var)
+    slide.obsm["spatial"] = spatial
+    slide.uns["stinfer"] = {
+        "sample_id": str(sample_id),
+        "image_path": None if image_path is None else str(image_path),
+        "image_scale": float(image_scale),
+        "pixel_size_um": None if pixel_size_um is None else float(pixel_size_um),
+        "spot_diameter_px": None if spot_diameter_px is None else float(spot_diameter_px),
+        "source_format": source_format,
+        "notes": notes,
+    }
+    return slide
+
+
+def slide_meta(slide: ad.AnnData) -> dict:
+    """Return ``uns["stinfer"]`` of a slide, raising :class:`InputError` when it is missing.
+
+    h5ad files round-trip ``None`` poorly, so missing optional values come back as ``None``.
+    """
+    meta = slide.uns.get("stinfer")
+    if meta is None:
+        raise InputError(
+            "this AnnData has no uns['stinfer'] metadata; read it with a stinfer reader "
+            "(stinfer prepare / stinfer.io.read_*)."
+        )
+    meta = dict(meta)
+    for key in ("image_path", "pixel_size_um", "spot_diameter_px"):
+        value = meta.get(key)
+        if value is None or (isinstance(value, str) and value in ("", "None")):
+            meta[key] = None
+        elif isinstance(value, float) and np.isnan(value):
+            meta[key] = None
+    meta.setdefault("image_scale", 1.0)
+    meta["notes"] = list(meta.get("notes", []))
+    return meta
+
+
+def prepare_for_h5ad(slide: ad.AnnData) -> ad.AnnData:
+    """Return a copy whose ``uns["stinfer"]`` survives h5ad (no ``None``: stored as ``""``/NaN)."""
+    out = slide.copy()
+    meta = dict(out.uns["stinfer"])
+    for key in ("image_path",):
+        meta[key] = "" if meta.get(key) is None else str(meta[key])
+    for key in ("pixel_size_um", "spot_diameter_px"):
+        meta[key] = float("nan") if meta.get(key) is None else float(meta[key])
+    meta["notes"] = np.array(list(meta.get("notes", [])), dtype=object).astype(str)
+    out.uns["stinfer"] = meta
+    return out
+
+
+def require_file(path: str | os.PathLike, what: str) -> Path:
+    """Return ``path`` as a Path, or raise :func:`missing_file_error` when it does not exist."""
+    path = Path(path)
+    if not path.exists():
+        raise missing_file_error(path, what)
+    return path
+
+
+def missing_file_error(path: str | os.PathLike, what: str) -> InputError:
+    """Build the :class:`InputError` for a missing file: its name, its role, what is there.
+
+    ``what`` says what the file is for (e.g. ``"the Space Ranger count matrix"``); the message
+    lists the files found in the nearest existing parent folder, so a misnamed file is obvious.
+    """
+    path = Path(path)
+    folder = path.parent
+    while not folder.is_dir() and folder != folder.parent:
+        folder = folder.parent
+    found = sorted(child.name + ("/" if child.is_dir() else "") for child in folder.iterdir())
+    listing = ", ".join(found[:20]) + (f", ... ({len(found)} in all)" if len(found) > 20 else "")
+    return InputError(
+        f"{path}: {what} not found; {folder} holds: {listing or 'nothing'}. "
+        "Check the path and the file name."
+    )
+
+
+def check_spots_inside_image(
+    spatial_xy: np.ndarray,
+    image_path: str | os.PathLike,
+    image_scale: float,
+    source: str,
+    known_scales: dict[str, float] | None = None,
+    fix: str = "pass the image the coordinates refer to",
+    tolerance: float = 0.02,
+) -> None:
+    """Raise :class:`InputError` when spot centres fall outside the image they refer to.
+
+    Spot centres (``(n, 2)`` full-resolution pixels, x then y) are multiplied by
+    ``image_scale`` and compared with the image's (width, height), read from the file header
+    by :func:`stinfer.io.slide_image.open_slide`. A margin of ``tolerance`` times the image
+    size absorbs spots that straddle the border. The usual cause is a scale mix-up (a
+    downscaled PNG named as the full-resolution image), so the message names which of
+    ``known_scales`` (label -> image pixels per full-resolution pixel, e.g. Visium's
+    ``tissue_hires_scalef``) would make the spots fit; ``fix`` is the reader's advice.
+    """
+    from stinfer.io.slide_image import open_slide
+
+    slide_image = open_slide(image_path)
+    try:
+        width, height = slide_image.dimensions
+    finally:
+        slide_image.close()
+    scaled = np.asarray(spatial_xy, dtype=np.float64) * image_scale
+    if scaled.size == 0:
+        return
+    low = scaled.min(axis=0)
+    high = scaled.max(axis=0)
+    margin = tolerance * np.array([width, height])
+    if np.all(low >= -margin) and np.all(high <= np.array([width, height]) + margin):
+        return
+    full_high = high / image_scale
+    in_image_pixels = (
+        f" (x {image_scale:g} = {high[0]:.0f}, {high[1]:.0f} in image pixels)"
+        if image_scale != 1.0
+        else ""
+    )
+    message = (
+        f"{source}: spot coordinates reach x={full_high[0]:.0f}, y={full_high[1]:.0f} "
+        f"full-resolution pixels{in_image_pixels} but {Path(image_path).name} is "
+        f"{width} x {height} px."
+    )
+    if low.min() < 0:
+        message += f" Some coordinates are negative (min {low.min() / image_scale:.0f})."
+    fitting = {
+        label: scale
+        for label, scale in (known_scales or {}).items()
+        if scale != image_scale and np.all(full_high * scale <= np.array([width, height]) + margin)
+    }
+    if fitting:
+        label = max(fitting, key=fitting.get)
+        message += (
+            " The coordinates look like full-resolution pixels but the image looks like "
+            f"{label}; {fix}."
+        )
+    else:
+        needed = max(full_high[0] / width, full_high[1] / height)
+        message += (
+            f" The image would need about {needed:.3g} image pixels per coordinate unit: it "
+            "is probably a downscaled copy, or the coordinates are in another unit or "
+            f"another image's pixels; {fix}."
+        )
+    raise InputError(message)

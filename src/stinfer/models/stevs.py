@@ -1,0 +1,595 @@
+"""STEvs over AnnData: the histology-to-expression model a user holds.
+
+``STEvs(train_slides, genes, config)`` builds the tensors of the training slides (spot patches,
+coordinates in microns, counts of the chosen genes), trains the
+:class:`~stinfer.nn.stevs.STEvsModule` through the project's one training path
+(:func:`stinfer.train.fit`), and predicts NB means for new slides from their H&E image and
+coordinates (``mode="fused"``), the image alone (``"image"``) or the coordinates alone
+(``"spatial"``; STEvs Table 5).
+
+Presets (:data:`PRESETS`): ``paper`` is exactly the seed's setting; ``fast`` is for a 2-core CPU
+without pretrained weights (see :func:`fast_preset` for every difference and why).
+
+Examples
+--------
+>>> model = STEvs([section1], genes=genes, config="fast")  # doctest: +SKIP
+>>> model.train()                                         # doctest: +SKIP
+>>> prediction = model.predict(section2)                  # AnnData, X = predicted counts
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import lightning as L
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import stinfer.nn.backbones  # noqa: F401  (registers stinfer_histology_cnn with timm)
+from stinfer.data.patches import PatchSpec, spot_patches
+from stinfer.errors import InputError
+from stinfer.evaluate.metrics import per_gene_pearson
+from stinfer.io.atomic import atomic_output
+from stinfer.io.slide_data import slide_meta
+from stinfer.nn.stevs import MODES, STEvsConfig, STEvsModule
+from stinfer.train import FitResult, TrainerConfig, fit
+
+logger = logging.getLogger("stinfer")
+
+PATCH_NORMALIZATIONS = ("minmax", "fixed")
+MODEL_FILES = ("config.json", "weights.safetensors", "genes.json")
+
+
+# --------------------------------------------------------------------------- configuration
+@dataclass
+class STEvsTrainingConfig:
+    """How STEvs sees the data and trains, beside the module's hyperparameters.
+
+    ``patch_normalization``: ``"minmax"`` is STEvs Eq. 39 (each patch stretched to [-1, 1]);
+    ``"fixed"`` maps 0..255 to [-1, 1] for every patch alike, which keeps absolute stain
+    intensity and cellularity (what a colour-statistics regression uses) visible to the encoder.
+    """
+
+    patch: PatchSpec = field(default_factory=PatchSpec)  # STEvs D.1.2: 160-px patches
+    patch_normalization: str = "minmax"  # STEvs Eq. 39
+    patch_cache_dir: str | None = None  # on-disk patch cache, reused across runs
+    val_fraction: float = 0.1  # held-out training spots for model selection (val median PCC)
+    batch_size: int = 128  # public STEvs code
+    augment: bool = False  # random flips / 90-degree rotations of training patches
+    test_time_augmentation: bool = False  # average predictions over the 8 flips/rotations
+    modality_dropout: float = 0.0  # probability a batch trains one expert alone (MVAE subsets)
+    cache_features: bool = True  # frozen encoder: compute backbone features once per slide
+    predict_batch_size: int = 256
+    trainer: TrainerConfig = field(
+        default_factory=lambda: TrainerConfig(max_epochs=100, monitor="val/pcc_median")
+    )
+
+    def __post_init__(self) -> None:
+        if self.patch_normalization not in PATCH_NORMALIZATIONS:
+            raise InputError(
+                f"patch_normalization must be one of {PATCH_NORMALIZATIONS}; "
+                f"got {self.patch_normalization!r}"
+            )
+        if not 0 <= self.val_fraction < 1:
+            raise InputError(f"val_fraction must be in [0, 1); got {self.val_fraction}")
+        if not 0 <= self.modality_dropout <= 1:
+            raise InputError(f"modality_dropout must be in [0, 1]; got {self.modality_dropout}")
+
+
+@dataclass
+class STEvsModelConfig:
+    """Everything that defines a STEvs run: the module and its training."""
+
+    module: STEvsConfig = field(default_factory=STEvsConfig)
+    training: STEvsTrainingConfig = field(default_factory=STEvsTrainingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON-serialisable dict (stored with a saved model)."""
+        return {"module": self.module.to_dict(), "training": dataclasses.asdict(self.training)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> STEvsModelConfig:
+        training = dict(values.get("training", {}))
+        if "patch" in training:
+            training["patch"] = PatchSpec(**training["patch"])
+        if "trainer" in training:
+            training["trainer"] = TrainerConfig(**training["trainer"])
+        return cls(
+            module=STEvsConfig.from_dict(values.get("module", {})),
+            training=STEvsTrainingConfig(**training),
+        )
+
+
+def paper_preset() -> STEvsModelConfig:
+    """Exactly the seed's setting (STEvs Sec. 4.2, Table 6, Appendix C-D).
+
+    Swin-T on 160-px min-max normalised patches, MLP coordinate encoder, PoE, image decoder,
+    alignment, NB decoder of absolute counts; lambda_img 1, lambda_rna 10, beta 0.5, gamma 0.5;
+    AdamW lr 1e-4; 100 epochs. The paper used ImageNet weights (pass
+    ``module.pretrained="hub"`` when online, or a local file); without them the encoder starts
+    from random initialisation.
+    """
+    return STEvsModelConfig()
+
+
+def fast_preset() -> STEvsModelConfig:
+    """For a 2-core CPU with no pretrained weights; every difference from ``paper``:
+
+    - backbone ``stinfer_histology_cnn`` (a 4-stage CNN on the 2x-downsampled patch plus the
+      patch's colour statistics, :mod:`stinfer.nn.backbones`), trained from scratch
+      (``freeze_encoder=False``): a random frozen Swin-T is worse than six colour statistics,
+      and a Swin-T cannot be trained from ~200 spots;
+    - ``patch_normalization="fixed"`` instead of per-patch min-max (Eq. 39): min-max erases
+      the stain intensity that carries cellularity;
+    - ``expression_scale="profile"``: NB mean = composition x predicted library size, so the
+      depth of a spot is one number to learn rather than part of every gene's output;
+    - latent 32 instead of 128, gene decoder dropout 0.1, image decoder channels
+      (64, 32, 16, 8) instead of (256, 128, 64, 32): sized for ~200-4,000 training spots and
+      CPU time;
+    - lr 1e-3 instead of 1e-4 (training from scratch), batch 32, KL annealed over 20 epochs;
+    - augmentation (flips, 90-degree rotations), test-time augmentation, and modality dropout
+      0.3 so the image expert alone must explain expression (the coordinates of a new section
+      are not registered to the training section's);
+    - 60 epochs with the best epoch by validation median PCC.
+    """
+    module = STEvsConfig(
+        backbone="stinfer_histology_cnn",
+        freeze_encoder=False,
+        latent_dim=32,
+        expression_scale="profile",
+        dropout=0.1,
+        decoder_channels=(64, 32, 16, 8),
+        lr=1e-3,
+        batch_size=32,
+        kl_anneal_epochs=20,
+        epochs=60,
+    )
+    training = STEvsTrainingConfig(
+        patch_normalization="fixed",
+        batch_size=32,
+        augment=True,
+        test_time_augmentation=True,
+        modality_dropout=0.3,
+        trainer=TrainerConfig(max_epochs=60, monitor="val/pcc_median"),
+    )
+    return STEvsModelConfig(module=module, training=training)
+
+
+PRESETS = {"paper": paper_preset, "fast": fast_preset}
+
+
+def resolve_config(config: STEvsModelConfig | str | None) -> STEvsModelConfig:
+    """A config object from a preset name, a config, or ``None`` (the ``paper`` preset)."""
+    if config is None:
+        return paper_preset()
+    if isinstance(config, str):
+        if config not in PRESETS:
+            raise InputError(f"unknown STEvs preset {config!r}; choose one of {sorted(PRESETS)}")
+        return PRESETS[config]()
+    return config
+
+
+# --------------------------------------------------------------------------- slide tensors
+def spot_coordinates_um(slide: ad.AnnData) -> np.ndarray:
+    """Spot centres ``(N, 2)`` in microns when the pixel size is known, else in pixels."""
+    pixel_size = slide_meta(slide)["pixel_size_um"]
+    return np.asarray(slide.obsm["spatial"], dtype=np.float64) * (pixel_size or 1.0)
+
+
+def gene_counts(slide: ad.AnnData, genes: Sequence[str]) -> np.ndarray:
+    """Dense ``(N, M)`` float32 counts of ``genes``; :class:`InputError` naming missing genes."""
+    missing = pd.Index(genes).difference(slide.var_names)
+    if len(missing):
+        sample = slide_meta(slide)["sample_id"]
+        raise InputError(
+            f"slide {sample}: {len(missing)} of the model's genes are absent "
+            f"(e.g. {', '.join(missing[:5])}); align the gene panels first."
+        )
+    matrix = slide[:, list(genes)].X
+    matrix = matrix.toarray() if sp.issparse(matrix) else np.asarray(matrix)
+    return matrix.astype(np.float32)
+
+
+def normalise_patches(patches: torch.Tensor, method: str) -> torch.Tensor:
+    """uint8 ``(N, 3, H, W)`` patches to float32 in [-1, 1] by ``method`` (see the config)."""
+    values = patches.float()
+    if method == "fixed":
+        return values / 127.5 - 1.0
+    flat = values.flatten(1)
+    low = flat.min(1).values[:, None, None, None]
+    high = flat.max(1).values[:, None, None, None]
+    span = (high - low).clamp_min(1e-6)
+    return torch.where(high > low, 2.0 * (values - low) / span - 1.0, torch.zeros_like(values))
+
+
+def dihedral(patches: torch.Tensor, index: int) -> torch.Tensor:
+    """One of the 8 flips/rotations of ``(N, C, H, W)`` patches (index 0 is the identity)."""
+    flipped = patches.flip(-1) if index >= 4 else patches
+    return torch.rot90(flipped, index % 4, dims=(-2, -1))
+
+
+# --------------------------------------------------------------------------- Lightning task
+class STEvsTask(L.LightningModule):
+    """The STEvs training step (Eq. 3) and validation metric, for :func:`stinfer.train.fit`.
+
+    Batches are ``(inputs, coords, counts, targets)``: ``inputs`` are uint8 patches or cached
+    backbone features; ``targets`` are uint8 patches for the image decoder (or an empty
+    tensor). With ``adapt=True`` the RNA term is dropped (test-time adaptation on unlabelled
+    slides: image, KL and alignment terms only).
+    """
+
+    def __init__(
+        self, module: STEvsModule, training: STEvsTrainingConfig, adapt: bool = False
+    ) -> None:
+        super().__init__()
+        self.module = module
+        self.training_config = training
+        self.adapt = adapt
+        self._val_predictions: list[torch.Tensor] = []
+        self._val_counts: list[torch.Tensor] = []
+
+    def _prepare(self, inputs: torch.Tensor, targets: torch.Tensor, augment: bool):
+        is_patches = inputs.dim() == 4
+        if augment and is_patches:
+            index = int(torch.randint(8, ()))
+            inputs = dihedral(inputs, index)
+            targets = dihedral(targets, index) if targets.dim() == 4 else targets
+        method = self.training_config.patch_normalization
+        if is_patches:
+            inputs = normalise_patches(inputs, method)
+        target = normalise_patches(targets, method) if targets.dim() == 4 else None
+        return inputs, target
+
+    def _training_mode(self) -> str:
+        dropout = self.training_config.modality_dropout
+        if dropout == 0 or self.module.coord_encoder is None:
+            return "fused"
+        draw = float(torch.rand(()))
+        if draw < dropout / 2:
+            return "image"
+        if draw < dropout:
+            return "spatial"
+        return "fused"
+
+    def training_step(self, batch, batch_idx):
+        inputs, coords, counts, targets = batch
+        inputs, target = self._prepare(inputs, targets, self.training_config.augment)
+        mode = "fused" if self.adapt else self._training_mode()
+        outputs = self.module(
+            inputs, coords, mode=mode, sample=True, decode_image=target is not None
+        )
+        epoch = self.current_epoch + 1
+        if self.adapt:
+            losses = self.module.adaptation_loss(outputs, target, epoch=epoch)
+        else:
+            losses = self.module.loss(outputs, counts, target, epoch=epoch)
+        for name, value in losses.items():
+            self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=len(coords))
+        return losses["loss"]
+
+    def validation_step(self, batch, batch_idx):
+        inputs, coords, counts, targets = batch
+        inputs, _ = self._prepare(inputs, targets, augment=False)
+        outputs = self.module(inputs, coords, mode="fused", sample=False, decode_image=False)
+        self._val_predictions.append(outputs["nb_mean"].float().cpu())
+        self._val_counts.append(counts.float().cpu())
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_predictions:
+            return
+        predicted = torch.cat(self._val_predictions).numpy()
+        observed = torch.cat(self._val_counts).numpy()
+        self._val_predictions.clear()
+        self._val_counts.clear()
+        correlations, _ = per_gene_pearson(predicted, observed)
+        self.log("val/pcc_median", float(np.median(correlations)))
+
+    def configure_optimizers(self):
+        config = self.module.config
+        parameters = [p for p in self.module.parameters() if p.requires_grad]
+        return torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+
+
+# --------------------------------------------------------------------------- the model
+class STEvs:
+    """STEvs (multimodal VAE: histology + coordinates -> NB expression) over AnnData slides.
+
+    Parameters
+    ----------
+    train_slides
+        Slides with raw counts, ``obsm["spatial"]`` and an image (see :mod:`stinfer.io`).
+    genes
+        Gene panel to predict (e.g. from :func:`stinfer.preprocess.select_genes`); every
+        training slide must have them.
+    config
+        A :class:`STEvsModelConfig`, or a preset name (``"paper"``, ``"fast"``).
+
+    Attributes
+    ----------
+    module : STEvsModule
+        The torch module (tensors only).
+    fit_result : FitResult | None
+        Per-epoch metrics, best epoch and training seconds after :meth:`train`.
+    """
+
+    def __init__(
+        self,
+        train_slides: Sequence[ad.AnnData] | ad.AnnData,
+        genes: Sequence[str],
+        config: STEvsModelConfig | str | None = None,
+    ) -> None:
+        if isinstance(train_slides, ad.AnnData):
+            train_slides = [train_slides]
+        if not train_slides:
+            raise InputError("STEvs needs at least one training slide.")
+        self.config = resolve_config(config)
+        self.genes = [str(gene) for gene in genes]
+        if len(set(self.genes)) != len(self.genes) or not self.genes:
+            raise InputError("genes must be a non-empty list of unique gene names.")
+        self.train_slides = list(train_slides)
+        self.module = STEvsModule(num_genes=len(self.genes), config=self.config.module)
+        self.module.coord_normalizer.fit(
+            [torch.from_numpy(spot_coordinates_um(slide)) for slide in self.train_slides]
+        )
+        self.fit_result: FitResult | None = None
+
+    # ----------------------------------------------------------------- data
+    def _patches(self, slide: ad.AnnData) -> torch.Tensor:
+        if slide_meta(slide)["image_path"] is None:
+            raise InputError(
+                f"slide {slide_meta(slide)['sample_id']} has no image; STEvs needs H&E patches "
+                "(mode='spatial' prediction works without one)."
+            )
+        training = self.config.training
+        patches = spot_patches(slide, training.patch, cache_dir=training.patch_cache_dir)
+        return torch.from_numpy(np.ascontiguousarray(patches))
+
+    def _coords(self, slide: ad.AnnData) -> torch.Tensor:
+        coordinates = torch.from_numpy(spot_coordinates_um(slide))
+        return self.module.coord_normalizer(coordinates).float()
+
+    def _uses_cached_features(self) -> bool:
+        return self.module.image_encoder.frozen and self.config.training.cache_features
+
+    @torch.no_grad()
+    def _features(self, patches: torch.Tensor) -> torch.Tensor:
+        """Frozen backbone features of uint8 patches, computed once, in batches."""
+        self.module.eval()
+        size = self.config.training.predict_batch_size
+        method = self.config.training.patch_normalization
+        return torch.cat(
+            [
+                self.module.encode_image_features(normalise_patches(chunk, method))
+                for chunk in patches.split(size)
+            ]
+        )
+
+    def _dataset(self, slides: Sequence[ad.AnnData], with_counts: bool) -> TensorDataset:
+        patches = torch.cat([self._patches(slide) for slide in slides])
+        coords = torch.cat([self._coords(slide) for slide in slides])
+        if with_counts:
+            counts = torch.from_numpy(np.concatenate([gene_counts(s, self.genes) for s in slides]))
+        else:
+            counts = torch.zeros((len(coords), 0))
+        targets = patches if self.module.image_decoder is not None else torch.zeros(len(coords), 0)
+        inputs = self._features(patches) if self._uses_cached_features() else patches
+        return TensorDataset(inputs, coords, counts, targets)
+
+    def _loaders(self, dataset: TensorDataset, seed: int) -> tuple[DataLoader, DataLoader | None]:
+        training = self.config.training
+        n_spots = len(dataset)
+        order = np.random.default_rng(seed).permutation(n_spots)
+        n_val = round(training.val_fraction * n_spots) if n_spots >= 20 else 0
+        val_idx, train_idx = order[:n_val], order[n_val:]
+        generator = torch.Generator().manual_seed(seed)
+        train_loader = DataLoader(
+            torch.utils.data.Subset(dataset, train_idx.tolist()),
+            batch_size=training.batch_size,
+            shuffle=True,
+            drop_last=len(train_idx) > training.batch_size,
+            generator=generator,
+        )
+        val_loader = None
+        if n_val:
+            val_loader = DataLoader(
+                torch.utils.data.Subset(dataset, val_idx.tolist()),
+                batch_size=training.predict_batch_size,
+            )
+        return train_loader, val_loader
+
+    # ----------------------------------------------------------------- training
+    def train(self) -> FitResult:
+        """Train on the training slides; restores the best epoch by validation median PCC."""
+        trainer_config = self.config.training.trainer
+        dataset = self._dataset(self.train_slides, with_counts=True)
+        train_loader, val_loader = self._loaders(dataset, trainer_config.seed)
+        task = STEvsTask(self.module, self.config.training)
+        self.fit_result = fit(task, train_loader, val_loader, trainer_config)
+        self.module.eval()
+        logger.info(
+            "STEvs trained in %.1f s (best epoch %s, val median PCC %s)",
+            self.fit_result.train_seconds,
+            self.fit_result.best_epoch,
+            None if self.fit_result.best_score is None else round(self.fit_result.best_score, 4),
+        )
+        return self.fit_result
+
+    def adapt(self, target_slides: Sequence[ad.AnnData], epochs: int = 10) -> FitResult:
+        """Test-time adaptation: keep training on unlabelled target slides without the RNA term.
+
+        As in the public STEvs code: image reconstruction, KL and alignment only, so the
+        encoders adapt to the new slides' appearance while the gene decoder is untouched.
+        """
+        dataset = self._dataset(list(target_slides), with_counts=False)
+        loader = DataLoader(dataset, batch_size=self.config.training.batch_size, shuffle=True)
+        trainer_config = dataclasses.replace(
+            self.config.training.trainer, max_epochs=epochs, monitor=None
+        )
+        for parameter in self.module.gene_decoder.parameters():
+            parameter.requires_grad_(False)
+        try:
+            result = fit(
+                STEvsTask(self.module, self.config.training, adapt=True),
+                loader,
+                None,
+                trainer_config,
+            )
+        finally:
+            for parameter in self.module.gene_decoder.parameters():
+                parameter.requires_grad_(True)
+        self.module.eval()
+        return result
+
+    # ----------------------------------------------------------------- inference
+    @torch.no_grad()
+    def _posterior_outputs(
+        self, slide: ad.AnnData, mode: str, patches: np.ndarray | None = None
+    ) -> dict[str, np.ndarray]:
+        if mode not in MODES:
+            raise InputError(f"mode must be one of {MODES}; got {mode!r}")
+        self.module.eval()
+        training = self.config.training
+        coords = self._coords(slide)
+        if mode == "spatial":
+            image_inputs = None
+        elif patches is not None:
+            if patches.shape[0] != slide.n_obs:
+                raise InputError(
+                    f"patches has {patches.shape[0]} rows but the slide {slide.n_obs} spots"
+                )
+            image_inputs = torch.from_numpy(np.ascontiguousarray(patches))
+        else:
+            image_inputs = self._patches(slide)
+        views = [0]
+        if (
+            training.test_time_augmentation
+            and image_inputs is not None
+            and not self._uses_cached_features()
+        ):
+            views = list(range(8))
+        collected: dict[str, list[torch.Tensor]] = {}
+        size = training.predict_batch_size
+        for start in range(0, slide.n_obs, size):
+            stop = min(start + size, slide.n_obs)
+            batch_coords = coords[start:stop]
+            means, thetas = [], []
+            for view in views:
+                batch_inputs = None
+                if image_inputs is not None:
+                    batch_inputs = normalise_patches(
+                        dihedral(image_inputs[start:stop], view), training.patch_normalization
+                    )
+                    if self._uses_cached_features():
+                        batch_inputs = self.module.encode_image_features(batch_inputs)
+                outputs = self.module(
+                    batch_inputs, batch_coords, mode=mode, sample=False, decode_image=False
+                )
+                means.append(outputs["nb_mean"].float())
+                thetas.append(outputs["nb_theta"].float())
+                if view == 0:
+                    for key in ("mu", "logvar"):
+                        collected.setdefault(key, []).append(outputs[key].float())
+            collected.setdefault("nb_mean", []).append(torch.stack(means).mean(0))
+            collected.setdefault("nb_theta", []).append(torch.stack(thetas).mean(0))
+        return {key: torch.cat(values).numpy() for key, values in collected.items()}
+
+    def predict(
+        self, slide: ad.AnnData, mode: str = "fused", patches: np.ndarray | None = None
+    ) -> ad.AnnData:
+        """Predicted expression of the model's genes at every spot of ``slide``.
+
+        Deterministic: the decoder reads the posterior mean (no sampling).
+
+        Parameters
+        ----------
+        slide
+            A slide with ``obsm["spatial"]`` and (unless ``mode="spatial"``) an image; its
+            counts, if any, are never read.
+        mode
+            ``"fused"``, ``"image"`` or ``"spatial"`` (single-modality inference, Table 5).
+        patches
+            Optional ``(N, 3, H, W)`` uint8 patches used instead of extracting them from the
+            image (e.g. colour-shifted patches for the robustness sweep).
+
+        Returns
+        -------
+        AnnData
+            ``X``: predicted NB means (raw-count scale), float32; ``layers["nb_theta"]``: NB
+            inverse dispersion; ``obsm["X_stevs"]``: posterior mean of ``mode``;
+            ``obsm["stevs_posterior_var"]``: its variance; ``obsm["spatial"]`` and
+            ``uns["stinfer"]`` copied from the slide; ``uns["stevs_prediction"]`` says the mode.
+        """
+        start = time.perf_counter()
+        outputs = self._posterior_outputs(slide, mode, patches)
+        prediction = ad.AnnData(
+            X=outputs["nb_mean"].astype(np.float32),
+            obs=pd.DataFrame(index=slide.obs_names.copy()),
+            var=pd.DataFrame(index=pd.Index(self.genes)),
+        )
+        prediction.layers["nb_theta"] = outputs["nb_theta"].astype(np.float32)
+        prediction.obsm["X_stevs"] = outputs["mu"].astype(np.float32)
+        prediction.obsm["stevs_posterior_var"] = np.exp(outputs["logvar"]).astype(np.float32)
+        prediction.obsm["spatial"] = np.asarray(slide.obsm["spatial"]).copy()
+        prediction.uns["stinfer"] = dict(slide.uns.get("stinfer", {}))
+        prediction.uns["stevs_prediction"] = {
+            "mode": mode,
+            "seconds": time.perf_counter() - start,
+        }
+        return prediction
+
+    def get_latent(self, slide: ad.AnnData, which: str = "fused") -> np.ndarray:
+        """Posterior means ``(N, latent_dim)`` of ``which`` (``fused``, ``image``, ``spatial``)."""
+        return self._posterior_outputs(slide, which)["mu"]
+
+    # ----------------------------------------------------------------- persistence
+    def save(self, directory: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write ``config.json``, ``weights.safetensors`` and ``genes.json`` into ``directory``.
+
+        The weights include the coordinate normaliser fitted on the training cohort.
+        """
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
+        with atomic_output(directory / "weights.safetensors", overwrite) as tmp:
+            save_file(state, str(tmp))
+        with atomic_output(directory / "config.json", overwrite) as tmp:
+            tmp.write_text(json.dumps(self.config.to_dict(), indent=2))
+        with atomic_output(directory / "genes.json", overwrite) as tmp:
+            tmp.write_text(json.dumps(self.genes))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> STEvs:
+        """Load a model written by :meth:`save` (safetensors: no pickle is executed)."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        missing = [name for name in MODEL_FILES if not (directory / name).is_file()]
+        if missing:
+            raise InputError(f"{directory}: not a saved STEvs model; missing {', '.join(missing)}.")
+        config = STEvsModelConfig.from_dict(json.loads((directory / "config.json").read_text()))
+        genes = json.loads((directory / "genes.json").read_text())
+        model = cls.__new__(cls)
+        model.config = config
+        model.genes = genes
+        model.train_slides = []
+        model.fit_result = None
+        config.module.pretrained = None  # the saved weights replace any initial weights
+        model.module = STEvsModule(num_genes=len(genes), config=config.module)
+        model.module.load_state_dict(load_file(str(directory / "weights.safetensors")))
+        model.module.eval()
+        return model

@@ -1,0 +1,265 @@
+"""Fusion of the image and coordinate posteriors into one latent Gaussian (STEvs Sec. 3.2).
+
+The paper's fusion is the Product of Experts (:func:`fuse_poe`, Eq. 1 and 27-30). The ablations of
+Tables 3-4 replace it by a concatenation, a deterministic mean, or cross-attention; each variant is
+one small module with the same call, ``fusion(image, spatial) -> (mu, logvar)``, where ``image``
+and ``spatial`` are the :class:`~stinfer.nn.encoders.ModalityPosterior` of each encoder, and
+:func:`build_fusion` creates one by name.
+
+Single-modality inference (Table 5) does not go through these modules: every variant keeps the
+per-modality expert heads (they are needed for the alignment loss anyway), so the image-only or
+coordinate-only posterior is that modality's own expert. For PoE this is exact (the product with a
+missing expert is the other expert); for the other variants the experts are trained only through
+the alignment loss and the fusion input, which is why single-modality inference is a PoE feature.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import nn
+
+from stinfer.errors import InputError
+from stinfer.nn.encoders import GaussianHeads, ModalityPosterior
+
+__all__ = [
+    "FUSIONS",
+    "ConcatFusion",
+    "CrossAttentionFusion",
+    "FusionName",
+    "MeanFusion",
+    "PoEFusion",
+    "build_fusion",
+    "fuse_mean",
+    "fuse_poe",
+    "product_of_experts",
+    "reparameterize",
+]
+
+FusionName = Literal["poe", "concat", "mean", "cross_attention"]
+FUSIONS: tuple[str, ...] = ("poe", "concat", "mean", "cross_attention")
+
+
+def product_of_experts(
+    mus: torch.Tensor, logvars: torch.Tensor, dim: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Product of diagonal Gaussian experts, computed in log-variance space.
+
+    With precisions :math:`T_k = \exp(-\log\sigma_k^2)` (Eq. 27-28),
+
+    .. math::
+
+        \log\sigma^2 = -\operatorname{logsumexp}_k(-\log\sigma_k^2), \qquad
+        \mu = \sum_k \operatorname{softmax}_k(-\log\sigma_k^2)\, \mu_k
+
+    which equals Eq. 29-30, :math:`\sigma^2 = (\sum_k T_k)^{-1}` and
+    :math:`\mu = \sigma^2 \sum_k T_k \mu_k`, without ever forming a precision or a variance: values
+    and gradients stay finite for log-variances far beyond ``[-30, 30]`` in float32.
+
+    Parameters
+    ----------
+    mus, logvars
+        Expert means and log-variances stacked along ``dim`` (e.g. ``(K, N, D)``).
+    dim
+        The expert dimension.
+
+    Returns
+    -------
+    tuple of torch.Tensor
+        ``(mu, logvar)`` of the product, with ``dim`` removed.
+    """
+    neg_logvars = -logvars
+    logvar = -torch.logsumexp(neg_logvars, dim=dim)
+    weights = torch.softmax(neg_logvars, dim=dim)
+    mu = (weights * mus).sum(dim=dim)
+    return mu, logvar
+
+
+def fuse_poe(
+    mu_img: torch.Tensor,
+    logvar_img: torch.Tensor,
+    mu_xy: torch.Tensor,
+    logvar_xy: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fuse the image and coordinate posteriors by a Product of Experts (STEvs Eq. 1, 27-30).
+
+    Parameters
+    ----------
+    mu_img, logvar_img
+        ``(N, D)`` image posterior.
+    mu_xy, logvar_xy
+        ``(N, D)`` coordinate posterior.
+
+    Returns
+    -------
+    tuple of torch.Tensor
+        ``(mu_fused, logvar_fused)``, each ``(N, D)``. See :func:`product_of_experts`.
+    """
+    return product_of_experts(torch.stack([mu_img, mu_xy]), torch.stack([logvar_img, logvar_xy]))
+
+
+def fuse_mean(
+    mu_img: torch.Tensor,
+    logvar_img: torch.Tensor,
+    mu_xy: torch.Tensor,
+    logvar_xy: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Deterministic mean fusion (the "Deterministic" ablation of STEvs Tables 3-4).
+
+    The fused latent is the average of one sample from each expert, :math:`(z_{img} + z_{xy})/2`,
+    whose law is :math:`\mathcal N((\mu_{img} + \mu_{xy})/2, (\sigma_{img}^2 + \sigma_{xy}^2)/4)`.
+    Unlike PoE the experts get equal weight whatever their uncertainty; this is the property the
+    ablation isolates.
+
+    Returns
+    -------
+    tuple of torch.Tensor
+        ``(mu, logvar)``, each ``(N, D)``; ``logvar = logsumexp(logvar_img, logvar_xy) - log 4``.
+    """
+    mu = 0.5 * (mu_img + mu_xy)
+    logvar = torch.logsumexp(torch.stack([logvar_img, logvar_xy]), dim=0) - math.log(4.0)
+    return mu, logvar
+
+
+def reparameterize(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """Draw ``z = mu + exp(logvar / 2) * eps`` with ``eps ~ N(0, I)`` (STEvs Eq. 31)."""
+    return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+
+
+class PoEFusion(nn.Module):
+    """Product-of-Experts fusion of the two expert posteriors (STEvs Eq. 1); no parameters."""
+
+    def forward(
+        self, image: ModalityPosterior, spatial: ModalityPosterior
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return fuse_poe(image.mu, image.logvar, spatial.mu, spatial.logvar)
+
+
+class MeanFusion(nn.Module):
+    """Deterministic mean fusion (STEvs Tables 3-4, "Deterministic"); see :func:`fuse_mean`."""
+
+    def forward(
+        self, image: ModalityPosterior, spatial: ModalityPosterior
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return fuse_mean(image.mu, image.logvar, spatial.mu, spatial.logvar)
+
+
+class ConcatFusion(nn.Module):
+    """Concatenation fusion (STEvs Tables 3-4, "Concat").
+
+    ``[mu_img, logvar_img, mu_xy, logvar_xy]`` (``4 * latent_dim``) is projected by one linear
+    layer to ``(mu, logvar)``: a learned, uncertainty-agnostic mixing of the two experts.
+
+    Parameters
+    ----------
+    latent_dim
+        Latent size ``D`` of each expert and of the output.
+    """
+
+    def __init__(self, latent_dim: int = 128) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4 * latent_dim, 2 * latent_dim)
+
+    def forward(
+        self, image: ModalityPosterior, spatial: ModalityPosterior
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        stacked = torch.cat([image.mu, image.logvar, spatial.mu, spatial.logvar], dim=-1)
+        mu, logvar = self.proj(stacked).chunk(2, dim=-1)
+        return mu, logvar
+
+
+class CrossAttentionFusion(nn.Module):
+    """Cross-attention fusion (STEvs Tables 3-4, "Cross-Attention").
+
+    The image features and the coordinate features are projected to two tokens of size
+    ``token_dim`` (plus a learned modality embedding); both tokens attend to both
+    (``nn.MultiheadAttention``), followed by a residual MLP with LayerNorms; the two tokens are
+    averaged and two linear heads give ``(mu, logvar)``. Unlike the public STEvs variant (a single
+    coordinate query over a single image key, where the attention weight is always one), each token
+    here weighs the two modalities.
+
+    Parameters
+    ----------
+    image_feature_dim
+        Size of the image backbone features (768 for Swin-T).
+    coord_feature_dim
+        Size of the coordinate encoder features (128, Table 6).
+    latent_dim
+        Output latent size.
+    token_dim
+        Attention width; defaults to ``latent_dim``.
+    num_heads
+        Attention heads (4 in the public STEvs code).
+    dropout
+        Attention and MLP dropout (0.1 in the public STEvs code).
+    """
+
+    def __init__(
+        self,
+        image_feature_dim: int,
+        coord_feature_dim: int = 128,
+        latent_dim: int = 128,
+        token_dim: int | None = None,
+        num_heads: int = 4,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        token_dim = token_dim or latent_dim
+        self.image_proj = nn.Linear(image_feature_dim, token_dim)
+        self.coord_proj = nn.Linear(coord_feature_dim, token_dim)
+        self.modality_embedding = nn.Parameter(torch.zeros(2, token_dim))
+        nn.init.trunc_normal_(self.modality_embedding, std=0.02)
+        self.attention = nn.MultiheadAttention(
+            token_dim, num_heads=num_heads, dropout=dropout, batch_first=True
+        )
+        self.norm1 = nn.LayerNorm(token_dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(token_dim, 4 * token_dim),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(4 * token_dim, token_dim),
+        )
+        self.norm2 = nn.LayerNorm(token_dim)
+        self.heads = GaussianHeads(token_dim, latent_dim)
+
+    def forward(
+        self, image: ModalityPosterior, spatial: ModalityPosterior
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = torch.stack(
+            [self.image_proj(image.features), self.coord_proj(spatial.features)], dim=1
+        )
+        tokens = tokens + self.modality_embedding
+        attended, _ = self.attention(tokens, tokens, tokens, need_weights=False)
+        tokens = self.norm1(tokens + attended)
+        tokens = self.norm2(tokens + self.mlp(tokens))
+        return self.heads(tokens.mean(dim=1))
+
+
+def build_fusion(
+    name: str,
+    image_feature_dim: int,
+    coord_feature_dim: int = 128,
+    latent_dim: int = 128,
+    num_heads: int = 4,
+    dropout: float = 0.1,
+) -> nn.Module:
+    """Create the fusion module called ``name`` (one of :data:`FUSIONS`).
+
+    Raises
+    ------
+    InputError
+        For an unknown name; the message lists the valid ones.
+    """
+    if name == "poe":
+        return PoEFusion()
+    if name == "mean":
+        return MeanFusion()
+    if name == "concat":
+        return ConcatFusion(latent_dim)
+    if name == "cross_attention":
+        return CrossAttentionFusion(
+            image_feature_dim, coord_feature_dim, latent_dim, num_heads=num_heads, dropout=dropout
+        )
+    raise InputError(f"unknown fusion {name!r}; choose one of {FUSIONS}")

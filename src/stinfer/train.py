@@ -1,0 +1,169 @@
+"""The one training path: every stinfer model trains through :func:`fit` (Lightning).
+
+A model supplies a ``LightningModule`` (its ``training_step``, ``validation_step`` and
+``configure_optimizers``) and data loaders; :func:`fit` builds the ``lightning.Trainer`` with
+the project's conventions: seeded, device auto-selected (cuda, mps, cpu), bf16/fp16 autocast on
+GPU, multi-GPU DDP through ``devices``/``strategy``, a progress bar, per-epoch metric history,
+and the best weights by a monitored validation metric restored at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import lightning as L
+import torch
+
+logger = logging.getLogger("stinfer")
+
+
+@dataclass
+class TrainerConfig:
+    """How to run training; independent of the model's own hyperparameters."""
+
+    max_epochs: int = 100
+    accelerator: str = "auto"  # "auto" picks cuda, then mps, then cpu
+    devices: int | str = "auto"  # e.g. 4 for four GPUs (DDP)
+    strategy: str = "auto"  # e.g. "ddp"
+    precision: str | None = None  # None: bf16-mixed (or 16-mixed) on GPU, 32-true on CPU
+    seed: int = 0
+    progress_bar: bool = True
+    gradient_clip_val: float | None = None
+    monitor: str | None = None  # metric logged by the module, e.g. "val/pcc_median"
+    monitor_mode: str = "max"  # "max" or "min"
+    early_stopping_patience: int | None = None  # epochs without improvement of `monitor`
+    check_val_every_n_epoch: int = 1
+    deterministic: bool = False
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns: per-epoch metrics, the best epoch and the wall time."""
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int | None = None
+    best_score: float | None = None
+    train_seconds: float = 0.0
+
+
+def default_precision(accelerator: str) -> str:
+    """bf16 autocast on GPUs that support it, fp16 on older GPUs, full precision elsewhere."""
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "32-true"
+
+
+class MetricHistory(L.Callback):
+    """Record every logged epoch-level metric as one dict per epoch."""
+
+    def __init__(self) -> None:
+        self.history: list[dict[str, float]] = []
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        row = {"epoch": float(trainer.current_epoch)}
+        for name, value in trainer.callback_metrics.items():
+            if torch.is_tensor(value) and value.numel() == 1:
+                row[name] = float(value)
+        self.history.append(row)
+
+
+class BestWeights(L.Callback):
+    """Keep a CPU copy of the weights at the best value of ``monitor``; restore it at the end.
+
+    Held in memory rather than in Lightning checkpoint files so no pickle is ever loaded back
+    and nothing is left on disk; the models save their own weights with ``weights_only`` in mind.
+    """
+
+    def __init__(self, monitor: str, mode: str = "max") -> None:
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+        self.monitor = monitor
+        self.mode = mode
+        self.best_score: float | None = None
+        self.best_epoch: int | None = None
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    def _improved(self, score: float) -> bool:
+        if math.isnan(score):
+            return False
+        if self.best_score is None:
+            return True
+        return score > self.best_score if self.mode == "max" else score < self.best_score
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
+            return
+        score = float(trainer.callback_metrics[self.monitor])
+        if self._improved(score):
+            self.best_score = score
+            self.best_epoch = trainer.current_epoch
+            self.best_state = {
+                k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()
+            }
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.best_state is not None:
+            pl_module.load_state_dict(self.best_state)
+
+
+def fit(
+    module: L.LightningModule,
+    train_loader,
+    val_loader=None,
+    config: TrainerConfig | None = None,
+    callbacks: list[L.Callback] | None = None,
+) -> FitResult:
+    """Train ``module`` with Lightning and return its metric history.
+
+    When ``config.monitor`` is set and a validation loader is given, the weights of the best
+    validation epoch are restored into ``module`` before returning (and training stops early
+    after ``config.early_stopping_patience`` epochs without improvement, if set).
+    """
+    config = config or TrainerConfig()
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    history = MetricHistory()
+    all_callbacks: list[L.Callback] = [history, *(callbacks or [])]
+    best = None
+    if config.monitor and val_loader is not None:
+        best = BestWeights(config.monitor, config.monitor_mode)
+        all_callbacks.append(best)
+        if config.early_stopping_patience is not None:
+            all_callbacks.append(
+                L.pytorch.callbacks.EarlyStopping(
+                    monitor=config.monitor,
+                    mode=config.monitor_mode,
+                    patience=config.early_stopping_patience,
+                    check_finite=False,
+                )
+            )
+    trainer = L.Trainer(
+        max_epochs=config.max_epochs,
+        accelerator=config.accelerator,
+        devices=config.devices,
+        strategy=config.strategy,
+        precision=config.precision or default_precision(config.accelerator),
+        gradient_clip_val=config.gradient_clip_val,
+        callbacks=all_callbacks,
+        enable_progress_bar=config.progress_bar,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        logger=False,
+        num_sanity_val_steps=0,
+        check_val_every_n_epoch=config.check_val_every_n_epoch,
+        deterministic=config.deterministic,
+    )
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*number of training batches.*")
+        trainer.fit(module, train_loader, val_loader)
+    result = FitResult(history=history.history, train_seconds=time.perf_counter() - start)
+    if best is not None:
+        result.best_epoch, result.best_score = best.best_epoch, best.best_score
+    return result

@@ -1,0 +1,29 @@
+"""Shared test fixtures: where the real data lives, and skips when it is absent."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("STINFER_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+HER2ST = SHARED_DATA / "her2st"
+VISIUM = SHARED_DATA / "visium"
+
+
+@pytest.fixture(scope="session")
+def her2st_dir() -> Path:
+    """The HER2ST folder (`../shared/data/her2st`); the test is skipped when it is absent."""
+    if not (HER2ST / "counts").is_dir():
+        pytest.skip(f"real HER2ST data not found at {HER2ST} (set STINFER_SHARED_DATA)")
+    return HER2ST
+
+
+@pytest.fixture(scope="session")
+def visium_dir() -> Path:
+    """The real Space Ranger folders (`../shared/data/visium`); skipped when absent."""
+    if not VISIUM.is_dir():
+        pytest.skip(f"real Visium data not found at {VISIUM} (set STINFER_SHARED_DATA)")
+    return VISIUM

@@ -1,0 +1,146 @@
+"""Product of Experts and the ablation fusions (STEvs Eq. 1, 27-30; Tables 3-4)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from stinfer.errors import InputError
+from stinfer.nn.encoders import ModalityPosterior
+from stinfer.nn.fusion import (
+    FUSIONS,
+    build_fusion,
+    fuse_mean,
+    fuse_poe,
+    product_of_experts,
+    reparameterize,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Small tensors on a shared CPU run far faster single-threaded than oversubscribed."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _closed_form_poe(mu_img, logvar_img, mu_xy, logvar_xy):
+    """Eq. 27-30 written out literally, in float64."""
+    precision_img = torch.exp(-logvar_img)
+    precision_xy = torch.exp(-logvar_xy)
+    variance = 1.0 / (precision_img + precision_xy)
+    mu = (mu_img * precision_img + mu_xy * precision_xy) * variance
+    return mu, torch.log(variance)
+
+
+def test_poe_equals_closed_form_product_of_two_gaussians():
+    generator = torch.Generator().manual_seed(0)
+    shape = (64, 16)
+    mu_img, mu_xy = (torch.randn(shape, generator=generator, dtype=torch.float64) * 3 for _ in "ab")
+    logvar_img, logvar_xy = (
+        torch.empty(shape, dtype=torch.float64).uniform_(-8, 8, generator=generator) for _ in "ab"
+    )
+    expected_mu, expected_logvar = _closed_form_poe(mu_img, logvar_img, mu_xy, logvar_xy)
+
+    mu, logvar = fuse_poe(mu_img, logvar_img, mu_xy, logvar_xy)
+    torch.testing.assert_close(mu, expected_mu, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(logvar, expected_logvar, rtol=1e-12, atol=1e-12)
+
+    mu32, logvar32 = fuse_poe(mu_img.float(), logvar_img.float(), mu_xy.float(), logvar_xy.float())
+    torch.testing.assert_close(mu32.double(), expected_mu, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logvar32.double(), expected_logvar, rtol=1e-5, atol=1e-5)
+
+
+def test_poe_of_k_experts_equals_precision_weighted_closed_form():
+    generator = torch.Generator().manual_seed(1)
+    mus = torch.randn(3, 10, 4, generator=generator, dtype=torch.float64)
+    logvars = torch.randn(3, 10, 4, generator=generator, dtype=torch.float64) * 2
+    precisions = torch.exp(-logvars)
+    variance = 1.0 / precisions.sum(0)
+    mu, logvar = product_of_experts(mus, logvars)
+    torch.testing.assert_close(mu, (mus * precisions).sum(0) * variance)
+    torch.testing.assert_close(logvar, variance.log())
+
+
+def test_poe_values_and_gradients_are_finite_for_logvars_across_minus30_to_30():
+    grid = torch.tensor([-30.0, -20.0, -5.0, 0.0, 5.0, 20.0, 30.0])
+    pairs = torch.tensor(list(itertools.product(grid.tolist(), repeat=2)))
+    logvar_img = pairs[:, :1].repeat(1, 3).requires_grad_(True)
+    logvar_xy = pairs[:, 1:].repeat(1, 3).requires_grad_(True)
+    mu_img = torch.full_like(logvar_img, 2.0).requires_grad_(True)
+    mu_xy = torch.full_like(logvar_xy, -3.0).requires_grad_(True)
+
+    mu, logvar = fuse_poe(mu_img, logvar_img, mu_xy, logvar_xy)
+    (mu.sum() + logvar.sum() + logvar.exp().sum()).backward()
+
+    for tensor in (mu, logvar, mu_img.grad, mu_xy.grad, logvar_img.grad, logvar_xy.grad):
+        assert torch.isfinite(tensor).all()
+    # the fused variance is never larger than either expert's (Eq. 29)
+    assert (logvar <= torch.minimum(logvar_img, logvar_xy) + 1e-6).all()
+    # mixed extremes: the confident expert dominates the mean
+    confident_img = (pairs[:, 0] == -30) & (pairs[:, 1] == 30)
+    assert torch.allclose(mu[confident_img], torch.tensor(2.0))
+    assert torch.allclose(logvar[confident_img], torch.tensor(-30.0))
+    equal = pairs[:, 0] == pairs[:, 1]
+    assert torch.allclose(mu[equal], torch.tensor(-0.5))
+    assert torch.allclose(logvar[equal], pairs[equal, :1] - math.log(2.0))
+
+
+def test_mean_fusion_is_the_law_of_the_average_of_one_sample_per_expert():
+    mu_img, mu_xy = torch.tensor([[1.0]]), torch.tensor([[3.0]])
+    logvar_img, logvar_xy = torch.tensor([[0.0]]), torch.tensor([[math.log(4.0)]])
+    mu, logvar = fuse_mean(mu_img, logvar_img, mu_xy, logvar_xy)
+    assert mu.item() == pytest.approx(2.0)
+    assert logvar.exp().item() == pytest.approx((1.0 + 4.0) / 4.0)
+
+
+def test_reparameterize_draws_with_the_posterior_mean_and_variance():
+    torch.manual_seed(0)
+    mu = torch.full((20000, 2), 1.5)
+    logvar = torch.full((20000, 2), math.log(0.25))
+    z = reparameterize(mu, logvar)
+    assert z.mean().item() == pytest.approx(1.5, abs=0.02)
+    assert z.var().item() == pytest.approx(0.25, abs=0.02)
+
+
+def _posteriors(n=5, features_img=12, features_xy=6, latent=4, requires_grad=False):
+    generator = torch.Generator().manual_seed(2)
+
+    def draw(*shape):
+        return torch.randn(*shape, generator=generator).requires_grad_(requires_grad)
+
+    image = ModalityPosterior(draw(n, features_img), draw(n, latent), draw(n, latent))
+    spatial = ModalityPosterior(draw(n, features_xy), draw(n, latent), draw(n, latent))
+    return image, spatial
+
+
+@pytest.mark.parametrize("name", FUSIONS)
+def test_every_fusion_gives_latent_shaped_posterior_with_gradients_to_both_modalities(name):
+    torch.manual_seed(0)
+    fusion = build_fusion(name, image_feature_dim=12, coord_feature_dim=6, latent_dim=4)
+    fusion.eval()
+    image, spatial = _posteriors(requires_grad=True)
+    mu, logvar = fusion(image, spatial)
+    assert mu.shape == logvar.shape == (5, 4)
+    (mu.sum() + logvar.sum()).backward()
+    inputs = ("features",) if name == "cross_attention" else ("mu", "logvar")
+    for field in inputs:
+        assert getattr(image, field).grad.abs().sum() > 0
+        assert getattr(spatial, field).grad.abs().sum() > 0
+
+
+def test_poe_fusion_module_equals_fuse_poe():
+    image, spatial = _posteriors()
+    mu, logvar = build_fusion("poe", 12)(image, spatial)
+    expected = fuse_poe(image.mu, image.logvar, spatial.mu, spatial.logvar)
+    torch.testing.assert_close((mu, logvar), expected)
+
+
+def test_unknown_fusion_is_an_input_error():
+    with pytest.raises(InputError, match="unknown fusion"):
+        build_fusion("sum", 12)
