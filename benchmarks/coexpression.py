@@ -110,7 +110,7 @@ def run_worker(args: argparse.Namespace) -> None:
         else:
             partners, values = dense_reference_top_k(loaded, args.top_k)
         seconds = time.perf_counter() - start
-    np.savez(partners_path, partners=partners, values=values)
+    np.save(partners_path, partners)  # (genes, K) partner indices, for the agreement check
     print(
         json.dumps(
             {

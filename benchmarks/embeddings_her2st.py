@@ -14,6 +14,18 @@ PSMD3, MED24), which should be enriched near ERBB2.
 Label corpus: by default a seeded random half of each section's spots gives the completion
 targets and the other half builds the graph (stinfer's default); ``--label-mode patients``
 builds the graph on patient A (A1-A6) and takes targets from patient D (D1-D6).
+
+K sensitivity (Table S1's layout): ``--k-sensitivity 50 100 200`` reruns the whole pipeline for
+each K with :func:`stinfer.evaluate.gene_level.k_sensitivity` and scores the embeddings with
+LR/SVM ROC-AUC (stratified, shuffled, seeded 5-fold CV) on ``--labels`` (CSV ``gene,label``).
+Without ``--labels`` a built-in sanity label is used: the collagen genes (``COL<n>A<n>``, the
+stromal/ECM program of fibroblasts; HER2ST's tables have no ribosomal or mitochondrial genes)
+against a seeded random sample of four times as many other genes. It says whether the
+embeddings keep a known co-expression family apart, not how they do on the paper's
+dosage-sensitivity task (whose labels are not shipped here).
+
+    python benchmarks/embeddings_her2st.py --preset fast --k-sensitivity 50 100 200 \
+        --out her2st_k_sensitivity.json
 """
 
 from __future__ import annotations
@@ -28,6 +40,7 @@ import numpy as np
 
 AMPLICON_17Q12 = ("GRB7", "PGAP3", "STARD3", "TCAP", "PNMT", "MIEN1", "ORMDL3", "PSMD3", "MED24")
 DEFAULT_SECTIONS = [f"{p}{i}" for p in "AD" for i in range(1, 7)]
+COLLAGEN_PATTERN = r"^COL\d+A\d+$"  # collagen genes: stromal/ECM, co-expressed by fibroblasts
 
 
 def read_sections(root: Path, sections: list[str]) -> dict:
@@ -66,6 +79,46 @@ def neighbour_ranks(embeddings, gene: str, others: tuple[str, ...]) -> dict:
     }
 
 
+def family_labels(
+    genes, pattern: str = COLLAGEN_PATTERN, seed: int = 0, negatives_per_positive: int = 4
+):
+    """1 for the genes whose name matches ``pattern`` (a gene family), 0 for a seeded random
+    sample of ``negatives_per_positive`` times as many other genes."""
+    import pandas as pd
+
+    genes = pd.Index(genes)
+    positive = genes.str.match(pattern)
+    negatives = genes[~positive]
+    rng = np.random.default_rng(seed)
+    size = min(len(negatives), negatives_per_positive * int(positive.sum()))
+    chosen = np.sort(rng.choice(len(negatives), size, replace=False))
+    return pd.concat([pd.Series(1, index=genes[positive]), pd.Series(0, index=negatives[chosen])])
+
+
+def run_k_sensitivity(args, corpora, config) -> dict:
+    """Table S1 on the HER2ST sections: one full pipeline per K, AUCs and training time."""
+    from stinfer.evaluate.gene_level import format_table_s1, k_sensitivity, read_gene_labels
+
+    if args.labels is not None:
+        labels, label_name = read_gene_labels(args.labels), str(args.labels)
+    else:
+        shared = set.intersection(*(set(c.var_names) for c in corpora.values()))
+        labels = family_labels(sorted(shared), seed=args.seed)
+        label_name = f"built-in: collagen genes ({COLLAGEN_PATTERN}) vs 4x random other genes"
+    table = k_sensitivity(corpora, labels, ks=args.k_sensitivity, config=config, seed=args.seed)
+    markdown = format_table_s1(table)
+    print(markdown)
+    return {
+        "sections": args.sections,
+        "preset": args.preset,
+        "labels": label_name,
+        "n_labelled": len(labels),
+        "n_positive": int(labels.sum()),
+        "table": table.to_dict(orient="records"),
+        "table_s1_markdown": markdown,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-root", type=Path, default=Path("../shared/data/her2st"))
@@ -79,6 +132,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="also write the figures as JSON")
     parser.add_argument("--save-embeddings", type=Path, help="write the embeddings (.h5ad)")
+    parser.add_argument(
+        "--k-sensitivity",
+        type=int,
+        nargs="+",
+        metavar="K",
+        help="instead: rerun the pipeline for each K and print Table S1 (LR/SVM AUC, time)",
+    )
+    parser.add_argument("--labels", type=Path, help="gene,label CSV for --k-sensitivity")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 
@@ -110,6 +171,11 @@ def main() -> None:
         config = replace(
             config, autoencoder=replace(config.autoencoder, max_epochs=args.autoencoder_epochs)
         )
+    if args.k_sensitivity:
+        report = run_k_sensitivity(args, corpora, config)
+        if args.out:
+            args.out.write_text(json.dumps(report, indent=2) + "\n")
+        return
     if args.label_mode == "patients":
         graph_corpora = {k: v for k, v in corpora.items() if k.startswith("A")}
         label_corpora = {k: v for k, v in corpora.items() if k.startswith("D")}

@@ -178,3 +178,74 @@ def save_figure(
     with atomic_output(path, overwrite) as tmp:
         fig.savefig(tmp, dpi=150, bbox_inches="tight")
     plt.close(fig)
+
+
+# --------------------------------------------------------------------------- benchmark figures
+def plot_metric_bars(
+    summary, metrics: Sequence[str], labels: dict[str, str] | None = None
+) -> matplotlib.figure.Figure:
+    """Bars with error bars (mean +/- sd over runs) per metric: one panel per metric.
+
+    ``summary`` is a table with columns ``model``, ``protocol`` and ``<metric>_mean``,
+    ``<metric>_sd`` (as :func:`stinfer.evaluate.protocols.aggregate` returns); bars are grouped
+    by protocol, one colour per model.
+    """
+    labels = labels or {}
+    metrics = [m for m in metrics if f"{m}_mean" in summary.columns]
+    models = list(dict.fromkeys(summary["model"]))
+    protocols = list(dict.fromkeys(summary["protocol"]))
+    width = 0.8 / max(1, len(models))
+    fig, axes = plt.subplots(
+        1,
+        len(metrics),
+        figsize=(max(3.5, 0.35 * len(models) * len(protocols) + 1.5) * len(metrics) / 1.6, 3.6),
+        squeeze=False,
+    )
+    cmap = plt.get_cmap("tab20")
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        for k, model in enumerate(models):
+            rows = summary[summary["model"] == model].set_index("protocol").reindex(protocols)
+            positions = np.arange(len(protocols)) + (k - (len(models) - 1) / 2) * width
+            ax.bar(
+                positions,
+                rows[f"{metric}_mean"].to_numpy(dtype=float),
+                width,
+                yerr=np.nan_to_num(rows[f"{metric}_sd"].to_numpy(dtype=float)),
+                color=cmap(k % 20),
+                label=model,
+                capsize=2,
+                error_kw={"linewidth": 0.8},
+            )
+        ax.set_xticks(np.arange(len(protocols)))
+        ax.set_xticklabels([p.replace("_", "-") for p in protocols], fontsize=8)
+        ax.set_title(labels.get(metric, metric), fontsize=9)
+        ax.axhline(0, color="black", linewidth=0.5)
+        ax.tick_params(axis="y", labelsize=7)
+    axes[0, -1].legend(fontsize=6, frameon=False, bbox_to_anchor=(1.02, 1), loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
+def plot_blue_shift_curves(sweep, metric: str = "pcc_median") -> matplotlib.figure.Figure:
+    """``metric`` against the blue-shift intensity alpha (STEvs Fig. J.1), one line per model.
+
+    ``sweep`` holds rows of :func:`stinfer.evaluate.robustness.blue_shift_sweep` (columns
+    ``model``, ``alpha``, ``metric``), possibly over several test slides and runs: the line is
+    their mean and the band +/- one sd.
+    """
+    fig, ax = plt.subplots(figsize=(4.8, 3.6))
+    cmap = plt.get_cmap("tab10")
+    for k, (model, rows) in enumerate(sweep.groupby("model", sort=False)):
+        stats = rows.groupby("alpha")[metric].agg(["mean", "std"]).sort_index()
+        alphas = stats.index.to_numpy(dtype=float)
+        mean = stats["mean"].to_numpy(dtype=float)
+        sd = np.nan_to_num(stats["std"].to_numpy(dtype=float))
+        ax.plot(alphas, mean, marker="o", markersize=3, color=cmap(k % 10), label=model)
+        ax.fill_between(alphas, mean - sd, mean + sd, color=cmap(k % 10), alpha=0.15, linewidth=0)
+    ax.set_xlabel("blue-shift intensity alpha (Eq. 40)", fontsize=8)
+    ax.set_ylabel(metric, fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=6, frameon=False)
+    ax.set_title("robustness to a spectral blue shift of the test images", fontsize=9)
+    fig.tight_layout()
+    return fig

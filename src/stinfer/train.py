@@ -112,6 +112,76 @@ class BestWeights(L.Callback):
             pl_module.load_state_dict(self.best_state)
 
 
+class EMAEarlyStopping(L.Callback):
+    """Stop when the smoothed ``monitor`` stops improving; restore the weights of its best epoch.
+
+    CoxFormer Suppl. S3: early stopping when the exponential moving average of the training
+    loss fails to improve by at least 0.2%. After every training epoch (validation included)
+    ``ema = beta * value + (1 - beta) * ema`` (``beta`` weighs the newest epoch: 0.2 smooths
+    over about five epochs; the first epoch starts the average); an epoch *improves* when
+    ``ema`` beats the best so far by more than ``min_relative_improvement`` of it (lower is
+    better for ``mode="min"``). After ``patience`` epochs without improvement training stops,
+    and at the end a CPU copy of the weights of the best-EMA epoch is loaded back.
+    """
+
+    def __init__(
+        self,
+        monitor: str = "train/loss",
+        beta: float = 0.2,  # CoxFormer Suppl. S3
+        min_relative_improvement: float = 0.002,  # CoxFormer Suppl. S3: 0.2%
+        patience: int = 10,
+        mode: str = "min",
+    ) -> None:
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+        if not 0.0 < beta <= 1.0:
+            raise ValueError(f"beta must be in (0, 1], got {beta}")
+        self.monitor = monitor
+        self.beta = beta
+        self.min_relative_improvement = min_relative_improvement
+        self.patience = patience
+        self.mode = mode
+        self.ema: float | None = None
+        self.best_ema: float | None = None
+        self.best_epoch: int | None = None
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.wait = 0
+        self.stopped_epoch: int | None = None
+
+    def update(self, value: float) -> bool:
+        """Fold one epoch's ``value`` into the average; True when it is a new best."""
+        self.ema = value if self.ema is None else self.beta * value + (1 - self.beta) * self.ema
+        if self.best_ema is None:
+            return True
+        margin = self.min_relative_improvement * abs(self.best_ema)
+        if self.mode == "min":
+            return self.ema < self.best_ema - margin
+        return self.ema > self.best_ema + margin
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
+            return
+        value = float(trainer.callback_metrics[self.monitor])
+        if math.isnan(value):
+            return
+        if self.update(value):
+            self.best_ema = self.ema
+            self.best_epoch = trainer.current_epoch
+            self.best_state = {
+                k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()
+            }
+            self.wait = 0
+            return
+        self.wait += 1
+        if self.wait >= self.patience:
+            self.stopped_epoch = trainer.current_epoch
+            trainer.should_stop = True
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.best_state is not None:
+            pl_module.load_state_dict(self.best_state)
+
+
 def fit(
     module: L.LightningModule,
     train_loader,

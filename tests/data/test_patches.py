@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import pandas as pd
 import pytest
 import tifffile
 import torch
@@ -281,15 +280,27 @@ def test_minmax_transform_closed_form_and_bounds():
 
 
 @pytest.mark.slow
-def test_her2st_c2_patch_equals_pil_crop(her2st_dir, monkeypatch):
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # C2 is ~92 megapixels
-    spots = pd.read_csv(her2st_dir / "spots" / "C2_selection.tsv", sep="\t")
-    spots = spots.iloc[[0, len(spots) // 2, len(spots) - 1]]
-    centres = spots[["pixel_x", "pixel_y"]].to_numpy(dtype=np.float64)
-    image_path = her2st_dir / "images" / "C2.jpg"
-    patches = spot_patches(make_image_slide(image_path, centres))
-    assert patches.shape == (3, 3, 160, 160)
+@pytest.mark.parametrize("section", ["C2", "C3", "C4"])
+def test_her2st_patches_equal_pil_crops_of_the_reader_slide(her2st_dir, monkeypatch, section):
+    """Through the legacy ST reader: the patch at a spot is the 160-px crop centred on it."""
+    from stinfer.io import read_legacy_st
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # the sections are ~92 megapixels
+    image_path = her2st_dir / "images" / f"{section}.jpg"
+    slide = read_legacy_st(
+        her2st_dir / "counts" / f"{section}.tsv.gz",
+        her2st_dir / "spots" / f"{section}_selection.tsv",
+        image=image_path,
+    )
+    patches = spot_patches(slide)
+    assert patches.shape == (slide.n_obs, 3, 160, 160)
+    centres = slide.obsm["spatial"]
     with Image.open(image_path) as image:
-        for patch, (x, y) in zip(patches, np.floor(centres - 80 + 0.5).astype(int), strict=True):
-            expected = np.asarray(image.crop((x, y, x + 160, y + 160)).convert("RGB"))
-            np.testing.assert_array_equal(patch, expected.transpose(2, 0, 1))
+        pixels = np.asarray(image.convert("RGB"))
+    # first, middle, last spot, and the spots nearest each image border
+    chosen = {0, slide.n_obs // 2, slide.n_obs - 1}
+    chosen |= set(np.argmin(centres, axis=0)) | set(np.argmax(centres, axis=0))
+    for index in sorted(chosen):
+        left, top = np.floor(centres[index] - 80 + 0.5).astype(int)
+        expected = white_padded_crop(pixels, left, top, 160)
+        np.testing.assert_array_equal(patches[index], expected)

@@ -7,7 +7,12 @@ import pandas as pd
 import pytest
 
 from stinfer.errors import InputError
-from stinfer.evaluate.gene_level import format_table_s1, gene_level_auc, read_gene_labels
+from stinfer.evaluate.gene_level import (
+    format_table_s1,
+    gene_level_auc,
+    k_sensitivity,
+    read_gene_labels,
+)
 from stinfer.io.gene_embeddings import embeddings_to_anndata
 
 
@@ -82,3 +87,32 @@ def test_table_s1_layout():
     text = format_table_s1(table)
     assert text.splitlines()[0] == "| K | LR | SVM | Training time (s) |"
     assert "| 50 | 0.944 ± 0.010 | 0.955 ± 0.020 | 12.0 |" in text
+
+
+def test_k_sensitivity_reruns_the_pipeline_per_k_in_table_s1_layout():
+    from stinfer.coexpression.autoencoder import AutoencoderConfig
+    from stinfer.coexpression.completion import CompletionConfig
+    from stinfer.coexpression.graph import CorrelationGraphConfig
+    from stinfer.coexpression.synthetic import planted_module_corpus
+    from stinfer.models.gene_embeddings import GeneEmbeddingConfig
+
+    corpus, module = planted_module_corpus(n_cells=400, n_modules=3, genes_per_module=16, seed=1)
+    config = GeneEmbeddingConfig(
+        graph=CorrelationGraphConfig(min_cells=1),
+        completion=CompletionConfig(n_node_features=8, hidden_dim=16, max_epochs=2, t_max=2),
+        autoencoder=AutoencoderConfig(
+            n_tokens=4, d_model=16, n_heads=2, feedforward_dim=32, latent_dim=8, max_epochs=5
+        ),
+        accelerator="cpu",
+        progress_bar=False,
+    )
+    labels = pd.Series((module == 0).astype(int), index=corpus.var_names)
+    table = k_sensitivity({"synthetic": corpus}, labels, ks=(5, 10), config=config)
+
+    assert list(table["K"]) == [5, 10]
+    assert list(table["n_edges"]) == [48 * 5, 48 * 10]  # every gene keeps its top-K partners
+    assert (table["completion_seconds"] > 0).all()
+    assert (table["total_seconds"] >= table["completion_seconds"]).all()
+    assert (table[["lr_auc_mean", "svm_auc_mean"]] > 0.8).all().all()  # modules are easy
+    lines = format_table_s1(table).splitlines()
+    assert len(lines) == 4 and lines[2].startswith("| 5 | ") and lines[3].startswith("| 10 | ")

@@ -301,6 +301,31 @@ def test_legacy_pixel_size_from_collinear_spots_cannot_be_estimated(tmp_path: Pa
         read_legacy_st(*paths)
 
 
+def test_legacy_spots_beyond_a_downscaled_image_give_the_size_ratio(tmp_path: Path) -> None:
+    paths = write_legacy(tmp_path)  # spots up to pixel (500, 500)
+    Image.new("RGB", (100, 100)).save(tmp_path / "thumbnail.png")
+    with pytest.raises(
+        InputError,
+        match=r"reach x=500, y=500 full-resolution pixels but thumbnail.png is 100 x 100 px\. "
+        r"The spots reach about 5 times the image's size: the image is probably a downscaled copy",
+    ):
+        read_legacy_st(*paths, image=tmp_path / "thumbnail.png")
+
+
+def test_legacy_image_that_is_not_an_image(tmp_path: Path) -> None:
+    paths = write_legacy(tmp_path)
+    small_anndata().write_h5ad(tmp_path / "slide.h5ad")  # Pillow "identifies" HDF5 as 0 x 0
+    with pytest.raises(InputError, match=r"slide.h5ad: not a readable image \(Pillow sees a HDF5"):
+        read_legacy_st(*paths, image=tmp_path / "slide.h5ad")
+
+
+def test_legacy_long_column_lists_are_cut_in_messages(tmp_path: Path) -> None:
+    spots = pd.DataFrame({f"GENE{index}": [1] for index in range(500)})
+    paths = write_legacy(tmp_path, spots=spots)
+    with pytest.raises(InputError, match=r"missing columns x, y; found GENE0, .*\(500 in all\)"):
+        read_legacy_st(*paths)
+
+
 # ---------------------------------------------------------------- h5ad and HEST
 
 

@@ -231,6 +231,25 @@ def test_jpeg_region_equals_pillow_crop(tmp_path):
     np.testing.assert_array_equal(region, expected)
 
 
+@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
+def test_every_jpeg_mode_decodes_to_pillows_rgb(tmp_path, mode, monkeypatch):
+    """RGB and gray JPEGs go through imagecodecs, CMYK through Pillow: all equal Pillow's RGB."""
+    path = tmp_path / f"slide_{mode}.jpg"
+    Image.fromarray(smooth_texture(90, 120, 2)).convert(mode).save(path, quality=85)
+    with Image.open(path) as reference:
+        expected = np.asarray(reference.convert("RGB"))
+    used_pillow = []
+    pillow_pixels = slide_image_module._pillow_pixels
+    monkeypatch.setattr(
+        slide_image_module,
+        "_pillow_pixels",
+        lambda image: used_pillow.append(True) or pillow_pixels(image),
+    )
+    with open_slide(path) as slide:
+        np.testing.assert_array_equal(slide.read_region(0, 0, 120, 90), expected)
+    assert bool(used_pillow) == (mode == "CMYK")
+
+
 def test_rgba_drops_alpha_and_gray_png_repeats(tmp_path):
     rgba = np.random.default_rng(1).integers(0, 256, (20, 30, 4), dtype=np.uint8)
     Image.fromarray(rgba, mode="RGBA").save(tmp_path / "rgba.png")

@@ -342,3 +342,70 @@ def test_module_learns_counts_that_depend_on_coordinates():
             for g in range(genes)
         ]
         assert torch.stack(correlations).median() > 0.7, mode
+
+
+# ---------------------------------------------------------------- stinfer additions
+def test_smaller_image_reconstruction_is_compared_to_the_pooled_patch_at_full_patch_scale():
+    config = tiny_config(image_recon_size=PATCH // 2, decoder_channels=(8, 4, 4, 4))
+    module = STEvsModule(GENES, config)
+    patches, coords, counts = batch()
+    outputs = module(patches, coords)
+    assert outputs["image_recon"].shape == (4, 3, PATCH // 2, PATCH // 2)
+    pooled = torch.nn.functional.avg_pool2d(patches, 2)
+    expected = (outputs["image_recon"] - pooled).pow(2).sum((1, 2, 3)).mean() * 4
+    torch.testing.assert_close(module.loss(outputs, counts, patches)["image"], expected)
+    same_size = STEvsModule(GENES, tiny_config())
+    full = same_size(patches, coords)
+    torch.testing.assert_close(
+        same_size.loss(full, counts, patches)["image"],
+        (full["image_recon"] - patches).pow(2).sum((1, 2, 3)).mean(),
+    )
+    with pytest.raises(InputError, match="image_recon_size"):
+        STEvsConfig(patch_size=160, image_recon_size=48)
+
+
+def test_library_weight_scales_the_log_library_term():
+    patches, coords, counts = batch()
+    library = counts.sum(1)
+    totals = []
+    for weight in (1.0, 3.0):
+        torch.manual_seed(0)
+        module = STEvsModule(GENES, tiny_config(expression_scale="profile", library_weight=weight))
+        torch.manual_seed(1)
+        losses = module.loss(module(patches, coords, library_size=library), counts, patches)
+        totals.append((losses["loss"], losses["library"]))
+    (loss_1, library_1), (loss_3, library_3) = totals
+    torch.testing.assert_close(library_1, library_3)
+    torch.testing.assert_close(loss_3 - loss_1, 2 * library_1)
+
+
+def test_expert_outputs_decode_each_expert_as_the_single_modality_forward_does():
+    module = STEvsModule(GENES, tiny_config(expression_scale="profile")).eval()
+    patches, coords, _ = batch()
+    fused = module(patches, coords, sample=False, decode_image=False)
+    for expert in ("image", "spatial"):
+        alone = module(patches, coords, mode=expert, sample=False, decode_image=False)
+        decoded = module.expert_outputs(fused, expert, sample=False)
+        for key in ("mu", "logvar", "nb_mean", "nb_theta", "log_library"):
+            torch.testing.assert_close(decoded[key], alone[key])
+
+
+def test_subset_loss_adds_each_experts_expression_elbo_and_needs_both_experts():
+    config = tiny_config(kl_anneal_epochs=0, expression_scale="profile", library_weight=2.0)
+    module = STEvsModule(GENES, config)
+    patches, coords, counts = batch()
+    library = counts.sum(1)
+    outputs = module(patches, coords, library_size=library)
+    torch.manual_seed(5)
+    total = module.subset_loss(outputs, counts, epoch=1, library_size=library)
+    torch.manual_seed(5)
+    expected = 0
+    for expert in ("image", "spatial"):
+        decoded = module.expert_outputs(outputs, expert, library_size=library)
+        nll = -NegativeBinomial(decoded["nb_mean"], decoded["nb_theta"]).log_prob(counts).sum(-1)
+        kl = kl_standard_normal(decoded["mu"], decoded["logvar"]).mean()
+        library_error = (decoded["log_library"] - library.log()).pow(2).mean()
+        expected = expected + 10.0 * nll.mean() + 0.5 * kl + 2.0 * library_error
+    torch.testing.assert_close(total, expected)
+    image_only = module(patches, coords, mode="image")
+    assert float(module.subset_loss(image_only, counts)) == 0.0

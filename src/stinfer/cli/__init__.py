@@ -2,8 +2,8 @@
 
 Each subcommand lives in its own module of this package and exposes ``register(subparsers)``,
 which adds its parser and sets ``func`` to a function taking the parsed arguments. User errors
-(:class:`stinfer.errors.InputError`, missing files) are printed as one line on stderr with exit
-status 2; anything else is a bug and keeps its traceback.
+(:class:`stinfer.errors.InputError`, missing files, paths that cannot be written) are printed
+as one line on stderr with exit status 2; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ SUBCOMMAND_MODULES = (
     "evaluate",
     "embed_genes",
     "gene_eval",
+    "impute",
     "demo",
+    "benchmark",
 )
 
 
@@ -67,6 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as error:
         print(
             f"stinfer {args.command}: error: file not found: {error.filename or error}",
+            file=sys.stderr,
+        )
+        return 2
+    except (PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError) as error:
+        print(
+            f"stinfer {args.command}: error: {error.filename or ''}: {error.strerror or error}; "
+            "check the path (a folder where a file is expected, or no permission).",
             file=sys.stderr,
         )
         return 2

@@ -458,7 +458,12 @@ def correlation_blocks(
 
 
 class _RunningTopK:
-    """Per-row top-K (largest key) over column blocks: ``(rows, K)`` keys, values, indices."""
+    """Per-row top-K (largest key) over column blocks: ``(rows, K)`` keys, values, indices.
+
+    Each block first gives its own top-K per row (one ``topk`` over the block), which is then
+    merged with the running top-K: the top-K of the union equals the top-K of the running set
+    and the block's top-K, and only ``2K`` candidates per row are concatenated and gathered.
+    """
 
     def __init__(self, n_rows: int, k: int, device: torch.device) -> None:
         self.keys = torch.full((n_rows, k), -torch.inf, device=device)
@@ -466,16 +471,28 @@ class _RunningTopK:
         self.index = torch.full((n_rows, k), -1, dtype=torch.int64, device=device)
         self.k = k
 
-    def update(self, rows: slice, col_start: int, values: torch.Tensor, keys: torch.Tensor) -> None:
-        n_rows, n_cols = values.shape
-        col_index = torch.arange(col_start, col_start + n_cols, device=values.device)
-        all_keys = torch.cat([self.keys[rows], keys], dim=1)
-        all_values = torch.cat([self.values[rows], values], dim=1)
-        all_index = torch.cat([self.index[rows], col_index.expand(n_rows, n_cols)], dim=1)
+    def update(
+        self,
+        rows: slice,
+        col_start: int,
+        values: torch.Tensor,
+        keys: torch.Tensor,
+        transposed: bool = False,
+    ) -> None:
+        """Absorb a block whose row ``a`` / column ``b`` is gene ``rows.start + a`` /
+        ``col_start + b``; with ``transposed``, ``values``/``keys`` are ``(cols, rows)``."""
+        dim = 0 if transposed else 1
+        k = min(self.k, keys.shape[dim])
+        block_keys, block_top = torch.topk(keys, k, dim=dim, sorted=False)
+        block_values = values.gather(dim, block_top)
+        if transposed:
+            block_keys, block_top, block_values = block_keys.T, block_top.T, block_values.T
+        all_keys = torch.cat([self.keys[rows], block_keys], dim=1)
         top = torch.topk(all_keys, self.k, dim=1, sorted=False).indices
         self.keys[rows] = all_keys.gather(1, top)
-        self.values[rows] = all_values.gather(1, top)
-        self.index[rows] = all_index.gather(1, top)
+        self.values[rows] = torch.cat([self.values[rows], block_values], dim=1).gather(1, top)
+        candidates = torch.cat([self.index[rows], block_top + col_start], dim=1)
+        self.index[rows] = candidates.gather(1, top)
 
 
 def top_k_partners(
@@ -498,13 +515,12 @@ def top_k_partners(
     device = torch.device(device)
     running = _RunningTopK(corpora.n_genes, top_k, device)
     for rows, cols, r in correlation_blocks(corpora, block_size, device):
-        keys = r.abs() if rank_by == "absolute" else r.clone()
-        keys = torch.nan_to_num(keys, nan=-torch.inf)
+        keys = torch.nan_to_num(r.abs() if rank_by == "absolute" else r, nan=-torch.inf)
         if rows == cols:
             keys.fill_diagonal_(-torch.inf)
         running.update(rows, cols.start, r, keys)
         if rows != cols:
-            running.update(cols, rows.start, r.T, keys.T)
+            running.update(cols, rows.start, r, keys, transposed=True)
     order = torch.sort(running.keys, dim=1, descending=True).indices
     keys = running.keys.gather(1, order).cpu().numpy()
     partners = running.index.gather(1, order).cpu().numpy()

@@ -473,6 +473,8 @@ def spot_patches(
                 patches = np.empty((slide.n_obs, *chunk.shape[1:]), dtype=np.uint8)
             patches[indices] = chunk
         return patches
+    if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
+        raise InputError(f"{cache_dir}: the patch cache must be a folder, but this is a file.")
     path = Path(cache_dir) / f"patches-{patch_cache_key(slide, spec)[:32]}.npy"
     if path.is_file():
         cached = np.load(path, mmap_mode="r")

@@ -34,6 +34,7 @@ from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
 from sklearn.metrics import adjusted_rand_score
 from sklearn.mixture import GaussianMixture
+from threadpoolctl import threadpool_limits
 
 from stinfer.errors import InputError
 from stinfer.preprocess import normalize_log1p_cp10k
@@ -42,6 +43,7 @@ logger = logging.getLogger("stinfer")
 
 HEST_TOP_GENES = 50
 _GENE_CHUNK = 1024  # genes densified at once by evaluate_expression (bounds memory)
+_SINGLE_THREAD_CLUSTERING = 2_000_000  # PCA entries below which k-means runs on one thread
 
 Matrix = np.ndarray | sp.spmatrix
 
@@ -487,7 +489,11 @@ def cluster_domains(
         model = GaussianMixture(n_components=n_clusters, covariance_type="full", random_state=seed)
     else:
         raise InputError(f"method must be 'kmeans' or 'gmm', got {method!r}.")
-    return np.asarray(model.fit_predict(embedding))
+    # OpenMP threads cost more than they save on a few thousand spots (and stall badly on a
+    # shared, oversubscribed CPU); large inputs keep sklearn's default threading.
+    threads = 1 if embedding.size < _SINGLE_THREAD_CLUSTERING else None
+    with threadpool_limits(limits=threads):
+        return np.asarray(model.fit_predict(embedding))
 
 
 def cluster_ari(

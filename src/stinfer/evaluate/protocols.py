@@ -320,11 +320,13 @@ class PeakMemory:
     A background thread samples ``psutil.Process().memory_info().rss`` every
     ``interval_s`` seconds (plus once at entry and exit), so short spikes between samples can
     be missed; on CUDA, the peak allocated GPU memory is recorded too (``peak_gpu_mb``, NaN
-    otherwise).
+    otherwise). ``start_rss_mb`` is the RSS at entry, so ``peak_rss_mb - start_rss_mb`` is
+    what the block itself added (the peak includes everything the process held before).
     """
 
     def __init__(self, interval_s: float = 0.05) -> None:
         self.interval_s = interval_s
+        self.start_rss_mb = 0.0
         self.peak_rss_mb = 0.0
         self.peak_gpu_mb = float("nan")
         self._stop = threading.Event()
@@ -342,6 +344,7 @@ class PeakMemory:
         import psutil
 
         self._process = psutil.Process()
+        self.start_rss_mb = self._process.memory_info().rss / 2**20
         self._sample()
         self._cuda = _cuda_in_use()
         if self._cuda:

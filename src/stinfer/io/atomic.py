@@ -19,8 +19,9 @@ from stinfer.errors import InputError
 def check_writable(path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Return ``path`` as a Path after checking it may be written.
 
-    Raises :class:`InputError` when the file exists and ``overwrite`` is false, or when the
-    destination is an existing directory.
+    Raises :class:`InputError` when the file exists and ``overwrite`` is false, when the
+    destination is an existing directory, or when its nearest existing parent is not a folder
+    this process may write to (checked before any work, so a long run does not fail at the end).
     """
     path = Path(path)
     if path.is_dir():
@@ -28,6 +29,14 @@ def check_writable(path: str | os.PathLike, overwrite: bool = False) -> Path:
     if path.exists() and not overwrite:
         raise InputError(
             f"{path}: already exists; pass --overwrite (overwrite=True) to replace it."
+        )
+    ancestor = path.absolute().parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise InputError(
+            f"{path}: cannot write the output: {ancestor} is not a folder stinfer may write "
+            "to; choose another --out."
         )
     return path
 
@@ -42,8 +51,18 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False) -> Iterator[
     exception the temporary file is removed and the destination is left untouched.
     """
     path = check_writable(path, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(
+            prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent
+        )
+    except OSError as error:
+        raise InputError(
+            f"{path}: cannot write the output in {path.parent} ({error.strerror or error}); "
+            "choose another --out."
+        ) from error
+    # mkstemp creates the file readable by its owner only; outputs get the usual permissions
+    os.fchmod(fd, 0o666 & ~_current_umask())
     os.close(fd)
     tmp_path = Path(tmp_name)
     try:
@@ -52,6 +71,13 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False) -> Iterator[
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _current_umask() -> int:
+    """The process's file-creation mask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_h5ad(adata, path: str | os.PathLike, overwrite: bool = False) -> Path:

@@ -24,7 +24,12 @@ import numpy as np
 import pandas as pd
 
 from stinfer.errors import InputError
-from stinfer.io.slide_data import check_spots_inside_image, make_slide, require_file
+from stinfer.io.slide_data import (
+    check_spots_inside_image,
+    make_slide,
+    name_list,
+    require_file,
+)
 
 logger = logging.getLogger("stinfer")
 
@@ -115,7 +120,7 @@ def read_legacy_st(
     else:
         raise InputError(
             f"{spots_path}: columns pixel_x and pixel_y are needed to place spots on the image "
-            f"{image_path.name}; found {', '.join(map(str, spot_table.columns))}."
+            f"{image_path.name}; found {name_list(spot_table.columns)}."
         )
     if not pixel_size_um > 0:
         raise InputError(
@@ -208,7 +213,7 @@ def read_spot_table(path: Path, notes: list[str]) -> pd.DataFrame:
     if missing:
         raise InputError(
             f"{path}: missing columns {', '.join(missing)}; found "
-            f"{', '.join(map(str, table.columns))}. The spot table needs the array coordinates "
+            f"{name_list(table.columns)}. The spot table needs the array coordinates "
             "x, y and the image coordinates pixel_x, pixel_y (tab separated, with a header)."
         )
     numeric = [c for c in ("x", "y", "pixel_x", "pixel_y", "selected") if c in table.columns]

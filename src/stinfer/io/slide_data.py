@@ -43,6 +43,17 @@ SLIDE_META_KEYS = (
 )
 
 
+def name_list(names: Sequence[object], limit: int = 12) -> str:
+    """``"a, b, c"`` for an error message; long lists are cut to ``limit`` names plus a count.
+
+    A count table's header can hold 30,000 gene names: listing them all would bury the message.
+    """
+    names = [str(name) for name in names]
+    if len(names) <= limit:
+        return ", ".join(names)
+    return ", ".join(names[:limit]) + f", ... ({len(names)} in all)"
+
+
 def check_counts(counts: sp.spmatrix | np.ndarray, source: str) -> sp.csr_matrix:
     """Return ``counts`` as float32 CSR after checking they are raw counts.
 
@@ -220,7 +231,7 @@ def missing_file_error(path: str | os.PathLike, what: str) -> InputError:
     while not folder.is_dir() and folder != folder.parent:
         folder = folder.parent
     found = sorted(child.name + ("/" if child.is_dir() else "") for child in folder.iterdir())
-    listing = ", ".join(found[:20]) + (f", ... ({len(found)} in all)" if len(found) > 20 else "")
+    listing = name_list(found, limit=20)
     return InputError(
         f"{path}: {what} not found; {folder} holds: {listing or 'nothing'}. "
         "Check the path and the file name."
@@ -285,11 +296,13 @@ def check_spots_inside_image(
             " The coordinates look like full-resolution pixels but the image looks like "
             f"{label}; {fix}."
         )
-    else:
-        needed = max(full_high[0] / width, full_high[1] / height)
+    elif np.any(high > np.array([width, height]) + margin):
+        ratio = max(high[0] / width, high[1] / height)
         message += (
-            f" The image would need about {needed:.3g} image pixels per coordinate unit: it "
-            "is probably a downscaled copy, or the coordinates are in another unit or "
-            f"another image's pixels; {fix}."
+            f" The spots reach about {ratio:.3g} times the image's size: the image is probably "
+            "a downscaled copy, or the coordinates are in another unit or another image's "
+            f"pixels; {fix}."
         )
+    else:
+        message += f" The coordinates are probably in another image's pixels; {fix}."
     raise InputError(message)

@@ -4,7 +4,8 @@
 :meth:`~SlideImage.read_region` returns an RGB ``uint8`` array of one region. Three back-ends:
 
 - **JPEG / PNG** (:class:`PillowSlide`): only the header is read when the slide is opened.
-  Pillow cannot decode part of a JPEG, so the first region read decodes the whole image once
+  A JPEG cannot be decoded in part, so the first region read decodes the whole image once
+  (imagecodecs' libjpeg-turbo for RGB/grayscale JPEGs, else Pillow)
   and keeps the decoded array for the life of the :class:`SlideImage` (about
   ``width * height * 3`` bytes; 275 MB for a 9,300 x 9,900 HER2ST section); every later region
   is a numpy slice of that array, so extracting thousands of patches decodes the file once.
@@ -367,6 +368,25 @@ def _pillow_pixels(image, band_rows: int = 1024) -> np.ndarray:
     return pixels
 
 
+def _decode_jpeg(path: Path) -> np.ndarray | None:
+    """Decode a whole RGB or grayscale JPEG with imagecodecs (libjpeg-turbo), or ``None``.
+
+    The pixels equal Pillow's (same library, same IDCT), but decoding straight into one numpy
+    array is about ten times faster than Pillow's decode plus copy and needs a third of the
+    peak memory (measured on a 9,300 x 9,900 HER2ST section: 0.2 vs 1.7 CPU s, 0.3 vs
+    0.9 GB). ``None`` (then Pillow decodes) when imagecodecs is missing or refuses the file.
+    """
+    try:
+        import imagecodecs
+
+        pixels = imagecodecs.jpeg8_decode(path.read_bytes())
+    except Exception as error:  # any failure falls back to Pillow, which raises a clear error
+        logger.debug("%s: imagecodecs cannot decode it (%s); decoding with Pillow.", path, error)
+        return None
+    pixels.flags.writeable = False
+    return pixels
+
+
 class PillowSlide(SlideImage):
     """A JPEG or PNG slide: one level, decoded whole on the first read and cached.
 
@@ -376,13 +396,22 @@ class PillowSlide(SlideImage):
     """
 
     def __init__(self, path: Path, pixel_size_um: float | None = None) -> None:
-        from PIL import Image, UnidentifiedImageError
+        from PIL import Image, ImageFile, UnidentifiedImageError
 
         try:
             with _without_decompression_bomb_limit():
                 self._image = Image.open(path)
         except UnidentifiedImageError as error:
             raise InputError(f"{path}: not a readable JPEG/PNG image ({error}).") from error
+        # Pillow "identifies" some non-image formats (HDF5, FITS, ...) as stubs it cannot decode
+        width, height = self._image.size
+        if isinstance(self._image, ImageFile.StubImageFile) or width <= 0 or height <= 0:
+            kind = self._image.format or "unknown"
+            self._image.close()
+            raise InputError(
+                f"{path}: not a readable image (Pillow sees a {kind} file of {width} x {height} "
+                "px); give the H&E image as JPEG, PNG or TIFF."
+            )
         self._pixels: np.ndarray | None = None
         super().__init__(path, [self._image.size], pixel_size_um)
 
@@ -390,9 +419,12 @@ class PillowSlide(SlideImage):
         if self._pixels is None:
             if self._image is None:
                 raise InputError(f"{self.path}: the slide is closed.")
-            with _without_decompression_bomb_limit():
-                self._image.load()
-                self._pixels = _pillow_pixels(self._image)
+            if self._image.format == "JPEG" and self._image.mode in ("RGB", "L"):
+                self._pixels = _decode_jpeg(self.path)
+            if self._pixels is None:
+                with _without_decompression_bomb_limit():
+                    self._image.load()
+                    self._pixels = _pillow_pixels(self._image)
             self._image.close()
             self._image = None
         return self._pixels

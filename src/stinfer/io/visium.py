@@ -38,6 +38,7 @@ from stinfer.io.slide_data import (
     check_spots_inside_image,
     make_slide,
     missing_file_error,
+    name_list,
     require_file,
 )
 
@@ -324,7 +325,7 @@ def read_positions(folder: Path) -> pd.DataFrame:
     if missing:
         raise InputError(
             f"{path}: missing columns {', '.join(missing)}; found "
-            f"{', '.join(map(str, table.columns))}. Space Ranger positions have the columns "
+            f"{name_list(table.columns)}. Space Ranger positions have the columns "
             f"{', '.join(POSITION_COLUMNS)}."
         )
     table = table[list(POSITION_COLUMNS)].copy()

@@ -44,7 +44,7 @@ from stinfer.nn.encoders import (
 from stinfer.nn.fusion import FUSIONS, build_fusion, reparameterize
 from stinfer.nn.likelihoods import NegativeBinomial, kl_standard_normal
 
-__all__ = ["MODES", "STEvsConfig", "STEvsModule", "kl_weight"]
+__all__ = ["MODES", "STEvsConfig", "STEvsModule", "image_reconstruction_error", "kl_weight"]
 
 Mode = Literal["fused", "image", "spatial"]
 MODES: tuple[str, ...] = ("fused", "image", "spatial")
@@ -82,6 +82,7 @@ class STEvsConfig:
     # decoders
     image_decoder: bool = True  # STEvs Sec. 3.3; False is "w/o Image Decoder" (Tables 3-4)
     decoder_channels: tuple[int, ...] = (256, 128, 64, 32)  # STEvs Table 6
+    image_recon_size: int | None = None  # None: the full patch (Table 6); else a smaller side
     gene_hidden_dims: tuple[int, ...] = (256, 512)  # STEvs Table 6
     dropout: float = 0.2  # public code (gene decoder)
     expression_scale: str = "absolute"  # STEvs Eq. 32; "profile" = composition x library size
@@ -91,6 +92,7 @@ class STEvsConfig:
     kl_weight: float = 0.5  # beta (beta_max of Eq. 38), STEvs Eq. 3
     alignment_weight: float = 0.5  # gamma, STEvs Eq. 3
     alignment: bool = True  # STEvs Eq. 2; False is "w/o Alignment Loss" (Tables 3-4)
+    library_weight: float = 1.0  # stinfer: log-library MSE (profile scale only; not in STEvs)
     kl_anneal_epochs: int = 50  # E_anneal of STEvs Eq. 38; 50 in the public code
     # optimisation
     lr: float = 1e-4  # STEvs Sec. 4.2 (AdamW, C.4.2)
@@ -116,7 +118,20 @@ class STEvsConfig:
         for name in ("latent_dim", "patch_size", "in_chans", "epochs", "batch_size"):
             if getattr(self, name) <= 0:
                 raise InputError(f"STEvsConfig.{name} must be positive; got {getattr(self, name)}")
-        for name in ("image_weight", "rna_weight", "kl_weight", "alignment_weight"):
+        if self.image_recon_size is not None and (
+            self.image_recon_size <= 0 or self.patch_size % self.image_recon_size
+        ):
+            raise InputError(
+                f"STEvsConfig.image_recon_size = {self.image_recon_size} must divide "
+                f"patch_size {self.patch_size} (or be None for the full patch)"
+            )
+        for name in (
+            "image_weight",
+            "rna_weight",
+            "kl_weight",
+            "alignment_weight",
+            "library_weight",
+        ):
             if getattr(self, name) < 0:
                 raise InputError(f"STEvsConfig.{name} must be >= 0; got {getattr(self, name)}")
         if self.kl_anneal_epochs < 0:
@@ -145,6 +160,20 @@ def kl_weight(epoch: float, beta_max: float, anneal_epochs: int) -> float:
     if anneal_epochs <= 0:
         return float(beta_max)
     return float(beta_max) * min(1.0, max(0.0, float(epoch)) / anneal_epochs)
+
+
+def image_reconstruction_error(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Squared error summed over a patch's pixels, mean over spots (STEvs Eq. 35).
+
+    ``recon`` ``(N, C, r, r)`` may be smaller than ``target`` ``(N, C, P, P)`` (``r`` divides
+    ``P``; ``image_recon_size``): the target is then average-pooled to ``r`` and the per-pixel
+    error is scaled by ``(P / r)^2``, so the term keeps the size of a full-patch sum and
+    ``lambda_img`` its meaning (it measures the low-pass part of the patch).
+    """
+    factor = target.shape[-1] // recon.shape[-1]
+    if factor > 1:
+        target = F.avg_pool2d(target, factor)
+    return (recon - target).pow(2).flatten(1).sum(1).mean() * factor**2
 
 
 class STEvsModule(nn.Module):
@@ -217,7 +246,10 @@ class STEvsModule(nn.Module):
         )
         self.image_decoder = (
             ImageDecoder(
-                config.latent_dim, config.in_chans, config.patch_size, config.decoder_channels
+                config.latent_dim,
+                config.in_chans,
+                config.image_recon_size or config.patch_size,
+                config.decoder_channels,
             )
             if config.image_decoder
             else None
@@ -354,7 +386,8 @@ class STEvsModule(nn.Module):
         dict of torch.Tensor
             ``loss`` (the weighted total) and the unweighted terms ``image``, ``rna``, ``kl``,
             ``alignment`` (zero when disabled), ``library`` (squared error of the predicted log
-            library size, weight 1; profile scale with an observed library only) and
+            library size, weight ``library_weight``; profile scale with an observed library
+            only) and
             ``kl_weight`` (``beta_e``). See the module docstring for the
             reductions.
         """
@@ -389,17 +422,9 @@ class STEvsModule(nn.Module):
                     "the image decoder is on: pass patches_target (N, C, P, P) to the loss and "
                     "forward(..., decode_image=True), or set image_decoder=False"
                 )
-            squared_error = (outputs["image_recon"] - patches_target).pow(2)
-            terms["image"] = squared_error.flatten(1).sum(1).mean()
+            terms["image"] = image_reconstruction_error(outputs["image_recon"], patches_target)
 
-        if counts is not None:
-            likelihood = NegativeBinomial(outputs["nb_mean"], outputs["nb_theta"])
-            terms["rna"] = -likelihood.log_prob(counts).sum(-1).mean()
-            if "log_library" in outputs and "library_size" in outputs:
-                observed = outputs["library_size"].to(outputs["log_library"].dtype)
-                terms["library"] = F.mse_loss(outputs["log_library"], observed.clamp_min(1).log())
-
-        terms["kl"] = kl_standard_normal(outputs["mu"], outputs["logvar"]).mean()
+        terms.update(self._expression_terms(outputs, counts))
         if config.alignment and "z_img" in outputs and "z_xy" in outputs:
             terms["alignment"] = F.mse_loss(outputs["z_img"], outputs["z_xy"])
 
@@ -409,9 +434,74 @@ class STEvsModule(nn.Module):
             + config.rna_weight * terms["rna"]
             + beta * terms["kl"]
             + config.alignment_weight * terms["alignment"]
-            + terms["library"]
+            + config.library_weight * terms["library"]
         )
         return {"loss": total, **terms, "kl_weight": zero + beta}
+
+    def _expression_terms(
+        self, outputs: dict[str, torch.Tensor], counts: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        """``rna`` (NB NLL), ``library`` (log-library squared error) and ``kl`` of one posterior."""
+        terms = {"kl": kl_standard_normal(outputs["mu"], outputs["logvar"]).mean()}
+        if counts is not None:
+            likelihood = NegativeBinomial(outputs["nb_mean"], outputs["nb_theta"])
+            terms["rna"] = -likelihood.log_prob(counts).sum(-1).mean()
+            if "log_library" in outputs and "library_size" in outputs:
+                observed = outputs["library_size"].to(outputs["log_library"].dtype)
+                terms["library"] = F.mse_loss(outputs["log_library"], observed.clamp_min(1).log())
+        return terms
+
+    def expert_outputs(
+        self,
+        outputs: dict[str, torch.Tensor],
+        expert: str,
+        sample: bool = True,
+        library_size: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Decode one expert's own posterior (``"image"`` or ``"spatial"``) from :meth:`forward`'s
+        outputs without running the encoders again: ``mu``, ``logvar``, ``z`` and the gene
+        decoder's outputs, as :meth:`forward` gives them in that single-modality mode."""
+        key = {"image": "img", "spatial": "xy"}[expert]
+        mu, logvar = outputs[f"mu_{key}"], outputs[f"logvar_{key}"]
+        z = reparameterize(mu, logvar) if sample else mu
+        result = {"mu": mu, "logvar": logvar, "z": z}
+        result.update(self.gene_decoder(z, library_size=library_size))
+        if library_size is not None:
+            result["library_size"] = library_size.reshape(-1)
+        return result
+
+    def subset_loss(
+        self,
+        outputs: dict[str, torch.Tensor],
+        counts: torch.Tensor,
+        epoch: float = 1,
+        library_size: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Expression ELBO terms of each single expert, to add to :meth:`loss` of the fused pass.
+
+        MVAE subset training (Wu & Goodman 2018): besides the joint posterior, each modality's
+        own expert must explain the counts (``rna_weight * rna + beta_e * kl +
+        library_weight * library`` per expert; no image or alignment term, those come from the
+        fused pass). This is what makes single-modality prediction (STEvs Table 5) as good as
+        the expert allows, e.g. on a section whose coordinates are not registered to the
+        training one. Zero when ``outputs`` has fewer than two experts.
+        """
+        config = self.config
+        beta = kl_weight(epoch, config.kl_weight, config.kl_anneal_epochs)
+        total = outputs["mu"].new_zeros(())
+        if "mu_img" not in outputs or "mu_xy" not in outputs:
+            return total
+        for expert in ("image", "spatial"):
+            terms = self._expression_terms(
+                self.expert_outputs(outputs, expert, True, library_size), counts
+            )
+            total = (
+                total
+                + config.rna_weight * terms["rna"]
+                + beta * terms["kl"]
+                + config.library_weight * terms.get("library", total.new_zeros(()))
+            )
+        return total
 
     # ------------------------------------------------------------------ prediction
     @torch.no_grad()

@@ -1,0 +1,202 @@
+"""`stinfer impute`: predict genes from their embeddings on a slide (CoxFormer spatial model)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+from stinfer.cli.options import add_output_arguments, checked_output
+from stinfer.errors import InputError
+
+logger = logging.getLogger("stinfer")
+
+EXAMPLES = """\
+examples:
+  stinfer impute --slide C2.h5ad --embeddings genes.h5ad --test-fraction 0.2 \\
+      --modality location --preset fast --out C2_imputed.h5ad
+  stinfer impute --slide C2.h5ad --embeddings genes.h5ad --genes ERBB2,GRB7 --out C2_genes.h5ad
+
+Held-out genes (--test-fraction): a seeded split of the slide's measured genes (with an
+embedding, detected in at least --min-spot-fraction of the spots); the model learns from the
+rest and predicts them. The output holds the model's predictions for the held-out genes in X
+(log1p CP10k), the truth in layers["truth"] and each baseline in its own layer; the metrics
+JSON beside it (<out>.metrics.json, or --metrics) holds pcc_median, pcc_mean, scc_median,
+scc_mean, mse (log1p CP10k), n_test_genes for the model ("coxformer") and for each baseline:
+"mean_profile", "knn" (k chosen by cross-validation over the training genes) and
+"coxformer_shuffled" (the same model with the embedding rows permuted among genes).
+
+Named genes (--genes, comma-separated or a file with one gene a line): the model learns from
+every measured gene and predicts the named ones, measured on the slide or not; every one needs
+an embedding. Embeddings: .h5ad from `stinfer embed-genes` or a table (.csv, .tsv, .parquet,
+.pkl: gene -> vector).
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "impute",
+        help="predict (unmeasured) genes on a slide from their gene embeddings (CoxFormer)",
+        description="Train the CoxFormer spatial model on the measured genes of a slide and "
+        "predict held-out or named genes from their embeddings.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--slide", required=True, type=Path, help="slide .h5ad (stinfer prepare)")
+    parser.add_argument(
+        "--embeddings", required=True, type=Path, help="gene embeddings (.h5ad, .csv, .parquet...)"
+    )
+    task = parser.add_mutually_exclusive_group(required=True)
+    task.add_argument(
+        "--test-fraction", type=float, help="held-out genes protocol: fraction of genes held out"
+    )
+    task.add_argument("--genes", help="genes to predict: comma-separated, or a file of names")
+    parser.add_argument(
+        "--modality",
+        choices=["location", "image", "both"],
+        default="location",
+        help="spot features: coordinates, H&E image features, or both (default location)",
+    )
+    parser.add_argument(
+        "--preset",
+        choices=["paper", "fast"],
+        default="paper",
+        help="paper: the paper's hyperparameters (GPU); fast: a smaller model for a CPU",
+    )
+    parser.add_argument("--epochs", type=int, help="override the preset's maximum epochs")
+    parser.add_argument(
+        "--min-spot-fraction",
+        type=float,
+        help="training genes must be detected in this fraction of spots (default 0.1)",
+    )
+    parser.add_argument(
+        "--sub-spot-grid",
+        type=int,
+        default=1,
+        help="r > 1: predict an r x r sub-spot grid per spot (super-resolution); with --genes "
+        "the output then holds the sub-spots",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="split and training seed (default 0)")
+    parser.add_argument("--no-baselines", action="store_true", help="skip mean profile and k-NN")
+    parser.add_argument(
+        "--no-shuffled", action="store_true", help="skip the shuffled-embedding control"
+    )
+    parser.add_argument("--metrics", type=Path, help="metrics JSON (default <out>.metrics.json)")
+    parser.add_argument("--save-model", type=Path, metavar="DIR", help="also save the model")
+    parser.add_argument("--accelerator", default="auto", help="auto, cpu or gpu")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_output_arguments(parser, "predictions (.h5ad)")
+    parser.set_defaults(func=run)
+
+
+def read_gene_names(value: str) -> list[str]:
+    """Gene names from ``A,B,C`` or from a file with one name a line."""
+    path = Path(value)
+    if path.is_file():
+        names = [line.strip() for line in path.read_text().splitlines()]
+    else:
+        names = [name.strip() for name in value.split(",")]
+    names = [name for name in names if name]
+    if not names:
+        raise InputError(f"--genes {value!r}: no gene names given.")
+    return list(dict.fromkeys(names))
+
+
+def metrics_path(args: argparse.Namespace) -> Path:
+    """``--metrics`` or ``<out stem>.metrics.json`` beside ``--out``."""
+    if args.metrics is not None:
+        return args.metrics
+    return args.out.with_name(f"{args.out.stem}.metrics.json")
+
+
+def build_config(args: argparse.Namespace):
+    from stinfer.models.coxformer_spatial import coxformer_spatial_config
+
+    config = coxformer_spatial_config(
+        args.preset,
+        seed=args.seed,
+        accelerator=args.accelerator,
+        progress_bar=not args.no_progress,
+        sub_spot_grid=args.sub_spot_grid,
+    )
+    if args.epochs is not None:
+        config = replace(config, max_epochs=args.epochs)
+    if args.min_spot_fraction is not None:
+        config = replace(config, min_spot_fraction=args.min_spot_fraction)
+    return config
+
+
+def run(args: argparse.Namespace) -> None:
+    from stinfer.io.atomic import check_writable, write_h5ad, write_text
+    from stinfer.io.h5ad import read_h5ad_slide
+    from stinfer.models.coxformer_spatial import CoxFormerSpatial, embedding_table
+
+    out = checked_output(args)
+    if args.out.suffix.lower() != ".h5ad":
+        raise InputError(f"{args.out}: --out must be a .h5ad file.")
+    if args.save_model is not None:
+        check_writable(args.save_model / "weights.safetensors", args.overwrite)
+    for path, what in ((args.slide, "slide"), (args.embeddings, "embeddings")):
+        if not path.is_file():
+            raise FileNotFoundError(2, f"no such {what}", str(path))
+    config = build_config(args)
+    slide = read_h5ad_slide(args.slide)
+    table = embedding_table(args.embeddings)
+
+    if args.test_fraction is not None:
+        from stinfer.evaluate.held_out_genes import held_out_genes_evaluation
+
+        metrics_file = check_writable(metrics_path(args), args.overwrite)
+        result = held_out_genes_evaluation(
+            slide,
+            table,
+            args.modality,
+            config,
+            test_fraction=args.test_fraction,
+            seed=args.seed,
+            baselines=not args.no_baselines,
+            shuffled=not args.no_shuffled,
+        )
+        model, prediction = result["model"], result["prediction"]
+        record = {
+            "slide": str(args.slide),
+            "embeddings": str(args.embeddings),
+            "modality": args.modality,
+            "preset": args.preset,
+            "test_fraction": args.test_fraction,
+            "seed": args.seed,
+            "n_train_genes": len(result["train_genes"]),
+            **result["metrics"]["coxformer"],
+            "baselines": {k: v for k, v in result["metrics"].items() if k != "coxformer"},
+        }
+        write_h5ad(prediction, out, overwrite=args.overwrite)
+        write_text(json.dumps(record, indent=2), metrics_file, overwrite=args.overwrite)
+        summary = ", ".join(
+            f"{name} {values['pcc_median']:.3f}" for name, values in result["metrics"].items()
+        )
+        print(
+            f"wrote {out} ({len(result['test_genes'])} held-out genes x {slide.n_obs} spots) and "
+            f"{metrics_file}; median PCC: {summary}"
+        )
+    else:
+        genes = read_gene_names(args.genes)
+        missing = [gene for gene in genes if gene not in table.index]
+        if missing:
+            raise InputError(
+                f"{args.embeddings}: no embedding for {len(missing)} of the --genes "
+                f"({', '.join(missing[:10])}); only genes in the table can be imputed."
+            )
+        model = CoxFormerSpatial(slide, table, None, args.modality, config)
+        model.train()
+        prediction = model.super_resolve(genes) if args.sub_spot_grid > 1 else model.impute(genes)
+        write_h5ad(prediction, out, overwrite=args.overwrite)
+        measured = int(prediction.var["measured_on_slide"].sum())
+        print(
+            f"wrote {out}: {len(genes)} genes ({measured} measured on the slide) x "
+            f"{prediction.n_obs} {'sub-spots' if args.sub_spot_grid > 1 else 'spots'}, "
+            f"log1p CP10k; trained on {len(model.train_genes)} genes"
+        )
+    if args.save_model is not None:
+        model.save(args.save_model, overwrite=args.overwrite)

@@ -1,0 +1,1043 @@
+"""One benchmark command: models x protocols x cohorts from one YAML, resumable.
+
+:func:`run_benchmark` reads a :class:`BenchmarkConfig` (see :func:`load_config` for the YAML
+schema; ``benchmarks/*.yaml`` are examples), loads each cohort (prepared ``.h5ad`` slides,
+legacy-ST files prepared on the fly, or synthetic sections), chooses its gene panel once, and
+runs every *cell*: one model trained on one training set (a slide, a slide's 7:1:2 split, or a
+leave-one-patient-out fold) with one seed, then predicted on each of that training set's test
+slides (so a cross-slice model trained on C2 is trained once and tested on C3 and C4). Each
+test prediction is one row of ``results.csv`` with every metric of
+:func:`stinfer.evaluate.metrics.evaluate_expression`, the domain ARI (:mod:`.domains`) when the
+slide is annotated, the training and prediction seconds and the peak memory.
+
+Leakage rules are those of :mod:`stinfer.evaluate.protocols`: models receive test slides only
+through :func:`~stinfer.evaluate.protocols.strip_counts`.
+
+Resuming. Each finished cell is written into ``<out>/cells/<cell id>/`` in one atomic rename
+(its rows, blue-shift rows, predictions and latents, then ``done.json``), so a run killed at any
+moment leaves only whole cells behind; a rerun with the same ``--out`` skips every cell whose
+folder exists and whose id matches. The id hashes everything the result depends on (cohort
+data, gene panel, model settings and inference modes, protocol, training and test slices, seed,
+patch spec, domain and blue-shift settings), so changing a model's options recomputes that
+model's cells only. Cell order: closed-form baselines first, then the networks. ``results.csv``, ``robustness.csv``, ``summary.md`` and the
+figures are rebuilt from the cells at the end of every run (and the CSVs after every cell).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from stinfer.data.patches import PatchSpec, spot_patches
+from stinfer.errors import InputError
+from stinfer.evaluate.protocols import (
+    PROTOCOLS,
+    EvaluationTask,
+    PeakMemory,
+    protocol_tasks,
+    slide_id,
+    strip_counts,
+)
+from stinfer.evaluate.robustness import BLUE_SHIFT_ALPHAS, blue_shift_sweep, model_patch_spec
+
+logger = logging.getLogger("stinfer")
+
+__all__ = [
+    "MODEL_BUILDERS",
+    "BenchmarkConfig",
+    "CohortSpec",
+    "DomainSpec",
+    "FigureSpec",
+    "GeneSpec",
+    "ModelSpec",
+    "RobustnessSpec",
+    "load_config",
+    "parse_config",
+    "run_benchmark",
+]
+
+MANIFEST = "benchmark.json"  # marks a folder as a stinfer benchmark output
+CELLS_DIR = "cells"
+CELL_DONE = "done.json"
+COHORT_FORMATS = ("h5ad", "legacy-st", "synthetic")
+DATA_ROOT = "${data_root}"
+MODE_SUFFIX = {"fused": "", "image": " (image only)", "spatial": " (spatial only)"}
+
+
+# --------------------------------------------------------------------------- configuration
+@dataclass
+class GeneSpec:
+    """The gene panel of a cohort (DESIGN.md "Genes"; :func:`stinfer.preprocess.select_genes`)."""
+
+    method: str = "svg"  # STEvs D.1.4: Moran's I SVGs in >= 2 slides; "hvg"; or "list"
+    n_genes: int = 300  # STEvs D.1.4 (the paper's panel size)
+    genes: list[str] | None = None  # explicit panel (method "list"), e.g. a marker panel
+
+
+@dataclass
+class CohortSpec:
+    """A group of slides evaluated together (e.g. one patient's serial sections).
+
+    ``format``: ``"h5ad"`` (``slides`` are prepared ``.h5ad`` paths), ``"legacy-st"`` (each
+    slide a mapping ``{sample_id, counts, spots, image}`` as for ``stinfer prepare``) or
+    ``"synthetic"`` (``synthetic`` holds :class:`~stinfer.data.synthetic.SyntheticConfig`
+    fields). Relative paths are taken under ``root``, which may be ``${data_root}`` (given on
+    the command line with ``--data-root``).
+    """
+
+    name: str
+    format: str = "h5ad"
+    root: str | None = None
+    slides: list[Any] = field(default_factory=list)
+    synthetic: dict[str, Any] = field(default_factory=dict)
+    patient_ids: dict[str, str] | None = None  # slide id -> patient (leave-one-patient-out)
+    genes: GeneSpec = field(default_factory=GeneSpec)
+
+
+@dataclass
+class ModelSpec:
+    """One model of the grid: a registered ``type`` (:data:`MODEL_BUILDERS`) and its options.
+
+    ``modes`` (STEvs only) are the inference modes evaluated from one training: ``fused`` and
+    the single-modality rows of STEvs Table 5, ``image`` and ``spatial``.
+    """
+
+    name: str
+    type: str
+    options: dict[str, Any] = field(default_factory=dict)
+    modes: tuple[str, ...] = ("fused",)
+    group: str = "model"  # "model" or "ablation" (which summary table it appears in)
+    protocols: tuple[str, ...] | None = None  # run under these protocols only (None: all)
+
+
+@dataclass
+class DomainSpec:
+    """Spatial-domain recovery (STEvs Fig. 5, Table 16) on annotated test slides."""
+
+    key: str = "domain"  # obs column with the annotation
+    method: str = "kmeans"  # STEvs Appendix H: k-means on the predicted expression
+    n_pcs: int = 30
+
+
+@dataclass
+class RobustnessSpec:
+    """Blue-shift sweep (STEvs Appendix J.1, Eq. 40) on the test images of chosen models."""
+
+    alphas: tuple[float, ...] = BLUE_SHIFT_ALPHAS  # 0, 0.1, ..., 0.8 (issue 4)
+    models: list[str] | None = None  # model names; None: every model that reads the image
+    protocols: tuple[str, ...] = ("cross_slice",)
+
+
+@dataclass
+class FigureSpec:
+    """Which figures to draw (all from the cells' saved predictions)."""
+
+    genes: list[str] | None = None  # genes of the true-vs-predicted maps; default the top SVG
+    pair: tuple[str, str] | None = None  # (train, test) slide of the maps; default the first
+    metrics: tuple[str, ...] = (
+        "pcc_median",
+        "scc_median",
+        "pcc_median_depthnorm",
+        "scc_median_depthnorm",
+        "mse",
+    )
+    umap: bool = True  # latent UMAPs by slice and by domain (STEvs Fig. 4), STEvs models only
+    robustness_metric: str = "pcc_median"
+
+
+@dataclass
+class BenchmarkConfig:
+    """Everything a benchmark run depends on; built from YAML by :func:`parse_config`."""
+
+    name: str
+    cohorts: list[CohortSpec]
+    models: list[ModelSpec]
+    protocols: tuple[str, ...] = ("cross_slice", "intra_slice")
+    seeds: tuple[int, ...] = (0,)
+    patch: PatchSpec = field(default_factory=PatchSpec)  # STEvs D.1.2: 160-px spot patches
+    domains: DomainSpec | None = None
+    robustness: RobustnessSpec | None = None
+    figures: FigureSpec = field(default_factory=FigureSpec)
+    save_predictions: bool = True
+
+
+# --------------------------------------------------------------------------- YAML parsing
+def _substitute(value: Any, data_root: str | None) -> Any:
+    if isinstance(value, str) and DATA_ROOT in value:
+        if data_root is None:
+            raise InputError(
+                f"the config refers to {DATA_ROOT} ({value!r}); give the data folder with "
+                "--data-root DIR (or data_root=...)."
+            )
+        return value.replace(DATA_ROOT, str(data_root))
+    if isinstance(value, Mapping):
+        return {key: _substitute(item, data_root) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_substitute(item, data_root) for item in value]
+    return value
+
+
+def _dataclass_from(cls, values: Mapping[str, Any] | None, where: str):
+    values = dict(values or {})
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise InputError(f"{where}: unknown keys {unknown}; valid keys: {sorted(known)}.")
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as error:
+        raise InputError(f"{where}: {error}") from error
+
+
+def _parse_models(raw: Any, source: str) -> list[ModelSpec]:
+    if not isinstance(raw, list) or not raw:
+        raise InputError(f"{source}: `models` must be a non-empty list of {{name, type, ...}}.")
+    models = []
+    for index, entry in enumerate(raw):
+        if not isinstance(entry, Mapping) or "type" not in entry:
+            raise InputError(f"{source}: models[{index}] needs a `type` (one of {_types()}).")
+        entry = dict(entry)
+        kind = str(entry.pop("type"))
+        if kind not in MODEL_BUILDERS:
+            raise InputError(f"{source}: models[{index}].type {kind!r} is not one of {_types()}.")
+        name = str(entry.pop("name", kind))
+        modes = tuple(entry.pop("modes", ("fused",)))
+        bad = [mode for mode in modes if mode not in MODE_SUFFIX]
+        if bad or (kind != "stevs" and modes != ("fused",)):
+            raise InputError(
+                f"{source}: models[{index}].modes {list(modes)}: only STEvs has modes, "
+                f"one or more of {list(MODE_SUFFIX)}."
+            )
+        protocols = entry.pop("protocols", None)
+        models.append(
+            ModelSpec(
+                name=name,
+                type=kind,
+                options=entry,
+                modes=modes,
+                protocols=None if protocols is None else tuple(protocols),
+            )
+        )
+    return models
+
+
+def _parse_ablations(raw: Mapping[str, Any], source: str) -> list[ModelSpec]:
+    """Expand the ``ablations:`` section into STEvs model specs (one per variant)."""
+    from stinfer.evaluate.ablations import deep_merge_loose, stevs_variant_config, variant_overrides
+
+    raw = dict(raw)
+    allowed = {"base", "common", "variants", "prefix", "include_base", "protocols"}
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise InputError(f"{source}: ablations: unknown keys {unknown}.")
+    base = raw.get("base", "fast")
+    common = dict(raw.get("common") or {})
+    prefix = str(raw.get("prefix", "STEvs"))
+    variants = raw.get("variants") or []
+    specs = []
+    entries = ([("full", {})] if raw.get("include_base", True) else []) + [
+        variant_overrides(entry) for entry in variants
+    ]
+    for name, overrides in entries:
+        options = deep_merge_loose(common, overrides)
+        stevs_variant_config(base, options)  # validate now, not hours into the run
+        label = prefix if name == "full" else f"{prefix} {name}"
+        specs.append(
+            ModelSpec(
+                name=label,
+                type="stevs",
+                options={"preset": base, **options},
+                group="ablation",
+                protocols=None if raw.get("protocols") is None else tuple(raw["protocols"]),
+            )
+        )
+    return specs
+
+
+def _types() -> list[str]:
+    return sorted(MODEL_BUILDERS)
+
+
+def parse_config(
+    raw: Mapping[str, Any], source: str = "config", data_root: str | os.PathLike | None = None
+) -> BenchmarkConfig:
+    """A :class:`BenchmarkConfig` from the YAML mapping; see :func:`load_config` for the keys."""
+    if not isinstance(raw, Mapping):
+        raise InputError(f"{source}: the config must be a YAML mapping.")
+    raw = _substitute(dict(raw), None if data_root is None else str(data_root))
+    allowed = {
+        "name",
+        "cohorts",
+        "models",
+        "ablations",
+        "protocols",
+        "seeds",
+        "patch",
+        "domains",
+        "robustness",
+        "figures",
+        "save_predictions",
+    }
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise InputError(f"{source}: unknown top-level keys {unknown}; valid: {sorted(allowed)}.")
+    cohorts = []
+    for index, entry in enumerate(raw.get("cohorts") or []):
+        entry = dict(entry)
+        entry["genes"] = _dataclass_from(
+            GeneSpec, entry.get("genes"), f"{source}: cohorts[{index}].genes"
+        )
+        cohort = _dataclass_from(CohortSpec, entry, f"{source}: cohorts[{index}]")
+        if cohort.format not in COHORT_FORMATS:
+            raise InputError(
+                f"{source}: cohort {cohort.name!r}: format {cohort.format!r} is not one of "
+                f"{COHORT_FORMATS}."
+            )
+        cohorts.append(cohort)
+    if not cohorts:
+        raise InputError(f"{source}: `cohorts` must list at least one cohort.")
+    models = _parse_models(raw.get("models"), source) if raw.get("models") else []
+    if raw.get("ablations"):
+        models += _parse_ablations(raw["ablations"], source)
+    if not models:
+        raise InputError(f"{source}: give `models` and/or `ablations`.")
+    names = [model.name for model in models]
+    duplicated = sorted({name for name in names if names.count(name) > 1})
+    if duplicated:
+        raise InputError(f"{source}: model names must be unique; repeated: {duplicated}.")
+    protocols = tuple(raw.get("protocols") or ("cross_slice", "intra_slice"))
+    bad = [p for p in protocols if p not in PROTOCOLS]
+    bad += [p for m in models for p in (m.protocols or ()) if p not in PROTOCOLS]
+    if bad:
+        raise InputError(f"{source}: unknown protocols {bad}; use {list(PROTOCOLS)}.")
+    robustness = None
+    if raw.get("robustness"):
+        values = dict(raw["robustness"])
+        if "alphas" in values:
+            values["alphas"] = tuple(float(a) for a in values["alphas"])
+        if "protocols" in values:
+            values["protocols"] = tuple(values["protocols"])
+        robustness = _dataclass_from(RobustnessSpec, values, f"{source}: robustness")
+        unknown_models = sorted(set(robustness.models or []) - set(names))
+        if unknown_models:
+            raise InputError(f"{source}: robustness.models {unknown_models} are not models.")
+    figures = dict(raw.get("figures") or {})
+    if figures.get("pair") is not None:
+        figures["pair"] = tuple(str(s) for s in figures["pair"])
+    if "metrics" in figures:
+        figures["metrics"] = tuple(figures["metrics"])
+    domains = raw.get("domains")
+    return BenchmarkConfig(
+        name=str(raw.get("name", Path(source).stem)),
+        cohorts=cohorts,
+        models=models,
+        protocols=protocols,
+        seeds=tuple(int(s) for s in raw.get("seeds", (0,))),
+        patch=_dataclass_from(PatchSpec, raw.get("patch"), f"{source}: patch"),
+        domains=None
+        if not domains
+        else _dataclass_from(DomainSpec, {} if domains is True else domains, f"{source}: domains"),
+        robustness=robustness,
+        figures=_dataclass_from(FigureSpec, figures, f"{source}: figures"),
+        save_predictions=bool(raw.get("save_predictions", True)),
+    )
+
+
+def load_config(path: str | os.PathLike, data_root: str | os.PathLike | None = None):
+    """Read a benchmark YAML into a :class:`BenchmarkConfig`.
+
+    Keys (see ``benchmarks/her2st_patient_c.yaml`` and ``benchmarks/synthetic_ci.yaml``)::
+
+        name: her2st_patient_c
+        cohorts:                      # groups of slides evaluated together
+          - name: patient_c
+            format: legacy-st         # h5ad | legacy-st | synthetic
+            root: ${data_root}        # --data-root on the command line
+            slides: [{sample_id: C2, counts: counts/C2.tsv.gz, spots: ..., image: ...}, ...]
+            genes: {method: svg, n_genes: 300}
+        protocols: [cross_slice, intra_slice]   # and/or leave_one_patient_out
+        seeds: [0]
+        models:                       # type: mean | coordinate_knn | feature_ridge | stnet | stevs
+          - {name: Mean, type: mean}
+          - {name: "Ridge (colour)", type: feature_ridge, features: color}
+          - {name: STEvs, type: stevs, preset: fast, modes: [fused, image, spatial]}
+        ablations: {base: fast, variants: [w/o image decoder, concat, ...]}
+        domains: {key: domain}        # ARI on annotated test slides
+        robustness: {models: [STEvs], alphas: [0, 0.1, ...]}
+        figures: {genes: [ERBB2], pair: [C2, C3]}
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"benchmark config {path} does not exist.")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise InputError(f"{path}: not valid YAML: {error}") from error
+    return parse_config(raw, str(path), data_root)
+
+
+# --------------------------------------------------------------------------- models
+ModelBuilder = Callable[[list[ad.AnnData], list[str], int, dict[str, Any], list | None], Any]
+
+
+def _build_mean(slides, genes, seed, options, patches):
+    from stinfer.models.baselines import MeanExpression
+
+    _no_options("mean", options)
+    return MeanExpression(slides, genes)
+
+
+def _build_knn(slides, genes, seed, options, patches):
+    from stinfer.models.baselines import CoordinateKNN, CoordinateKNNConfig
+
+    return CoordinateKNN(slides, genes, _dataclass_from(CoordinateKNNConfig, options, "knn"))
+
+
+def _build_ridge(slides, genes, seed, options, patches):
+    from stinfer.models.baselines import PatchFeatureRidge, PatchFeatureRidgeConfig
+
+    options = {"seed": seed, **options}
+    if "alphas" in options:
+        options["alphas"] = tuple(float(a) for a in options["alphas"])
+    config = _dataclass_from(PatchFeatureRidgeConfig, options, "feature_ridge")
+    return PatchFeatureRidge(slides, genes, config, patches=patches)
+
+
+def _build_stnet(slides, genes, seed, options, patches):
+    from stinfer.models.baselines import STNet, stnet_config
+
+    options = dict(options)
+    preset = options.pop("preset", "fast")
+    known = {f.name for f in dataclasses.fields(stnet_config(preset))}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise InputError(f"stnet: unknown options {unknown}; valid: {sorted(known)}.")
+    return STNet(slides, genes, stnet_config(preset, seed=seed, **options), patches=patches)
+
+
+def _build_stevs(slides, genes, seed, options, patches):
+    from stinfer.evaluate.ablations import stevs_variant_config
+    from stinfer.models.stevs import STEvs
+
+    options = dict(options)
+    preset = options.pop("preset", "fast")
+    config = stevs_variant_config(preset, options)
+    config.training.trainer.seed = seed
+    config.training.trainer.progress_bar = False
+    return STEvs(slides, genes, config)
+
+
+def _no_options(kind: str, options: Mapping[str, Any]) -> None:
+    if options:
+        raise InputError(f"{kind} takes no options; got {sorted(options)}.")
+
+
+MODEL_BUILDERS: dict[str, ModelBuilder] = {
+    "mean": _build_mean,
+    "coordinate_knn": _build_knn,
+    "feature_ridge": _build_ridge,
+    "stnet": _build_stnet,
+    "stevs": _build_stevs,
+}
+"""``type`` -> ``builder(train_slides, genes, seed, options, train_patches) -> model``.
+
+Every model follows :class:`stinfer.evaluate.protocols.ExpressionModel`. ``train_patches`` are
+the training slides' patches (one array each) in the model's patch spec, or ``None``.
+"""
+
+IMAGE_MODEL_TYPES = {"feature_ridge", "stnet", "stevs"}  # models that read the patch
+QUICK_MODEL_TYPES = {"mean", "coordinate_knn", "feature_ridge"}  # no gradient training
+PATCH_AWARE_BUILDERS = {"feature_ridge", "stnet"}  # builders that accept train_patches
+
+
+# --------------------------------------------------------------------------- cohorts
+def _resolve(root: str | None, path: str) -> Path:
+    candidate = Path(os.path.expanduser(str(path)))
+    if candidate.is_absolute() or root is None:
+        return candidate
+    return Path(os.path.expanduser(root)) / candidate
+
+
+def load_cohort(cohort: CohortSpec, data_dir: Path) -> list[ad.AnnData]:
+    """The cohort's slides (raw counts, coordinates, image metadata), in config order.
+
+    Synthetic cohorts are generated once into ``data_dir`` and read back on later runs.
+    """
+    from stinfer.io.h5ad import read_h5ad_slide
+
+    if cohort.format == "synthetic":
+        return _synthetic_cohort(cohort, data_dir)
+    if not cohort.slides:
+        raise InputError(f"cohort {cohort.name!r}: `slides` is empty.")
+    slides = []
+    for entry in cohort.slides:
+        if cohort.format == "h5ad":
+            path = entry if isinstance(entry, str) else dict(entry).get("path")
+            if path is None:
+                raise InputError(f"cohort {cohort.name!r}: an h5ad slide needs a path: {entry!r}")
+            slides.append(read_h5ad_slide(_resolve(cohort.root, path)))
+        else:
+            slides.append(_legacy_st_slide(cohort, entry))
+    if cohort.patient_ids:
+        for slide in slides:
+            name = slide_id(slide)
+            if name in cohort.patient_ids:
+                slide.uns["stinfer"]["patient_id"] = str(cohort.patient_ids[name])
+    return slides
+
+
+def _legacy_st_slide(cohort: CohortSpec, entry: Any) -> ad.AnnData:
+    from stinfer.io.legacy_st import read_legacy_st
+
+    if not isinstance(entry, Mapping) or not {"counts", "spots"} <= set(entry):
+        raise InputError(
+            f"cohort {cohort.name!r}: a legacy-st slide needs `counts` and `spots` "
+            f"(and usually `image`, `sample_id`); got {entry!r}."
+        )
+    image = entry.get("image")
+    return read_legacy_st(
+        _resolve(cohort.root, entry["counts"]),
+        _resolve(cohort.root, entry["spots"]),
+        image=None if image is None else _resolve(cohort.root, image),
+        sample_id=entry.get("sample_id"),
+        pixel_size_um=entry.get("pixel_size_um"),
+    )
+
+
+def _synthetic_cohort(cohort: CohortSpec, data_dir: Path) -> list[ad.AnnData]:
+    from stinfer.data.synthetic import SyntheticConfig, make_synthetic_sections
+    from stinfer.io.atomic import write_h5ad, write_text
+    from stinfer.io.h5ad import read_h5ad_slide
+    from stinfer.io.slide_data import prepare_for_h5ad
+
+    config = _dataclass_from(SyntheticConfig, cohort.synthetic, f"cohort {cohort.name!r}")
+    folder = data_dir / _safe(cohort.name)
+    marker = folder / "slides.json"
+    wanted = json.dumps(dataclasses.asdict(config), sort_keys=True)
+    if marker.is_file() and json.loads(marker.read_text()).get("config") == wanted:
+        names = json.loads(marker.read_text())["slides"]
+        return [read_h5ad_slide(folder / f"{name}.h5ad") for name in names]
+    logger.info("cohort %s: generating synthetic sections into %s", cohort.name, folder)
+    slides = make_synthetic_sections(folder / "images", config, overwrite=True)
+    names = []
+    for slide in slides:
+        name = slide_id(slide)
+        write_h5ad(prepare_for_h5ad(slide), folder / f"{name}.h5ad", overwrite=True)
+        names.append(name)
+    write_text(json.dumps({"config": wanted, "slides": names}), marker, overwrite=True)
+    return [read_h5ad_slide(folder / f"{name}.h5ad") for name in names]
+
+
+def cohort_genes(cohort: CohortSpec, slides: Sequence[ad.AnnData]) -> list[str]:
+    """The cohort's gene panel (:class:`GeneSpec`), checked against every slide."""
+    from stinfer.preprocess import select_genes
+
+    spec = cohort.genes
+    if spec.genes:
+        genes = [str(g) for g in spec.genes]
+        for slide in slides:
+            missing = [g for g in genes if g not in slide.var_names]
+            if missing:
+                raise InputError(
+                    f"cohort {cohort.name!r}: slide {slide_id(slide)!r} lacks genes {missing[:5]}."
+                )
+        return genes
+    if spec.method not in ("svg", "hvg"):
+        raise InputError(
+            f"cohort {cohort.name!r}: genes.method {spec.method!r}: use svg, hvg, or list genes."
+        )
+    return select_genes(list(slides), method=spec.method, n_genes=spec.n_genes)
+
+
+# --------------------------------------------------------------------------- cells
+@dataclass
+class Cell:
+    """One training: a model, a protocol, a training set and a seed, with its test slides."""
+
+    cohort: str
+    model: ModelSpec
+    protocol: str
+    train_name: str
+    seed: int
+    train_slides: list[ad.AnnData]
+    tests: list[tuple[str, ad.AnnData]]  # (test slice name, test slide with counts)
+    extra: dict[str, Any] = field(default_factory=dict)
+    key: str = ""
+
+    @property
+    def cell_id(self) -> str:
+        readable = "__".join(
+            _safe(part) for part in (self.cohort, self.model.name, self.protocol, self.train_name)
+        )
+        return f"{readable}__seed{self.seed}__{self.key[:10]}"
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", str(text)).strip("-") or "x"
+
+
+def _fingerprint(slides: Sequence[ad.AnnData]) -> str:
+    """Cheap identity of a cohort's data: ids, shapes, spot and gene names, count totals."""
+    digest = hashlib.sha256()
+    for slide in slides:
+        digest.update(slide_id(slide).encode())
+        digest.update(str(slide.shape).encode())
+        digest.update("|".join(map(str, slide.obs_names)).encode())
+        digest.update(str(float(slide.X.sum())).encode())
+    return digest.hexdigest()
+
+
+def _cell_key(parts: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def make_cells(
+    config: BenchmarkConfig,
+    cohort: CohortSpec,
+    slides: list[ad.AnnData],
+    genes: list[str],
+) -> list[Cell]:
+    """Every cell of one cohort, in a fixed order.
+
+    Test tasks of :func:`~stinfer.evaluate.protocols.protocol_tasks` that share a training set
+    and seed are merged into one cell (train once, test on each). Cells of the closed-form
+    models (:data:`QUICK_MODEL_TYPES`) come first, then the networks; within each, protocol,
+    model, training set and seed in config order: every baseline's table fills within minutes,
+    and a run stopped early has finished the cheap rows.
+    """
+    fingerprint = _fingerprint(slides)
+    by_id = {slide_id(s): s for s in slides}
+    patient_key = cohort.patient_ids if cohort.patient_ids else "patient_id"
+    cells = []
+    for protocol in config.protocols:
+        if protocol == "cross_slice" and len(by_id) < 2:
+            logger.warning("cohort %s has one slide: no cross-slice cells.", cohort.name)
+            continue
+        tasks: list[EvaluationTask] = protocol_tasks(by_id, protocol, config.seeds, patient_key)
+        groups: dict[tuple[str, int], list[EvaluationTask]] = {}
+        for task in tasks:
+            groups.setdefault((task.train_name, task.seed), []).append(task)
+        for model in config.models:
+            if model.protocols is not None and protocol not in model.protocols:
+                continue
+            for (train_name, seed), group in groups.items():
+                key = _cell_key(
+                    {
+                        "data": fingerprint,
+                        "genes": genes,
+                        "model": {"type": model.type, "options": model.options},
+                        "modes": list(model.modes),
+                        "protocol": protocol,
+                        "train": train_name,
+                        "tests": [t.test_name for t in group],
+                        "seed": seed,
+                        "patch": dataclasses.asdict(config.patch),
+                        "domains": None
+                        if config.domains is None
+                        else dataclasses.asdict(config.domains),
+                        "robustness": _robustness_key(config, model, protocol),
+                    }
+                )
+                cells.append(
+                    Cell(
+                        cohort=cohort.name,
+                        model=model,
+                        protocol=protocol,
+                        train_name=train_name,
+                        seed=seed,
+                        train_slides=group[0].train_slides,
+                        tests=[(t.test_name, t.test_slide) for t in group],
+                        extra=dict(group[0].extra),
+                        key=key,
+                    )
+                )
+    return sorted(cells, key=lambda cell: cell.model.type not in QUICK_MODEL_TYPES)
+
+
+def _robustness_key(config: BenchmarkConfig, model: ModelSpec, protocol: str):
+    return list(config.robustness.alphas) if _sweeps(config, model, protocol) else None
+
+
+def _sweeps(config: BenchmarkConfig, model: ModelSpec, protocol: str) -> bool:
+    spec = config.robustness
+    if spec is None or protocol not in spec.protocols:
+        return False
+    if spec.models is None:
+        return model.type in IMAGE_MODEL_TYPES
+    return model.name in spec.models
+
+
+# --------------------------------------------------------------------------- patches
+class PatchStore:
+    """Spot patches of every slide, extracted once per (slide, patch spec) into a disk cache.
+
+    Subsets of a slide (intra-slice train/test spots) are served by row indexing into the full
+    slide's patches (matched by spot name), so the image is read once per slide.
+    """
+
+    def __init__(self, slides: Sequence[ad.AnnData], cache_dir: Path) -> None:
+        self.slides = {slide_id(s): s for s in slides}
+        self.cache_dir = cache_dir
+        self._patches: dict[tuple[str, str], np.ndarray] = {}
+
+    def full(self, name: str, spec: PatchSpec) -> np.ndarray:
+        key = (name, json.dumps(dataclasses.asdict(spec), sort_keys=True))
+        if key not in self._patches:
+            self._patches[key] = spot_patches(self.slides[name], spec, cache_dir=self.cache_dir)
+        return self._patches[key]
+
+    def of(self, slide: ad.AnnData, spec: PatchSpec) -> np.ndarray | None:
+        """Patches of ``slide`` (a slide of the cohort or a subset of one), or ``None``."""
+        from stinfer.io.slide_data import slide_meta
+
+        name = slide_id(slide)
+        if name not in self.slides or slide_meta(slide)["image_path"] is None:
+            return None
+        full_slide = self.slides[name]
+        rows = full_slide.obs_names.get_indexer(slide.obs_names)
+        if (rows < 0).any():
+            return None
+        patches = self.full(name, spec)
+        if len(rows) == full_slide.n_obs and np.array_equal(rows, np.arange(len(rows))):
+            return np.asarray(patches)
+        return np.ascontiguousarray(patches[rows])
+
+
+# --------------------------------------------------------------------------- running a cell
+def _model_options(
+    model_spec: ModelSpec, config: BenchmarkConfig, cache_dir: Path | None = None
+) -> dict[str, Any]:
+    """The model's options with the benchmark's patch spec (and STEvs' patch cache) filled in."""
+    options = copy.deepcopy(model_spec.options)
+    if model_spec.type in PATCH_AWARE_BUILDERS and "patch" not in options:
+        options["patch"] = config.patch
+    elif isinstance(options.get("patch"), Mapping):
+        options["patch"] = PatchSpec(**options["patch"])
+    if model_spec.type == "stevs":
+        training = options.setdefault("training", {})
+        training.setdefault("patch", dataclasses.asdict(config.patch))
+        if cache_dir is not None:
+            training.setdefault("patch_cache_dir", str(cache_dir))
+    return options
+
+
+def _predict(model: Any, slide: ad.AnnData, mode: str, patches: np.ndarray | None) -> ad.AnnData:
+    stripped = strip_counts(slide)
+    if mode != "fused":
+        return model.predict(stripped, mode=mode, patches=patches)
+    if patches is None:
+        return model.predict(stripped)
+    return model.predict(stripped, patches=patches)
+
+
+def _latents(model: Any, slides: Mapping[str, ad.AnnData]) -> dict[str, np.ndarray]:
+    """Posterior means of the fused, image and spatial latents of each slide (STEvs only)."""
+    if not hasattr(model, "get_latent"):
+        return {}
+    arrays = {}
+    for name, slide in slides.items():
+        for which in ("fused", "image", "spatial"):
+            try:
+                arrays[f"{which}/{name}"] = np.asarray(model.get_latent(strip_counts(slide), which))
+            except (InputError, ValueError, RuntimeError) as error:
+                logger.info("no %s latent for %s: %s", which, name, error)
+        arrays[f"obs_names/{name}"] = np.asarray(slide.obs_names, dtype=str)
+    return arrays
+
+
+def run_cell(
+    cell: Cell,
+    config: BenchmarkConfig,
+    genes: list[str],
+    store: PatchStore,
+    folder: Path,
+) -> None:
+    """Train and evaluate one cell; write its outputs into ``folder`` (a fresh directory)."""
+    from stinfer.evaluate.domains import domain_labels, domain_recovery
+    from stinfer.evaluate.metrics import evaluate_anndata
+
+    builder = MODEL_BUILDERS[cell.model.type]
+    options = _model_options(cell.model, config, store.cache_dir)
+    rows, sweep_rows, predictions, per_gene = [], [], {}, {}
+    cpu_start = time.process_time()
+    with PeakMemory() as memory:
+        start = time.perf_counter()
+        train_patches = None
+        if cell.model.type in PATCH_AWARE_BUILDERS:
+            spec = options.get("patch", config.patch)
+            train_patches = [store.of(slide, spec) for slide in cell.train_slides]
+            if any(p is None for p in train_patches):
+                train_patches = None
+        model = builder(cell.train_slides, list(genes), cell.seed, options, train_patches)
+        fit_info = model.train()
+        train_seconds = float(getattr(fit_info, "train_seconds", 0.0) or 0.0)
+        train_seconds = train_seconds or time.perf_counter() - start
+        spec = model_patch_spec(model)
+        for test_name, test_slide in cell.tests:
+            patches = store.of(test_slide, spec) if cell.model.type in IMAGE_MODEL_TYPES else None
+            for mode in cell.model.modes:
+                start = time.perf_counter()
+                prediction = _predict(model, test_slide, mode, patches)
+                predict_seconds = time.perf_counter() - start
+                name = cell.model.name + MODE_SUFFIX[mode]
+                predictions[(name, test_name)] = prediction
+                evaluation = evaluate_anndata(prediction, test_slide[:, genes])
+                per_gene[(name, test_name)] = evaluation.per_gene
+                metrics = evaluation.summary()
+                domain = {}
+                if config.domains is not None:
+                    labels = domain_labels(test_slide, config.domains.key)
+                    if labels is not None and labels.notna().sum() >= 2:
+                        domain = domain_recovery(
+                            prediction,
+                            test_slide[:, genes],
+                            config.domains.key,
+                            config.domains.method,
+                            config.domains.n_pcs,
+                            cell.seed,
+                        )
+                rows.append(
+                    {
+                        "cohort": cell.cohort,
+                        "model": name,
+                        "model_type": cell.model.type,
+                        "group": cell.model.group,
+                        "mode": mode,
+                        "protocol": cell.protocol,
+                        "train_slice": cell.train_name,
+                        "test_slice": test_name,
+                        "seed": cell.seed,
+                        **metrics,
+                        **domain,
+                        "train_seconds": train_seconds,
+                        "predict_seconds": predict_seconds,
+                        "n_train_spots": int(sum(s.n_obs for s in cell.train_slides)),
+                        **cell.extra,
+                    }
+                )
+            if _sweeps(config, cell.model, cell.protocol) and patches is not None:
+                sweep = blue_shift_sweep(
+                    model,
+                    {test_name: test_slide},
+                    genes,
+                    config.robustness.alphas,
+                    model_name=cell.model.name,
+                    patches={test_name: patches},
+                )
+                sweep.insert(0, "cohort", cell.cohort)
+                sweep.insert(2, "protocol", cell.protocol)
+                sweep.insert(3, "train_slice", cell.train_name)
+                sweep.insert(4, "seed", cell.seed)
+                sweep_rows.append(sweep)
+        latents = {}
+        if config.figures.umap and hasattr(model, "get_latent") and cell.protocol != "intra_slice":
+            latents = _latents(
+                model,
+                {
+                    **{slide_id(s): s for s in cell.train_slides},
+                    **dict(cell.tests),
+                },
+            )
+    cpu_seconds = time.process_time() - cpu_start
+    for row in rows:
+        row["cpu_seconds"] = cpu_seconds
+        row["peak_rss_mb"] = memory.peak_rss_mb
+        row["rss_increase_mb"] = memory.peak_rss_mb - memory.start_rss_mb
+        row["peak_gpu_mb"] = memory.peak_gpu_mb
+    pd.DataFrame(rows).to_csv(folder / "rows.csv", index=False)
+    (folder / "per_gene").mkdir()
+    for (name, test_name), table in per_gene.items():
+        table.to_csv(folder / "per_gene" / f"{_safe(name)}__{_safe(test_name)}.csv")
+    if sweep_rows:
+        pd.concat(sweep_rows, ignore_index=True).to_csv(folder / "robustness.csv", index=False)
+    if config.save_predictions:
+        from stinfer.io.slide_data import prepare_for_h5ad
+
+        (folder / "predictions").mkdir()
+        for (name, test_name), prediction in predictions.items():
+            path = folder / "predictions" / f"{_safe(name)}__{_safe(test_name)}.h5ad"
+            prepare_for_h5ad(prediction).write_h5ad(path)
+    if latents:
+        np.savez_compressed(folder / "latents.npz", **latents)
+
+
+# --------------------------------------------------------------------------- the run
+@dataclass
+class BenchmarkResult:
+    """What :func:`run_benchmark` did: output paths and how many cells ran or were reused."""
+
+    out: Path
+    results: pd.DataFrame
+    robustness: pd.DataFrame
+    n_cells: int
+    n_computed: int
+    n_reused: int
+    files: list[Path] = field(default_factory=list)
+
+
+def _prepare_out(out: Path, config: BenchmarkConfig, overwrite: bool, config_text: str) -> None:
+    from stinfer.io.atomic import write_text
+
+    manifest = out / MANIFEST
+    if out.exists() and any(out.iterdir()):
+        if not manifest.is_file():
+            if not overwrite:
+                raise InputError(
+                    f"{out}: folder exists, is not empty and is not a stinfer benchmark output; "
+                    "choose another --out or pass --overwrite to replace it."
+                )
+            shutil.rmtree(out)
+        elif overwrite:
+            shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CELLS_DIR).mkdir(exist_ok=True)
+    write_text(
+        json.dumps({"name": config.name, "tool": "stinfer benchmark"}, indent=2),
+        manifest,
+        overwrite=True,
+    )
+    if config_text:
+        write_text(config_text, out / "config.yaml", overwrite=True)
+
+
+def _collect(out: Path, cells: Sequence[Cell], filename: str) -> pd.DataFrame:
+    frames = []
+    for cell in cells:
+        path = out / CELLS_DIR / cell.cell_id / filename
+        if (out / CELLS_DIR / cell.cell_id / CELL_DONE).is_file() and path.is_file():
+            frames.append(pd.read_csv(path, keep_default_na=True))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _write_tables(out: Path, cells: Sequence[Cell]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    from stinfer.io.atomic import write_text
+
+    results = _collect(out, cells, "rows.csv")
+    robustness = _collect(out, cells, "robustness.csv")
+    write_text(results.to_csv(index=False), out / "results.csv", overwrite=True)
+    if not robustness.empty:
+        write_text(robustness.to_csv(index=False), out / "robustness.csv", overwrite=True)
+    return results, robustness
+
+
+def run_benchmark(
+    config: BenchmarkConfig,
+    out: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    config_text: str = "",
+    command: str | None = None,
+    only_models: Sequence[str] | None = None,
+    figures: bool = True,
+    progress: Callable[[str], None] | None = print,
+) -> BenchmarkResult:
+    """Run (or resume) a benchmark into ``out``; see the module docstring.
+
+    Parameters
+    ----------
+    config
+        From :func:`load_config` / :func:`parse_config`.
+    out
+        Output folder: new, empty, or an earlier run of a benchmark (resumed).
+    overwrite
+        Discard an earlier run in ``out`` (all its cells) and start again.
+    config_text
+        The YAML text, copied to ``out/config.yaml`` for the record.
+    command
+        The command line that reproduces the run, quoted in ``summary.md``.
+    only_models
+        Run only these models' cells (the tables still include every finished cell).
+    figures
+        Draw the figures at the end.
+    progress
+        Called with one line per cell (default ``print``); ``None`` for silence.
+
+    Returns
+    -------
+    BenchmarkResult
+    """
+    from stinfer.evaluate.report import write_figures, write_summary
+    from stinfer.io.atomic import write_text
+
+    out = Path(out)
+    say = progress or (lambda line: None)
+    _prepare_out(out, config, overwrite, config_text)
+    if only_models:
+        missing = sorted(set(only_models) - {m.name for m in config.models})
+        if missing:
+            raise InputError(f"--only {missing}: no such model in the config.")
+    all_cells: list[Cell] = []
+    cohort_data: dict[str, tuple[list[ad.AnnData], list[str]]] = {}
+    n_computed = n_reused = 0
+    for cohort in config.cohorts:
+        slides = load_cohort(cohort, out / "data")
+        genes = cohort_genes(cohort, slides)
+        write_text("\n".join(genes) + "\n", out / f"genes_{_safe(cohort.name)}.txt", True)
+        cohort_data[cohort.name] = (slides, genes)
+        say(f"cohort {cohort.name}: {len(slides)} slides, {len(genes)} genes")
+        cells = make_cells(config, cohort, slides, genes)
+        all_cells += cells
+        store = PatchStore(slides, out / "patch_cache")
+        for index, cell in enumerate(cells, start=1):
+            folder = out / CELLS_DIR / cell.cell_id
+            label = (
+                f"[{cohort.name} {index}/{len(cells)}] {cell.model.name} | {cell.protocol} | "
+                f"train {cell.train_name} | seed {cell.seed}"
+            )
+            if (folder / CELL_DONE).is_file():
+                n_reused += 1
+                say(f"{label}: done earlier, skipped")
+                continue
+            if only_models and cell.model.name not in only_models:
+                continue
+            say(f"{label}: running")
+            partial = folder.with_name(folder.name + ".partial")
+            if partial.exists():
+                shutil.rmtree(partial)
+            partial.mkdir(parents=True)
+            start = time.perf_counter()
+            run_cell(cell, config, genes, store, partial)
+            seconds = time.perf_counter() - start
+            (partial / CELL_DONE).write_text(
+                json.dumps({"cell": cell.cell_id, "key": cell.key, "seconds": seconds}, indent=2)
+            )
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(partial, folder)
+            n_computed += 1
+            say(f"{label}: finished in {seconds:.1f} s")
+            _write_tables(out, all_cells)
+    results, robustness = _write_tables(out, all_cells)
+    files = [out / "results.csv"]
+    if not robustness.empty:
+        files.append(out / "robustness.csv")
+    files.append(write_summary(out, config, results, robustness, command))
+    if figures and not results.empty:
+        files += write_figures(out, config, results, robustness, all_cells, cohort_data)
+    say(
+        f"{len(all_cells)} cells: {n_computed} computed, {n_reused} reused; wrote "
+        f"{out / 'results.csv'}, {out / 'summary.md'} and {out / 'figures'}"
+    )
+    return BenchmarkResult(out, results, robustness, len(all_cells), n_computed, n_reused, files)
+
+
+def cell_folder(out: Path, cell: Cell) -> Path:
+    """Where a cell's outputs live (``out/cells/<cell id>``)."""
+    return Path(out) / CELLS_DIR / cell.cell_id

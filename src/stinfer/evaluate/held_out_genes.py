@@ -1,0 +1,302 @@
+"""Held-out genes protocol: predict measured genes the model never saw (CoxFormer Section 3).
+
+A seeded 80/20 split of a slide's measured genes (those with an embedding, detected in enough
+spots); models learn from the 80% and predict the other 20% at every spot. The slide the
+models see has the test genes *removed*, so the log1p-CP10k targets (spot totals over the
+remaining genes) carry nothing of them; the test truth is normalised by the same totals.
+
+Methods, all through one interface (training-gene targets and embeddings in, test-gene
+predictions in log1p CP10k out):
+
+- ``mean_profile``: every test gene gets the per-spot mean of the training genes' profiles;
+- ``knn``: a test gene's profile is the similarity-weighted mean of the profiles of its ``k``
+  nearest training genes (cosine similarity of standardised embeddings, weights = similarity
+  clipped at 0); ``k`` is chosen by 5-fold cross-validation over the *training* genes only
+  (median PCC), never on the test genes;
+- ``coxformer``: :class:`stinfer.models.coxformer_spatial.CoxFormerSpatial`;
+- ``coxformer_shuffled``: the same model with the embedding table's rows permuted among genes
+  (seeded): if the embeddings carry the signal, this must be worse.
+
+Metrics (:func:`held_out_metrics`, from :mod:`stinfer.evaluate.metrics`): per-gene PCC and SCC
+on log1p CP10k (median, mean; constant genes count 0) and MSE = mean of
+``(log1p(pred) - log1p(truth))^2`` in CP10k, i.e. the squared error in log1p CP10k.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from stinfer.errors import InputError
+from stinfer.evaluate.metrics import mse_log1p, per_gene_pearson, per_gene_spearman
+
+logger = logging.getLogger("stinfer")
+
+__all__ = [
+    "KNN_CANDIDATES",
+    "choose_knn_k",
+    "held_out_genes_evaluation",
+    "held_out_metrics",
+    "knn_profiles",
+    "mean_profile",
+    "shuffle_embeddings",
+    "split_genes",
+]
+
+KNN_CANDIDATES = (5, 10, 20, 50, 100, 200, 500)
+
+
+def split_genes(
+    genes: Sequence[str], test_fraction: float = 0.2, seed: int = 0
+) -> tuple[list[str], list[str]]:
+    """Seeded random split of ``genes`` into (train, test); test has ``round(fraction * n)``."""
+    if not 0.0 < test_fraction < 1.0:
+        raise InputError(f"test_fraction must be in (0, 1), got {test_fraction}.")
+    genes = [str(g) for g in genes]
+    n_test = round(test_fraction * len(genes))
+    if n_test < 1 or len(genes) - n_test < 2:
+        raise InputError(
+            f"{len(genes)} genes cannot be split with test_fraction {test_fraction}: need at "
+            "least 1 test and 2 training genes."
+        )
+    order = np.random.default_rng(seed).permutation(len(genes))
+    test = sorted(order[:n_test])
+    train = sorted(order[n_test:])
+    return [genes[i] for i in train], [genes[i] for i in test]
+
+
+def held_out_metrics(pred_log1p: np.ndarray, truth_log1p: np.ndarray) -> dict[str, float | int]:
+    """PCC/SCC (median, mean) on log1p CP10k and log1p MSE of a spots x genes prediction."""
+    pred = np.clip(np.asarray(pred_log1p, dtype=np.float64), 0.0, None)
+    truth = np.asarray(truth_log1p, dtype=np.float64)
+    pcc, constant = per_gene_pearson(pred, truth)
+    scc, _ = per_gene_spearman(pred, truth)
+    return {
+        "pcc_median": float(np.median(pcc)),
+        "pcc_mean": float(np.mean(pcc)),
+        "scc_median": float(np.median(scc)),
+        "scc_mean": float(np.mean(scc)),
+        "mse": mse_log1p(np.expm1(pred), np.expm1(truth)),
+        "n_test_genes": int(truth.shape[1]),
+        "n_spots": int(truth.shape[0]),
+        "n_constant_genes": int(constant.sum()),
+    }
+
+
+# --------------------------------------------------------------------------- baselines
+def mean_profile(train_targets: np.ndarray, n_test: int) -> np.ndarray:
+    """``(S, n_test)``: the per-spot mean of the training genes' profiles, for every test gene."""
+    profile = np.asarray(train_targets, dtype=np.float64).mean(axis=1, keepdims=True)
+    return np.repeat(profile, n_test, axis=1)
+
+
+def _unit_rows(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.where(norms > 0, norms, 1.0)
+
+
+def _knn_weights(similarity: np.ndarray, k: int) -> np.ndarray:
+    """Row-normalised weights on the ``k`` most similar columns (similarity clipped at 0)."""
+    k = min(k, similarity.shape[1])
+    top = np.argpartition(-similarity, k - 1, axis=1)[:, :k]
+    weights = np.zeros_like(similarity)
+    rows = np.arange(similarity.shape[0])[:, None]
+    weights[rows, top] = np.clip(similarity[rows, top], 0.0, None) + 1e-12
+    return weights / weights.sum(axis=1, keepdims=True)
+
+
+def knn_profiles(
+    train_targets: np.ndarray,
+    train_embeddings: np.ndarray,
+    query_embeddings: np.ndarray,
+    k: int,
+) -> np.ndarray:
+    """``(S, n_query)``: similarity-weighted mean profile of each query's ``k`` nearest genes."""
+    similarity = _unit_rows(query_embeddings) @ _unit_rows(train_embeddings).T
+    return np.asarray(train_targets, dtype=np.float64) @ _knn_weights(similarity, k).T
+
+
+def choose_knn_k(
+    train_targets: np.ndarray,
+    train_embeddings: np.ndarray,
+    candidates: Sequence[int] = KNN_CANDIDATES,
+    n_folds: int = 5,
+    seed: int = 0,
+) -> tuple[int, dict[int, float]]:
+    """``k`` with the best median PCC in ``n_folds``-fold CV over the training genes only.
+
+    Returns ``(best k, {k: mean over folds of the median PCC})``; candidates larger than a
+    fold's training genes are capped.
+    """
+    n_genes = train_targets.shape[1]
+    folds = np.array_split(np.random.default_rng([seed, 7]).permutation(n_genes), n_folds)
+    unit = _unit_rows(train_embeddings)
+    scores: dict[int, list[float]] = {int(k): [] for k in candidates}
+    for fold in folds:
+        inner = np.setdiff1d(np.arange(n_genes), fold)
+        similarity = unit[fold] @ unit[inner].T
+        for k in scores:
+            pred = train_targets[:, inner] @ _knn_weights(similarity, k).T
+            pcc, _ = per_gene_pearson(pred, train_targets[:, fold])
+            scores[k].append(float(np.median(pcc)))
+    means = {k: float(np.mean(v)) for k, v in scores.items()}
+    best = max(means, key=lambda k: (means[k], -k))
+    return best, means
+
+
+def shuffle_embeddings(table: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    """The embedding table with its rows permuted among genes (same genes, wrong vectors)."""
+    order = np.random.default_rng([seed, 11]).permutation(len(table))
+    return pd.DataFrame(table.to_numpy()[order], index=table.index, columns=table.columns)
+
+
+# --------------------------------------------------------------------------- the protocol
+def held_out_genes_evaluation(
+    slide: ad.AnnData,
+    gene_embeddings: Any,
+    modality: str = "location",
+    config: Any = None,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    genes: Sequence[str] | None = None,
+    baselines: bool = True,
+    shuffled: bool = True,
+    image_features: np.ndarray | None = None,
+    knn_candidates: Sequence[int] = KNN_CANDIDATES,
+) -> dict[str, Any]:
+    """Run the held-out genes protocol on one slide: the model, the baselines, the control.
+
+    Parameters
+    ----------
+    slide
+        A slide with raw counts (``X``) and ``obsm["spatial"]`` (an image for ``image``/``both``).
+    gene_embeddings
+        Anything :class:`~stinfer.models.coxformer_spatial.CoxFormerSpatial` accepts.
+    modality, config
+        Passed to the model (``config``: a preset name or a config).
+    test_fraction, seed
+        The seeded split of the measured genes (:func:`split_genes`); ``seed`` also seeds the
+        models and the shuffled control.
+    genes
+        Candidate genes (default: measured genes with an embedding detected in at least
+        ``config.min_spot_fraction`` of spots).
+    baselines, shuffled
+        Also run the mean-profile and k-NN baselines / the shuffled-embedding control.
+
+    Returns
+    -------
+    dict
+        ``metrics`` (``{method: held_out_metrics + seconds}``, the k-NN one with its chosen
+        ``k`` and CV scores), ``prediction`` (AnnData spots x test genes, ``X`` = the model's
+        log1p CP10k, ``layers["truth"]`` and one layer per baseline), ``train_genes``,
+        ``test_genes``, ``model`` (the trained model).
+    """
+    from stinfer.models.coxformer_spatial import (
+        CoxFormerSpatial,
+        coxformer_spatial_config,
+        embedding_table,
+        measured_genes,
+        slide_log1p_cp10k,
+        standardise_embeddings,
+    )
+
+    config = replace(coxformer_spatial_config(config), seed=seed)
+    table = embedding_table(gene_embeddings)
+    if genes is None:
+        genes = measured_genes(slide, table.index, config.min_spot_fraction)
+    train_genes, test_genes = split_genes(genes, test_fraction, seed)
+    visible = slide[:, ~slide.var_names.isin(test_genes)].copy()
+    totals = np.asarray(visible.X.sum(axis=1), dtype=np.float64).ravel()
+    truth = _test_truth(slide, test_genes, totals)
+    train_targets = slide_log1p_cp10k(visible, train_genes).astype(np.float64)
+    logger.info(
+        "held-out genes: %d training, %d test genes, %d spots, modality %s",
+        len(train_genes),
+        len(test_genes),
+        slide.n_obs,
+        modality,
+    )
+    metrics: dict[str, Any] = {}
+    layers: dict[str, np.ndarray] = {}
+
+    start = time.perf_counter()
+    model = CoxFormerSpatial(visible, table, train_genes, modality, config, image_features)
+    model.train()
+    prediction = np.asarray(model.impute(test_genes).X, dtype=np.float64)
+    metrics["coxformer"] = held_out_metrics(prediction, truth)
+    metrics["coxformer"]["seconds"] = time.perf_counter() - start
+    metrics["coxformer"]["best_epoch"] = model.early_stopping.best_epoch
+
+    if baselines:
+        start = time.perf_counter()
+        layers["mean_profile"] = mean_profile(train_targets, len(test_genes))
+        metrics["mean_profile"] = held_out_metrics(layers["mean_profile"], truth)
+        metrics["mean_profile"]["seconds"] = time.perf_counter() - start
+        start = time.perf_counter()
+        standardised = pd.DataFrame(standardise_embeddings(table)[0], index=table.index)
+        train_vectors = standardised.loc[train_genes].to_numpy()
+        best_k, cv_scores = choose_knn_k(train_targets, train_vectors, knn_candidates, seed=seed)
+        layers["knn"] = knn_profiles(
+            train_targets, train_vectors, standardised.loc[test_genes].to_numpy(), best_k
+        )
+        metrics["knn"] = held_out_metrics(layers["knn"], truth)
+        metrics["knn"].update(
+            k=best_k,
+            cv_pcc_median={str(k): v for k, v in cv_scores.items()},
+            seconds=time.perf_counter() - start,
+        )
+    if shuffled:
+        start = time.perf_counter()
+        control = CoxFormerSpatial(
+            visible, shuffle_embeddings(table, seed), train_genes, modality, config, image_features
+        )
+        control.train()
+        layers["coxformer_shuffled"] = np.asarray(control.impute(test_genes).X, dtype=np.float64)
+        metrics["coxformer_shuffled"] = held_out_metrics(layers["coxformer_shuffled"], truth)
+        metrics["coxformer_shuffled"]["seconds"] = time.perf_counter() - start
+
+    result = ad.AnnData(
+        X=prediction.astype(np.float32),
+        obs=pd.DataFrame(index=slide.obs_names.copy()),
+        var=pd.DataFrame(index=pd.Index(test_genes)),
+    )
+    result.layers["truth"] = truth.astype(np.float32)
+    for name, values in layers.items():
+        result.layers[name] = np.asarray(values, dtype=np.float32)
+    result.obsm["spatial"] = np.asarray(slide.obsm["spatial"], dtype=np.float64)
+    if "stinfer" in slide.uns:
+        result.uns["stinfer"] = dict(slide.uns["stinfer"])
+    result.uns["coxformer_spatial"] = {
+        "scale": "log1p_cp10k",
+        "kind": "held_out_genes",
+        "modality": modality,
+        "preset": config.preset,
+        "test_fraction": float(test_fraction),
+        "seed": int(seed),
+        "n_train_genes": len(train_genes),
+    }
+    return {
+        "metrics": metrics,
+        "prediction": result,
+        "train_genes": train_genes,
+        "test_genes": test_genes,
+        "model": model,
+    }
+
+
+def _test_truth(slide: ad.AnnData, genes: Sequence[str], totals: np.ndarray) -> np.ndarray:
+    """log1p CP10k of the test ``genes``, divided by the visible genes' spot ``totals``."""
+    import scipy.sparse as sp
+
+    from stinfer.preprocess import normalize_log1p_cp10k
+
+    block = slide[:, list(genes)].X
+    block = block.toarray() if sp.issparse(block) else np.asarray(block)
+    return normalize_log1p_cp10k(block.astype(np.float64), spot_totals=totals)

@@ -1,0 +1,921 @@
+"""CoxFormer spatial generative model over AnnData: impute any gene with an embedding.
+
+``CoxFormerSpatial(slide, gene_embeddings, train_genes, modality)`` learns, from the genes
+measured on one slide, how a gene's embedding maps to its spatial expression, then predicts
+genes that were never measured (CoxFormer Suppl. Section 3; the module is
+:class:`stinfer.nn.coxformer.CoxFormerSpatialModule`, see its docstring for why the gene enters
+as a bilinear readout rather than one additive token).
+
+What the model sees
+-------------------
+- **Targets**: log1p-CP10k of the training genes, the spot totals taken over the genes of the
+  slide it is given (pass a slide without the held-out genes and nothing of them leaks in).
+- **Genes**: each embedding dimension is standardised over every gene of the table (mean 0,
+  sd 1: no label is used, so unseen genes are standardised alike), then scaled by
+  ``1/sqrt(dim)`` so a gene vector has norm about 1 whatever the table's width.
+- **Spots**: ``location``: centres scaled to ``[-1, 1]`` over the slide's extent (a new slide
+  by its own extent); ``image``: per-spot image features computed once per slide
+  (``image_features="vit"``: a timm ViT whose patch tokens are averaged over the spot's patch,
+  ``"handcrafted"``: :func:`stinfer.data.features.handcrafted_features`, the choice without
+  pretrained weights), or an array the caller passes; ``both``: the two.
+- **Super-resolution** (``sub_spot_grid = r > 1``): each spot is an ``r x r`` grid of sub-spots
+  (sub-patches of the spot's patch, sub-spot centres for the coordinates); the module predicts
+  every sub-spot and the spot's prediction is ``log1p(mean(expm1(sub-spot predictions)))``
+  (CP10k adds up over the spot's area), so training on spot measurements teaches the sub-spot
+  predictions to aggregate to them. :meth:`CoxFormerSpatial.super_resolve` returns them.
+
+Training (CoxFormer S3): mini-batches of 64 *genes* over every spot (at most
+``max_spots_per_step`` random spots per step on large slides), weighted Huber + L1
+(:func:`~stinfer.nn.coxformer.weighted_huber_loss`), AdamW lr 1e-4, weight decay 1e-4, cosine
+to 1e-6, up to 200 epochs, EMA early stopping with the best weights restored
+(:class:`stinfer.train.EMAEarlyStopping`), through :func:`stinfer.train.fit`.
+
+Examples
+--------
+>>> model = CoxFormerSpatial(slide, "genes.h5ad", modality="location", config="fast")  # doctest: +SKIP
+>>> model.train()                                                                    # doctest: +SKIP
+>>> imputed = model.impute(["ERBB2", "GRB7"])  # AnnData, X = log1p CP10k           # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import lightning as L
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from stinfer.errors import InputError
+from stinfer.evaluate.metrics import cluster_ari, cluster_domains
+from stinfer.io.atomic import atomic_output
+from stinfer.io.slide_data import slide_meta
+from stinfer.nn.coxformer import (
+    MODALITIES,
+    CoxFormerSpatialModule,
+    combine,
+    positive_output,
+    weighted_huber_loss,
+)
+from stinfer.preprocess import normalize_log1p_cp10k
+from stinfer.train import EMAEarlyStopping, FitResult, TrainerConfig, fit
+
+logger = logging.getLogger("stinfer")
+
+__all__ = [
+    "PRESETS",
+    "CoxFormerSpatial",
+    "CoxFormerSpatialConfig",
+    "aggregate_sub_spots",
+    "coxformer_spatial_config",
+    "embedding_table",
+    "measured_genes",
+    "slide_log1p_cp10k",
+    "standardise_embeddings",
+    "sub_spot_offsets",
+]
+
+IMAGE_FEATURES = ("vit", "handcrafted")
+MODEL_FILES = ("config.json", "weights.safetensors", "state.json", "embeddings.npy")
+
+
+# --------------------------------------------------------------------------- configuration
+@dataclass
+class CoxFormerSpatialConfig:
+    """Every setting of a CoxFormer spatial run; the defaults are the ``paper`` preset."""
+
+    # module (CoxFormer Suppl. S3)
+    d_model: int = 512  # S3
+    n_heads: int = 8  # S3
+    feedforward_dim: int = 1024  # S3
+    dropout: float = 0.1  # S3
+    n_spot_layers: int = 2  # stinfer: S3 does not give the number of attention layers
+    n_frequencies: int = 32  # S3: F = 32, omega_f = 2^(f-1) pi
+    location_dim: int = 512  # S3: d_loc
+    image_dim: int = 512  # S3: d_img
+    head_width: int = 256  # S3
+    head_depth: int = 4  # S3
+    gene_conditioning: str = "bilinear"  # stinfer: see stinfer.nn.coxformer ("additive": public)
+    rank: int = 32  # stinfer: spatial pattern factors of the bilinear readout
+    gene_hidden_dim: int = 512  # stinfer: width of the gene MLP after W_g
+    gene_hidden_layers: int = 2  # stinfer: ReLU layers after W_g (0: linear in the embedding)
+    embedding_noise: float = 0.0  # stinfer: sd of Gaussian noise on gene vectors in training
+    group_size: int = 4096  # stinfer: spots attending to each other (SpotContext)
+    # loss (S3)
+    nonzero_weight: float = 0.5  # S3: lambda_nz
+    zero_weight: float = 0.5  # S3: lambda_z
+    l1_weight: float = 1e-3  # S3: lambda_l1
+    # optimisation (S3)
+    lr: float = 1e-4  # S3: AdamW
+    weight_decay: float = 1e-4  # S3
+    min_lr: float = 1e-6  # S3: cosine eta_min
+    batch_genes: int = 64  # S3: batch size 64 (genes)
+    min_steps_per_epoch: int = 1  # stinfer: gene batches drawn per epoch at least (small panels)
+    gradient_clip_val: float | None = None  # stinfer: S3 clips nothing
+    max_epochs: int = 200  # S3
+    ema_beta: float = 0.2  # S3: EMA of the training loss
+    min_relative_improvement: float = 0.002  # S3: 0.2%
+    patience: int = 10  # stinfer: S3 does not give the window
+    max_spots_per_step: int = 20000  # stinfer: random spots per step on larger slides
+    # data (stinfer)
+    min_spot_fraction: float = 0.1  # training genes: detected in at least this fraction of spots
+    image_features: str = "vit"  # S3: ViT patch tokens averaged in the spot ("handcrafted")
+    image_backbone: str = "vit_small_patch16_224"  # S3 [4]: a ViT-S/16 (HIPT)
+    image_pretrained: str | None = None  # None (random), "hub", or a local weights file
+    patch_size_px: int = 160  # patch side around the spot (STEvs D.1.2 patches)
+    sub_spot_grid: int = 1  # r: r x r sub-spots per spot (1: spot level; 4: super-resolution)
+    predict_batch_genes: int = 1024
+    # run
+    preset: str = "paper"
+    seed: int = 0
+    accelerator: str = "auto"
+    devices: int | str = "auto"
+    precision: str | None = None
+    progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        if self.gene_conditioning not in ("attention", "bilinear", "additive"):
+            raise InputError(
+                "gene_conditioning must be 'attention', 'bilinear' or 'additive', got "
+                f"{self.gene_conditioning!r}"
+            )
+        if self.image_features not in IMAGE_FEATURES:
+            raise InputError(
+                f"image_features must be one of {IMAGE_FEATURES}, got {self.image_features!r}"
+            )
+        if int(self.sub_spot_grid) < 1:
+            raise InputError(f"sub_spot_grid must be at least 1, got {self.sub_spot_grid}")
+        if not 0.0 <= self.min_spot_fraction < 1.0:
+            raise InputError(f"min_spot_fraction must be in [0, 1), got {self.min_spot_fraction}")
+
+    @classmethod
+    def paper(cls, **overrides: Any) -> CoxFormerSpatialConfig:
+        """The paper's hyperparameters (CoxFormer Suppl. S3); ``overrides`` replace fields."""
+        return dataclasses.replace(cls(preset="paper"), **overrides)
+
+    @classmethod
+    def fast(cls, **overrides: Any) -> CoxFormerSpatialConfig:
+        """For a 2-core CPU; every difference from ``paper``:
+
+        - ``d_model`` 128 (512), ``feedforward_dim`` 256 (1024), ``location_dim`` and
+          ``image_dim`` 128 (512), gene MLP width 128 (512), 1 spot attention layer (2),
+          attention groups of 1,024 spots (4,096), at most 2,048 random spots per step
+          (20,000): about 16x fewer multiply-adds per step, bounded on large slides;
+        - lr 1e-3 (1e-4) with gradients clipped at norm 1 (none), 256 genes per batch (64; the spot pipeline, the cost of a step, is
+          shared by the batch), at least 20 batches per epoch (1), at most 60 epochs (200)
+          with patience 5 (10): the smaller model converges in fewer, larger steps;
+        - ``image_features="handcrafted"`` (a ViT): without pretrained weights a random ViT's
+          features carry less than colour and texture statistics, and they cost minutes on a
+          CPU.
+        """
+        config = cls(
+            d_model=128,
+            feedforward_dim=256,
+            location_dim=128,
+            image_dim=128,
+            gene_hidden_dim=128,
+            n_spot_layers=1,
+            group_size=1024,
+            max_spots_per_step=2048,
+            lr=1e-3,
+            gradient_clip_val=1.0,
+            batch_genes=256,
+            min_steps_per_epoch=20,
+            max_epochs=60,
+            patience=5,
+            image_features="handcrafted",
+            preset="fast",
+        )
+        return dataclasses.replace(config, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON-serialisable dict (stored with a saved model)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> CoxFormerSpatialConfig:
+        known = {item.name for item in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in values.items() if key in known})
+
+    def trainer(self) -> TrainerConfig:
+        """The :class:`~stinfer.train.TrainerConfig` of this run (EMA stopping is separate)."""
+        return TrainerConfig(
+            max_epochs=self.max_epochs,
+            accelerator=self.accelerator,
+            devices=self.devices,
+            precision=self.precision,
+            seed=self.seed,
+            progress_bar=self.progress_bar,
+            gradient_clip_val=self.gradient_clip_val,
+        )
+
+
+PRESETS = {"paper": CoxFormerSpatialConfig.paper, "fast": CoxFormerSpatialConfig.fast}
+
+
+def coxformer_spatial_config(
+    config: CoxFormerSpatialConfig | str | None = None, **overrides: Any
+) -> CoxFormerSpatialConfig:
+    """A config from a preset name (``paper``, ``fast``), a config, or ``None`` (``paper``)."""
+    if config is None:
+        config = "paper"
+    if isinstance(config, str):
+        if config not in PRESETS:
+            raise InputError(f"unknown preset {config!r}; choose one of {', '.join(PRESETS)}.")
+        return PRESETS[config](**overrides)
+    return dataclasses.replace(config, **overrides) if overrides else config
+
+
+# --------------------------------------------------------------------------- data: genes
+def embedding_table(gene_embeddings: ad.AnnData | pd.DataFrame | str | os.PathLike) -> pd.DataFrame:
+    """Gene embeddings as a genes x dims float64 DataFrame (AnnData, DataFrame or a file)."""
+    if isinstance(gene_embeddings, (str, os.PathLike)):
+        from stinfer.io.gene_embeddings import read_gene_embeddings
+
+        gene_embeddings = read_gene_embeddings(gene_embeddings)
+    if isinstance(gene_embeddings, ad.AnnData):
+        matrix = gene_embeddings.X
+        matrix = matrix.toarray() if sp.issparse(matrix) else np.asarray(matrix)
+        table = pd.DataFrame(matrix, index=gene_embeddings.obs_names.astype(str))
+    elif isinstance(gene_embeddings, pd.DataFrame):
+        table = gene_embeddings.copy()
+        table.index = table.index.astype(str)
+    else:
+        raise InputError(
+            "gene_embeddings must be an AnnData (obs = genes), a DataFrame or a file path, "
+            f"got {type(gene_embeddings).__name__}."
+        )
+    table = table.astype(np.float64)
+    if table.shape[0] < 2 or table.shape[1] < 1:
+        raise InputError(f"gene embeddings: need at least 2 genes and 1 dim, got {table.shape}.")
+    if not np.all(np.isfinite(table.to_numpy())):
+        raise InputError("gene embeddings hold NaN or infinite values.")
+    if not table.index.is_unique:
+        table = table[~table.index.duplicated()]
+    return table
+
+
+def standardise_embeddings(table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-dimension z-scores over every gene of ``table``, scaled by ``1/sqrt(dim)``.
+
+    Returns ``(standardised (G, D) float32, mean (D,), scale (D,))`` with
+    ``standardised = (table - mean) / scale``. Unsupervised (no expression is used), so genes
+    never measured anywhere are transformed exactly like the training genes.
+    """
+    values = table.to_numpy(dtype=np.float64)
+    mean = values.mean(axis=0)
+    sd = values.std(axis=0)
+    scale = np.where(sd > 0, sd, 1.0) * math.sqrt(values.shape[1])
+    return ((values - mean) / scale).astype(np.float32), mean, scale
+
+
+# --------------------------------------------------------------------------- data: spots
+def slide_log1p_cp10k(slide: ad.AnnData, genes: Sequence[str]) -> np.ndarray:
+    """``(n_spots, len(genes))`` float32 log1p-CP10k of ``genes``, totals over all slide genes."""
+    counts = slide.X
+    totals = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
+    columns = slide.var_names.get_indexer(list(genes))
+    if (columns < 0).any():
+        missing = [g for g, c in zip(genes, columns, strict=True) if c < 0]
+        raise InputError(f"slide: {len(missing)} genes are not measured (e.g. {missing[:5]}).")
+    block = counts[:, columns]
+    block = block.toarray() if sp.issparse(block) else np.asarray(block)
+    return normalize_log1p_cp10k(block.astype(np.float64), spot_totals=totals).astype(np.float32)
+
+
+def measured_genes(
+    slide: ad.AnnData, embedded: pd.Index, min_spot_fraction: float = 0.1
+) -> list[str]:
+    """Genes of ``slide`` that have an embedding and are detected in enough spots (slide order)."""
+    detected = np.asarray((slide.X > 0).sum(axis=0)).ravel() / max(slide.n_obs, 1)
+    keep = (detected >= min_spot_fraction) & (detected > 0) & slide.var_names.isin(embedded)
+    return [str(g) for g in slide.var_names[keep]]
+
+
+def sub_spot_offsets(grid: int) -> np.ndarray:
+    """``(grid * grid, 2)`` sub-spot centres in units of the patch side, row-major, in (-1/2, 1/2).
+
+    Row-major over ``(row, column)`` = ``(y, x)``, returned as ``(dx, dy)`` pairs, matching
+    the tile order of :func:`tile_patches`.
+    """
+    centres = (np.arange(grid) + 0.5) / grid - 0.5
+    dy, dx = np.meshgrid(centres, centres, indexing="ij")
+    return np.stack([dx.ravel(), dy.ravel()], axis=1)
+
+
+def tile_patches(patches: np.ndarray, grid: int) -> np.ndarray:
+    """``(n, 3, H, W)`` patches -> ``(n * grid * grid, 3, H // grid, W // grid)`` tiles, row-major."""
+    n, channels, height, width = patches.shape
+    th, tw = height // grid, width // grid
+    cropped = np.asarray(patches[:, :, : th * grid, : tw * grid])
+    tiles = cropped.reshape(n, channels, grid, th, grid, tw).transpose(0, 2, 4, 1, 3, 5)
+    return np.ascontiguousarray(tiles.reshape(n * grid * grid, channels, th, tw))
+
+
+def aggregate_sub_spots(sub_spot_log1p: torch.Tensor, n_sub: int) -> torch.Tensor:
+    """``(S * R, G)`` log1p-CP10k of sub-spots -> ``(S, G)`` spot log1p of their mean CP10k."""
+    if n_sub == 1:
+        return sub_spot_log1p
+    cp10k = torch.expm1(sub_spot_log1p).view(-1, n_sub, sub_spot_log1p.shape[1]).mean(dim=1)
+    return torch.log1p(cp10k)
+
+
+def patch_spec_for(slide: ad.AnnData, patch_size_px: int):
+    """The :class:`~stinfer.data.patches.PatchSpec` of spot patches (``patch_size_px`` file px)."""
+    from stinfer.data.patches import PatchSpec
+
+    return PatchSpec(patch_size_px=int(patch_size_px))
+
+
+def vit_token_mean_backbone(name: str, pretrained: str | os.PathLike | None) -> torch.nn.Module:
+    """A timm ViT returning the mean of its patch tokens (``global_pool="avg"``, no classifier)."""
+    import timm
+
+    from stinfer.nn.pretrained import load_matching_weights, timm_checkpoint_filter
+
+    try:
+        model = timm.create_model(
+            name, pretrained=pretrained == "hub", num_classes=0, global_pool="avg"
+        )
+    except (RuntimeError, TypeError) as error:
+        raise InputError(f"timm cannot create backbone {name!r}: {error}") from error
+    if pretrained not in (None, "hub"):
+        load_matching_weights(model, pretrained, transform=timm_checkpoint_filter(model))
+    return model
+
+
+def slide_image_features(
+    slide: ad.AnnData, config: CoxFormerSpatialConfig, grid: int = 1
+) -> np.ndarray:
+    """``(n_spots * grid * grid, n_features)`` image features of every spot (or sub-spot).
+
+    Spot patches come from the project's one extractor
+    (:func:`stinfer.data.patches.spot_patches`); with ``grid > 1`` each patch is cut into
+    ``grid x grid`` tiles (sub-spots, row-major). Features: ``config.image_features``.
+    """
+    from stinfer.data.features import backbone_features, handcrafted_features
+    from stinfer.data.patches import spot_patches
+
+    meta = slide_meta(slide) if "stinfer" in slide.uns else {"image_path": None}
+    if meta["image_path"] is None:
+        raise InputError(
+            f"slide {meta.get('sample_id', '')} has no image; modality 'image'/'both' needs an "
+            "H&E image (or pass image_features=), 'location' does not."
+        )
+    patches = spot_patches(slide, patch_spec_for(slide, config.patch_size_px))
+    if grid > 1:
+        patches = tile_patches(patches, grid)
+    if config.image_features == "handcrafted":
+        return handcrafted_features(patches)
+    backbone = vit_token_mean_backbone(config.image_backbone, config.image_pretrained)
+    return backbone_features(patches, backbone)
+
+
+def coordinate_frame(coords: np.ndarray) -> tuple[np.ndarray, float]:
+    """``(centre (2,), half-extent)`` that maps the spot centres to about ``[-1, 1]``."""
+    low, high = coords.min(axis=0), coords.max(axis=0)
+    half = float(np.max(high - low)) / 2.0
+    return (low + high) / 2.0, half if half > 0 else 1.0
+
+
+def spot_step_px(coords: np.ndarray) -> float:
+    """Median nearest-neighbour distance between spot centres (pixels): the grid pitch."""
+    from scipy.spatial import cKDTree
+
+    if len(coords) < 2:
+        return 1.0
+    distances, _ = cKDTree(coords).query(coords, k=2)
+    step = float(np.median(distances[:, 1]))
+    return step if step > 0 else 1.0
+
+
+# --------------------------------------------------------------------------- Lightning task
+class CoxFormerSpatialTask(L.LightningModule):
+    """One training step = one mini-batch of genes over every spot (or a random subset)."""
+
+    def __init__(
+        self,
+        module: CoxFormerSpatialModule,
+        config: CoxFormerSpatialConfig,
+        coords: torch.Tensor | None,
+        image_features: torch.Tensor | None,
+        targets: torch.Tensor,
+        embeddings: torch.Tensor,
+        n_sub: int,
+    ) -> None:
+        super().__init__()
+        self.module = module
+        self.config = config
+        self.n_sub = n_sub
+        self.register_buffer("coords", coords, persistent=False)
+        self.register_buffer("image_features", image_features, persistent=False)
+        self.register_buffer("targets", targets, persistent=False)
+        self.register_buffer("embeddings", embeddings, persistent=False)
+        self.generator = torch.Generator().manual_seed(config.seed)
+
+    def spot_rows(self) -> torch.Tensor | None:
+        """Random spots of this step (``None``: all of them), as sub-spot rows when ``R > 1``."""
+        n_spots = self.targets.shape[0]
+        if n_spots <= self.config.max_spots_per_step:
+            return None
+        spots = torch.randperm(n_spots, generator=self.generator)[: self.config.max_spots_per_step]
+        return spots.sort().values
+
+    def predict_spots(
+        self, genes: torch.Tensor, spots: torch.Tensor | None, generator=None
+    ) -> torch.Tensor:
+        """``(n_spots, len(genes))`` spot-level predictions (sub-spots aggregated)."""
+        coords, features = self.coords, self.image_features
+        if spots is not None:
+            rows = (
+                spots.to(self.device)[:, None] * self.n_sub
+                + torch.arange(self.n_sub, device=self.device)
+            ).reshape(-1)
+            coords = None if coords is None else coords[rows]
+            features = None if features is None else features[rows]
+        vectors = self.embeddings[genes]
+        if self.training and self.config.embedding_noise > 0:
+            noise = torch.randn(vectors.shape, generator=self.generator).to(vectors)
+            vectors = vectors + noise * (self.config.embedding_noise / vectors.shape[1] ** 0.5)
+        module = self.module
+        tokens = module.spot_tokens(coords, features, self.config.group_size, generator)
+        pred = module.readout_tokens(tokens, vectors, exclude=genes)
+        if self.training and module.gene_conditioning == "attention":
+            factors = module.readout.spot_out(module.head(tokens))
+            own = combine(factors, module.readout.own_parameters(genes))
+            own = positive_output(own, module.elu_alpha, module.output_offset)
+            self._own_prediction = aggregate_sub_spots(own.float(), self.n_sub)
+        return aggregate_sub_spots(pred.float(), self.n_sub)
+
+    def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Weighted Huber + L1 (CoxFormer S3) of ``(S, G)`` predictions."""
+        c = self.config
+        return weighted_huber_loss(pred, target, c.nonzero_weight, c.zero_weight, c.l1_weight)
+
+    def training_step(self, batch, batch_idx):
+        (genes,) = batch
+        spots = self.spot_rows()
+        pred = self.predict_spots(genes, spots, self.generator)
+        if spots is None:
+            target = self.targets[:, genes]
+        else:
+            target = self.targets[spots.to(self.device)][:, genes]
+        loss = self.loss(pred, target)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=len(genes))
+        if self.module.gene_conditioning == "attention":
+            reconstruction = self.loss(self._own_prediction, target)
+            self.log("train/reconstruction", reconstruction, on_epoch=True, batch_size=len(genes))
+            loss = loss + reconstruction
+        return loss
+
+    def configure_optimizers(self):
+        optimiser = torch.optim.AdamW(
+            self.module.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay
+        )
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimiser, T_max=max(self.config.max_epochs, 1), eta_min=self.config.min_lr
+        )
+        return {
+            "optimizer": optimiser,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
+        }
+
+
+# --------------------------------------------------------------------------- the model
+class CoxFormerSpatial:
+    """CoxFormer spatial model: predicts any gene with an embedding at every spot of a slide.
+
+    Parameters
+    ----------
+    slide
+        One slide (raw counts in ``X``, ``obsm["spatial"]``; an image for ``image``/``both``).
+    gene_embeddings
+        Gene embeddings: AnnData (obs = genes, e.g. from ``stinfer embed-genes``), a DataFrame
+        (genes x dims) or a file readable by :func:`stinfer.io.gene_embeddings.read_gene_embeddings`.
+    train_genes
+        Genes to learn from; default every gene of the slide with an embedding detected in at
+        least ``config.min_spot_fraction`` of the spots.
+    modality
+        ``"location"``, ``"image"`` or ``"both"``.
+    config
+        A :class:`CoxFormerSpatialConfig` or a preset name (``"paper"``, ``"fast"``).
+    image_features
+        Optional precomputed ``(n_spots, F)`` spot features, or ``(n_spots, r*r, F)`` sub-spot
+        features when ``config.sub_spot_grid = r > 1``; default computed from the slide's image.
+
+    Attributes
+    ----------
+    module : CoxFormerSpatialModule
+    fit_result : FitResult | None
+    early_stopping : EMAEarlyStopping | None
+        Best epoch and stopping epoch of the last :meth:`train`.
+    """
+
+    def __init__(
+        self,
+        slide: ad.AnnData,
+        gene_embeddings: ad.AnnData | pd.DataFrame | str | os.PathLike,
+        train_genes: Sequence[str] | None = None,
+        modality: str = "location",
+        config: CoxFormerSpatialConfig | str | None = None,
+        image_features: np.ndarray | None = None,
+    ) -> None:
+        if modality not in MODALITIES:
+            raise InputError(f"modality must be one of {MODALITIES}, got {modality!r}.")
+        self.config = coxformer_spatial_config(config)
+        self.modality = modality
+        self.slide = slide
+        table = embedding_table(gene_embeddings)
+        standardised, self.embedding_mean, self.embedding_scale = standardise_embeddings(table)
+        self.embedding_genes = pd.Index(table.index)
+        self.embeddings = standardised
+        if train_genes is None:
+            train_genes = measured_genes(slide, self.embedding_genes, self.config.min_spot_fraction)
+        self.train_genes = [str(g) for g in train_genes]
+        self._check_train_genes()
+        self.targets = slide_log1p_cp10k(slide, self.train_genes)
+        self.n_sub = int(self.config.sub_spot_grid) ** 2
+        coords = np.asarray(slide.obsm["spatial"], dtype=np.float64)
+        self.coordinate_centre, self.coordinate_half_extent = coordinate_frame(coords)
+        self.image_in_dim: int | None = None
+        self._slide_features = None
+        if modality != "location":
+            features = self._image_features(slide, image_features)
+            self.image_in_dim = int(features.shape[1])
+            self._slide_features = features
+            self.feature_mean = features.mean(axis=0)
+            sd = features.std(axis=0)
+            self.feature_scale = np.where(sd > 0, sd, 1.0)
+        self.module = self._build_module()
+        self.fit_result: FitResult | None = None
+        self.early_stopping: EMAEarlyStopping | None = None
+
+    # ----------------------------------------------------------------- checks and tensors
+    def _check_train_genes(self) -> None:
+        if len(self.train_genes) < 2 or len(set(self.train_genes)) != len(self.train_genes):
+            raise InputError(
+                f"CoxFormerSpatial needs at least 2 unique training genes, got "
+                f"{len(self.train_genes)}; lower min_spot_fraction or check the gene names."
+            )
+        missing = pd.Index(self.train_genes).difference(self.embedding_genes)
+        if len(missing):
+            raise InputError(
+                f"{len(missing)} training genes have no embedding (e.g. {', '.join(missing[:5])})."
+            )
+
+    def _build_module(self) -> CoxFormerSpatialModule:
+        c = self.config
+        module = CoxFormerSpatialModule(
+            self.modality,
+            embedding_dim=self.embeddings.shape[1],
+            image_in_dim=self.image_in_dim,
+            d_model=c.d_model,
+            n_heads=c.n_heads,
+            feedforward_dim=c.feedforward_dim,
+            dropout=c.dropout,
+            n_spot_layers=c.n_spot_layers,
+            n_frequencies=c.n_frequencies,
+            location_dim=c.location_dim,
+            image_dim=c.image_dim,
+            head_width=c.head_width,
+            head_depth=c.head_depth,
+            gene_conditioning=c.gene_conditioning,
+            rank=c.rank,
+            gene_hidden_dim=c.gene_hidden_dim,
+            gene_hidden_layers=c.gene_hidden_layers,
+            initial_level=float(self.targets.mean()) if hasattr(self, "targets") else 0.0,
+            n_memory=len(self.train_genes),
+        )
+        if c.gene_conditioning == "attention":
+            module.readout.set_memory(torch.from_numpy(self.gene_vectors(self.train_genes)))
+        return module
+
+    def _image_features(self, slide: ad.AnnData, given: np.ndarray | None) -> np.ndarray:
+        """``(n_spots * R, F)`` float32 image features (sub-spots flattened row-major)."""
+        if given is None:
+            features = slide_image_features(slide, self.config, int(self.config.sub_spot_grid))
+        else:
+            features = np.asarray(given, dtype=np.float32)
+            expected = (slide.n_obs, self.n_sub) if self.n_sub > 1 else (slide.n_obs,)
+            if features.shape[: len(expected)] != expected or features.ndim != len(expected) + 1:
+                raise InputError(
+                    f"image_features has shape {features.shape}; expected {expected} + (F,) "
+                    f"for {slide.n_obs} spots and sub_spot_grid {self.config.sub_spot_grid}."
+                )
+            features = features.reshape(slide.n_obs * self.n_sub, -1)
+        if not np.all(np.isfinite(features)):
+            raise InputError("image features hold NaN or infinite values.")
+        return np.asarray(features, dtype=np.float32)
+
+    def _spot_inputs(
+        self, slide: ad.AnnData, image_features: np.ndarray | None, same_slide: bool
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, np.ndarray]:
+        """Module inputs for every (sub-)spot of ``slide`` and their pixel coordinates."""
+        coords = np.asarray(slide.obsm["spatial"], dtype=np.float64)
+        if self.n_sub > 1:
+            pitch = spot_step_px(coords) if slide.n_obs > 1 else self.config.patch_size_px
+            side = min(float(self.config.patch_size_px), pitch)
+            offsets = sub_spot_offsets(int(self.config.sub_spot_grid)) * side
+            coords = (coords[:, None, :] + offsets[None]).reshape(-1, 2)
+        if same_slide:
+            centre, half = self.coordinate_centre, self.coordinate_half_extent
+        else:
+            centre, half = coordinate_frame(np.asarray(slide.obsm["spatial"], dtype=np.float64))
+        location = None
+        if self.modality != "image":
+            location = torch.from_numpy(((coords - centre) / half).astype(np.float32))
+        features = None
+        if self.modality != "location":
+            if same_slide and image_features is None and self._slide_features is not None:
+                raw = self._slide_features
+            else:
+                raw = self._image_features(slide, image_features)
+            features = torch.from_numpy(
+                ((raw - self.feature_mean) / self.feature_scale).astype(np.float32)
+            )
+        return location, features, coords
+
+    def gene_vectors(self, genes: Sequence[str]) -> np.ndarray:
+        """Standardised embeddings of ``genes``; :class:`InputError` naming genes without one."""
+        rows = self.embedding_genes.get_indexer(list(genes))
+        if (rows < 0).any():
+            missing = [g for g, r in zip(genes, rows, strict=True) if r < 0]
+            raise InputError(
+                f"{len(missing)} genes have no embedding (e.g. {', '.join(missing[:5])}); only "
+                "genes in the embedding table can be imputed."
+            )
+        return self.embeddings[rows]
+
+    # ----------------------------------------------------------------- training
+    def train(self) -> FitResult:
+        """Train on the training genes of the slide (CoxFormer S3); returns the fit history."""
+        c = self.config
+        location, features, _ = self._spot_inputs(self.slide, None, same_slide=True)
+        embeddings = torch.from_numpy(self.gene_vectors(self.train_genes))
+        task = CoxFormerSpatialTask(
+            self.module,
+            c,
+            location,
+            features,
+            torch.from_numpy(self.targets),
+            embeddings,
+            self.n_sub,
+        )
+        generator = torch.Generator().manual_seed(c.seed)
+        n_genes = len(self.train_genes)
+        batch = min(c.batch_genes, n_genes)
+        n_draws = max(n_genes, c.min_steps_per_epoch * batch)
+        loader = DataLoader(
+            TensorDataset(torch.arange(n_genes)),
+            batch_size=batch,
+            sampler=torch.utils.data.RandomSampler(
+                range(n_genes), num_samples=n_draws, generator=generator
+            ),
+            drop_last=n_draws > batch,
+        )
+        self.early_stopping = EMAEarlyStopping(
+            "train/loss", c.ema_beta, c.min_relative_improvement, c.patience
+        )
+        self.fit_result = fit(task, loader, None, c.trainer(), callbacks=[self.early_stopping])
+        self.fit_result.best_epoch = self.early_stopping.best_epoch
+        self.fit_result.best_score = self.early_stopping.best_ema
+        self.module.eval()
+        logger.info(
+            "CoxFormer spatial (%s) trained on %d genes x %d spots in %.1f s (best epoch %s)",
+            self.modality,
+            n_genes,
+            self.slide.n_obs,
+            self.fit_result.train_seconds,
+            self.early_stopping.best_epoch,
+        )
+        return self.fit_result
+
+    # ----------------------------------------------------------------- inference
+    @torch.no_grad()
+    def _predict_log1p(
+        self,
+        genes: Sequence[str],
+        location: torch.Tensor | None,
+        features: torch.Tensor | None,
+    ) -> np.ndarray:
+        """``(n_rows, len(genes))`` float32 log1p-CP10k at every input row (spot or sub-spot)."""
+        self.module.eval()
+        device = next(self.module.parameters()).device
+        vectors = torch.from_numpy(self.gene_vectors(genes)).to(device)
+        generator = torch.Generator().manual_seed(self.config.seed)
+        tokens = self.module.spot_tokens(
+            None if location is None else location.to(device),
+            None if features is None else features.to(device),
+            self.config.group_size,
+            generator,
+        )
+        parts = [
+            self.module.readout_tokens(tokens, chunk).float().cpu()
+            for chunk in vectors.split(self.config.predict_batch_genes)
+        ]
+        return torch.cat(parts, dim=1).numpy()
+
+    def _result(
+        self,
+        values: np.ndarray,
+        genes: Sequence[str],
+        obs: pd.DataFrame,
+        coords: np.ndarray,
+        slide: ad.AnnData,
+        kind: str,
+    ) -> ad.AnnData:
+        result = ad.AnnData(
+            X=values.astype(np.float32), obs=obs, var=pd.DataFrame(index=pd.Index(list(genes)))
+        )
+        result.var["measured_on_slide"] = result.var_names.isin(slide.var_names)
+        result.var["training_gene"] = result.var_names.isin(self.train_genes)
+        result.obsm["spatial"] = np.asarray(coords, dtype=np.float64)
+        if "stinfer" in slide.uns:
+            result.uns["stinfer"] = dict(slide.uns["stinfer"])
+        result.uns["coxformer_spatial"] = {
+            "scale": "log1p_cp10k",
+            "kind": kind,
+            "modality": self.modality,
+            "preset": self.config.preset,
+            "n_train_genes": len(self.train_genes),
+        }
+        return result
+
+    def impute(
+        self,
+        genes: Sequence[str] | None = None,
+        slide: ad.AnnData | None = None,
+        image_features: np.ndarray | None = None,
+    ) -> ad.AnnData:
+        """Predicted log1p-CP10k of ``genes`` at every spot of ``slide`` (default: the training slide).
+
+        Any gene with an embedding works, measured on the slide or not. On a new slide the
+        ``location`` modality reads the new slide's coordinates in its own frame (scaled to
+        its extent) and ``image``/``both`` its image (or ``image_features``). With
+        ``sub_spot_grid > 1`` the spot values are the aggregates of the sub-spot predictions.
+
+        Returns
+        -------
+        AnnData
+            Spots x genes, ``X`` = predicted log1p CP10k (float32), ``obsm["spatial"]`` and
+            ``uns["stinfer"]`` of the slide, ``var["measured_on_slide"]``,
+            ``var["training_gene"]``, ``uns["coxformer_spatial"]``.
+        """
+        slide = self.slide if slide is None else slide
+        genes = list(self.train_genes if genes is None else genes)
+        if not genes:
+            raise InputError("impute: give at least one gene.")
+        same = slide is self.slide
+        location, features, _ = self._spot_inputs(slide, image_features, same_slide=same)
+        values = self._predict_log1p(genes, location, features)
+        values = aggregate_sub_spots(torch.from_numpy(values), self.n_sub).numpy()
+        obs = pd.DataFrame(index=slide.obs_names.copy())
+        return self._result(values, genes, obs, slide.obsm["spatial"], slide, "spots")
+
+    def predict(
+        self, slide: ad.AnnData, genes: Sequence[str] | None = None, image_features=None
+    ) -> ad.AnnData:
+        """:meth:`impute` on a new slide (same as ``impute(genes, slide=slide)``)."""
+        return self.impute(genes, slide=slide, image_features=image_features)
+
+    def super_resolve(
+        self,
+        genes: Sequence[str] | None = None,
+        slide: ad.AnnData | None = None,
+        image_features: np.ndarray | None = None,
+    ) -> ad.AnnData:
+        """Sub-spot predictions (``sub_spot_grid x sub_spot_grid`` per spot) of ``genes``.
+
+        Returns an AnnData of ``n_spots * r * r`` sub-spots: ``obs["spot"]`` (the parent spot),
+        ``obs["sub_row"]``, ``obs["sub_col"]``, ``obsm["spatial"]`` = sub-spot centres in the
+        slide's full-resolution pixels (``r x r`` tiles of a square of side ``min(patch,
+        spot pitch)`` centred on the spot), ``X`` = log1p CP10k.
+        """
+        grid = int(self.config.sub_spot_grid)
+        if grid < 2:
+            raise InputError(
+                "super_resolve needs a model trained with sub_spot_grid >= 2 (e.g. 4); this "
+                "one predicts whole spots."
+            )
+        slide = self.slide if slide is None else slide
+        genes = list(self.train_genes if genes is None else genes)
+        location, features, coords = self._spot_inputs(
+            slide, image_features, same_slide=slide is self.slide
+        )
+        values = self._predict_log1p(genes, location, features)
+        spots = np.repeat(np.asarray(slide.obs_names), self.n_sub)
+        index = np.tile(np.arange(self.n_sub), slide.n_obs)
+        obs = pd.DataFrame(
+            {"spot": spots, "sub_row": index // grid, "sub_col": index % grid},
+            index=[f"{s}_{i}" for s, i in zip(spots, index, strict=True)],
+        )
+        return self._result(values, genes, obs, coords, slide, f"sub_spots_{grid}x{grid}")
+
+    def detect_regions(
+        self,
+        n_regions: int,
+        genes: Sequence[str] | None = None,
+        labels: Sequence | np.ndarray | pd.Series | None = None,
+        imputed: ad.AnnData | None = None,
+        seed: int = 0,
+    ) -> tuple[np.ndarray, float | None]:
+        """Cluster imputed expression into ``n_regions`` domains; ARI against ``labels`` if given.
+
+        Uses the project's domain clustering (:func:`stinfer.evaluate.metrics.cluster_domains`:
+        depth normalisation, PCA, k-means) on the CP10k of the imputed genes (default: the
+        training genes). Returns ``(region per spot, ARI or None)``.
+        """
+        imputed = self.impute(genes) if imputed is None else imputed
+        cp10k = np.expm1(np.asarray(imputed.X, dtype=np.float64)).clip(min=0)
+        regions = cluster_domains(cp10k, n_regions, seed=seed)
+        ari = None
+        if labels is not None:
+            ari = cluster_ari(cp10k, np.asarray(labels, dtype=object), n_regions, seed=seed)
+        return regions, ari
+
+    # ----------------------------------------------------------------- persistence
+    def save(self, directory: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write config, weights (safetensors), genes and the embedding table into ``directory``."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
+        with atomic_output(directory / "weights.safetensors", overwrite) as tmp:
+            save_file(state, str(tmp))
+        with atomic_output(directory / "config.json", overwrite) as tmp:
+            tmp.write_text(json.dumps(self.config.to_dict(), indent=2))
+        record = {
+            "modality": self.modality,
+            "train_genes": self.train_genes,
+            "embedding_genes": [str(g) for g in self.embedding_genes],
+            "image_in_dim": self.image_in_dim,
+            "coordinate_centre": [float(v) for v in self.coordinate_centre],
+            "coordinate_half_extent": float(self.coordinate_half_extent),
+            "embedding_mean": [float(v) for v in self.embedding_mean],
+            "embedding_scale": [float(v) for v in self.embedding_scale],
+        }
+        if self.image_in_dim:
+            record["feature_mean"] = [float(v) for v in self.feature_mean]
+            record["feature_scale"] = [float(v) for v in self.feature_scale]
+        with atomic_output(directory / "state.json", overwrite) as tmp:
+            tmp.write_text(json.dumps(record))
+        with atomic_output(directory / "embeddings.npy", overwrite) as tmp:
+            np.save(tmp, self.embeddings, allow_pickle=False)
+        return directory
+
+    @classmethod
+    def load(
+        cls, directory: str | os.PathLike, slide: ad.AnnData | None = None
+    ) -> CoxFormerSpatial:
+        """Load a model written by :meth:`save` (safetensors and JSON: nothing is unpickled).
+
+        ``slide`` (optional) becomes the default slide of :meth:`impute`; without it pass
+        ``slide=`` to every call.
+        """
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        missing = [name for name in MODEL_FILES if not (directory / name).is_file()]
+        if missing:
+            raise InputError(
+                f"{directory}: not a saved CoxFormer spatial model; missing {', '.join(missing)}."
+            )
+        config = CoxFormerSpatialConfig.from_dict(
+            json.loads((directory / "config.json").read_text())
+        )
+        record = json.loads((directory / "state.json").read_text())
+        model = cls.__new__(cls)
+        model.config = config
+        model.modality = record["modality"]
+        model.slide = slide
+        model.train_genes = list(record["train_genes"])
+        model.embedding_genes = pd.Index(record["embedding_genes"])
+        model.embeddings = np.load(directory / "embeddings.npy", allow_pickle=False)
+        model.embedding_mean = np.asarray(record["embedding_mean"])
+        model.embedding_scale = np.asarray(record["embedding_scale"])
+        model.image_in_dim = record["image_in_dim"]
+        model.coordinate_centre = np.asarray(record["coordinate_centre"])
+        model.coordinate_half_extent = float(record["coordinate_half_extent"])
+        model.n_sub = int(config.sub_spot_grid) ** 2
+        model._slide_features = None
+        if model.image_in_dim:
+            model.feature_mean = np.asarray(record["feature_mean"], dtype=np.float32)
+            model.feature_scale = np.asarray(record["feature_scale"], dtype=np.float32)
+        model.module = model._build_module()
+        model.module.load_state_dict(load_file(str(directory / "weights.safetensors")))
+        model.module.eval()
+        model.fit_result = None
+        model.early_stopping = None
+        return model

@@ -1,0 +1,117 @@
+"""`stinfer train` -> `predict` -> `evaluate` on synthetic slides, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+
+from stinfer.cli import main
+from stinfer.data.synthetic import SyntheticConfig, make_synthetic_sections
+from stinfer.evaluate.metrics import evaluate_anndata
+from stinfer.io.atomic import write_h5ad
+from stinfer.io.slide_data import prepare_for_h5ad
+
+ISSUE_KEYS = {
+    "mse",
+    "pcc_median",
+    "scc_median",
+    "pcc_mean",
+    "pcc_median_depthnorm",
+    "n_genes",
+    "n_spots",
+    "n_constant_genes",
+}
+
+
+def stinfer(command: str) -> int:
+    """Run one `stinfer` command line (split on spaces) in-process; its exit status."""
+    return main(command.split())
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def slide_files(tmp_path_factory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("slides")
+    sections = make_synthetic_sections(
+        folder / "images", SyntheticConfig(seed=5, target_spots=150, n_genes=30, n_sections=2)
+    )
+    paths = []
+    for section in sections:
+        path = folder / f"{section.uns['stinfer']['sample_id']}.h5ad"
+        write_h5ad(prepare_for_h5ad(section), path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def run_folder(slide_files, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "c2"
+    status = stinfer(
+        f"train --model stevs --train {slide_files[0]} --genes svg --n-genes 20 --preset fast "
+        f"--epochs 2 --no-progress --out {out}"
+    )
+    assert status == 0
+    return out
+
+
+def test_train_writes_a_loadable_run_with_its_history(run_folder):
+    names = {p.name for p in run_folder.iterdir()}
+    assert {"config.json", "weights.safetensors", "genes.json", "train_history.json"} <= names
+    history = json.loads((run_folder / "train_history.json").read_text())
+    assert len(history["history"]) == 2 and history["train_seconds"] > 0
+    assert len(json.loads((run_folder / "genes.json").read_text())) == 20
+
+
+def test_train_predict_evaluate_round_trip_gives_the_issue_keys(run_folder, slide_files, tmp_path):
+    pred = tmp_path / "pred.h5ad"
+    metrics = tmp_path / "metrics.json"
+    assert (
+        stinfer(f"predict --run {run_folder} --slide {slide_files[1]} --out {pred} --mode image")
+        == 0
+    )
+    prediction = ad.read_h5ad(pred)
+    assert prediction.n_vars == 20 and "nb_theta" in prediction.layers
+    assert stinfer(f"evaluate --pred {pred} --truth {slide_files[1]} --out {metrics}") == 0
+    summary = json.loads(metrics.read_text())
+    assert ISSUE_KEYS <= set(summary)
+    assert summary["n_genes"] == 20 and summary["n_spots"] == prediction.n_obs
+    expected = evaluate_anndata(prediction, ad.read_h5ad(slide_files[1])).summary()
+    np.testing.assert_allclose(summary["pcc_median"], expected["pcc_median"])
+    assert (tmp_path / "metrics.per_gene.csv").is_file()
+
+
+def test_outputs_are_never_overwritten_silently(run_folder, slide_files, tmp_path, capsys):
+    pred = tmp_path / "pred.h5ad"
+    args = ["predict", "--run", str(run_folder), "--slide", str(slide_files[1]), "--out", str(pred)]
+    assert main(args) == 0
+    assert main(args) == 2
+    assert "exists" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0
+    train = ["train", "--train", str(slide_files[0]), "--genes", "hvg", "--n-genes", "5"]
+    assert main([*train, "--epochs", "1", "--no-progress", "--out", str(run_folder)]) == 2
+
+
+def test_user_errors_exit_2_with_one_line_and_no_traceback(slide_files, tmp_path, capsys):
+    genes = tmp_path / "genes.txt"
+    genes.write_text("not_a_gene\n")
+    status = stinfer(f"train --train {slide_files[0]} --genes {genes} --out {tmp_path / 'run'}")
+    assert status == 2
+    err = capsys.readouterr().err
+    assert "absent" in err and "Traceback" not in err
+    assert (
+        stinfer(f"predict --run {tmp_path} --slide {slide_files[1]} --out {tmp_path / 'p.h5ad'}")
+        == 2
+    )
+    assert "not a saved STEvs model" in capsys.readouterr().err

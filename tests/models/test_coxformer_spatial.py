@@ -1,0 +1,241 @@
+"""CoxFormer spatial model over AnnData: EMA stopping, imputation, super-resolution, save/load."""
+
+from __future__ import annotations
+
+import anndata as ad
+import lightning as L
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+
+from stinfer.errors import InputError
+from stinfer.evaluate.metrics import per_gene_pearson
+from stinfer.models.coxformer_spatial import (
+    CoxFormerSpatial,
+    CoxFormerSpatialConfig,
+    aggregate_sub_spots,
+    sub_spot_offsets,
+)
+from stinfer.train import EMAEarlyStopping, TrainerConfig, fit
+
+TINY = dict(
+    d_model=32,
+    feedforward_dim=64,
+    location_dim=32,
+    image_dim=32,
+    head_width=32,
+    gene_hidden_dim=32,
+    n_heads=4,
+    rank=8,
+    progress_bar=False,
+    accelerator="cpu",
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models train faster on one thread (and do not fight other processes for cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------- EMA early stopping
+class ScriptedLoss(L.LightningModule):
+    """Logs a scripted loss per epoch; its one weight records the epoch it was set in."""
+
+    def __init__(self, losses: list[float]) -> None:
+        super().__init__()
+        self.losses = losses
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+
+    def training_step(self, batch, batch_idx):
+        value = torch.tensor(self.losses[self.current_epoch]) + 0.0 * self.weight
+        self.log("train/loss", value, on_step=False, on_epoch=True)
+        return value
+
+    def on_train_epoch_start(self) -> None:
+        self.weight.data.fill_(float(self.current_epoch))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def reference_ema_stop(losses, beta, min_relative, patience):
+    ema, best, best_epoch, wait = None, None, None, 0
+    for epoch, value in enumerate(losses):
+        ema = value if ema is None else beta * value + (1 - beta) * ema
+        if best is None or ema < best - min_relative * abs(best):
+            best, best_epoch, wait = ema, epoch, 0
+        else:
+            wait += 1
+            if wait >= patience:
+                return best_epoch, epoch
+    return best_epoch, len(losses) - 1
+
+
+def test_ema_early_stopping_stops_after_patience_and_restores_the_best_epoch():
+    losses = [1.0, 0.6, 0.5, 0.45, 0.449, 0.4485, 0.6, 0.4, 0.6] + [0.7] * 11
+    module = ScriptedLoss(losses)
+    stopper = EMAEarlyStopping("train/loss", beta=0.2, min_relative_improvement=0.002, patience=3)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(1)))
+    config = TrainerConfig(max_epochs=len(losses), progress_bar=False, accelerator="cpu")
+    fit(module, loader, None, config, callbacks=[stopper])
+    best_epoch, stop_epoch = reference_ema_stop(losses, 0.2, 0.002, 3)
+    assert stopper.best_epoch == best_epoch
+    assert stopper.stopped_epoch == stop_epoch < len(losses) - 1
+    assert float(module.weight) == best_epoch  # the best epoch's weights are back
+
+
+# --------------------------------------------------------------------------- helpers
+def test_sub_spot_aggregation_is_the_log1p_of_the_mean_cp10k():
+    values = torch.log1p(torch.tensor([[1.0], [3.0], [0.0], [4.0], [10.0], [10.0], [10.0], [10.0]]))
+    out = aggregate_sub_spots(values, 4)
+    torch.testing.assert_close(out, torch.log1p(torch.tensor([[2.0], [10.0]])))
+    offsets = sub_spot_offsets(2)
+    np.testing.assert_allclose(
+        offsets, [[-0.25, -0.25], [0.25, -0.25], [-0.25, 0.25], [0.25, 0.25]]
+    )
+
+
+def grid_slide(counts: np.ndarray, side: int, genes: list[str], pitch: float = 100.0) -> ad.AnnData:
+    rows, cols = np.divmod(np.arange(side * side), side)
+    slide = ad.AnnData(
+        X=sp.csr_matrix(counts.astype(np.float32)),
+        obs=pd.DataFrame(index=[f"s{i}" for i in range(side * side)]),
+        var=pd.DataFrame(index=genes),
+    )
+    slide.obsm["spatial"] = np.stack([cols, rows], axis=1).astype(np.float64) * pitch
+    return slide
+
+
+# --------------------------------------------------------------------------- super-resolution
+def test_super_resolution_recovers_a_planted_sub_spot_pattern_better_than_upsampling():
+    rng = np.random.default_rng(0)
+    side, grid, n_genes, n_features = 9, 2, 16, 6
+    n_spots, n_sub = side * side, grid * grid
+    pattern = rng.standard_normal((n_spots, n_sub))  # varies inside every spot
+    loadings = rng.uniform(0.5, 1.5, n_genes) * rng.choice([-1, 1], n_genes)
+    base = rng.uniform(1.0, 3.0, n_genes)
+    sub_cp10k = np.exp(base + 0.6 * loadings * pattern[:, :, None])  # (spots, sub, genes)
+    sub_cp10k *= 1e4 / sub_cp10k.sum(axis=2, keepdims=True)
+    spot_cp10k = sub_cp10k.mean(axis=1)
+    counts = rng.poisson(spot_cp10k * 5.0)  # deep spots: 50k counts
+    genes = [f"g{i}" for i in range(n_genes)]
+    slide = grid_slide(counts, side, genes)
+    mixing = rng.standard_normal((1, n_features))
+    features = pattern[:, :, None] * mixing + 0.1 * rng.standard_normal(
+        (n_spots, n_sub, n_features)
+    )
+    embeddings = pd.DataFrame(rng.standard_normal((n_genes, 8)), index=genes)
+    config = CoxFormerSpatialConfig.fast(
+        **TINY,
+        sub_spot_grid=grid,
+        min_spot_fraction=0.0,
+        max_epochs=25,
+        gene_conditioning="bilinear",
+    )
+    model = CoxFormerSpatial(slide, embeddings, genes, "image", config, image_features=features)
+    model.train()
+    sub = model.super_resolve(genes)
+    assert sub.n_obs == n_spots * n_sub and sub.obsm["spatial"].shape == (n_spots * n_sub, 2)
+    assert list(sub.obs["spot"][:n_sub]) == ["s0"] * n_sub
+    truth = np.log1p(sub_cp10k.reshape(n_spots * n_sub, n_genes))
+    upsampled = np.repeat(np.log1p(spot_cp10k), n_sub, axis=0)
+    model_pcc = np.median(per_gene_pearson(np.asarray(sub.X), truth)[0])
+    upsampled_pcc = np.median(per_gene_pearson(upsampled, truth)[0])
+    print(f"sub-spot median PCC: model {model_pcc:.3f}, upsampled spot values {upsampled_pcc:.3f}")
+    assert model_pcc > upsampled_pcc + 0.1
+
+
+# --------------------------------------------------------------------------- a trained model
+@pytest.fixture(scope="module")
+def planted():
+    """A 15 x 15 slide whose 60 genes follow 3 smooth spatial modules, embeddings = modules."""
+    rng = np.random.default_rng(1)
+    side, n_genes = 15, 60
+    rows, cols = np.divmod(np.arange(side * side), side)
+    u, v = cols / side, rows / side
+    modules = np.stack([np.sin(3 * u), np.cos(3 * v), np.sin(2 * (u + v))], axis=1)
+    module_of = np.arange(n_genes) % 3
+    rate = np.exp(1.5 + 1.2 * modules[:, module_of])
+    genes = [f"g{i}" for i in range(n_genes)]
+    slide = grid_slide(rng.poisson(rate * 3), side, genes)
+    slide.obs["domain"] = pd.Categorical(np.where(u < 0.5, "left", "right"))
+    directions = np.linalg.qr(rng.standard_normal((8, 3)))[0].T
+    vectors = directions[module_of] + 0.2 * rng.standard_normal((n_genes, 8))
+    unmeasured = directions + 0.2 * rng.standard_normal((3, 8))
+    embeddings = pd.DataFrame(
+        np.vstack([vectors, unmeasured]), index=[*genes, "new0", "new1", "new2"]
+    )
+    config = CoxFormerSpatialConfig.fast(**TINY, max_epochs=8, min_spot_fraction=0.0)
+    model = CoxFormerSpatial(slide, embeddings, genes[:50], "location", config)
+    model.train()
+    return model, slide, embeddings
+
+
+def test_impute_returns_genes_never_measured_on_the_slide(planted):
+    model, slide, _ = planted
+    imputed = model.impute(["g55", "new0", "new1"])
+    assert imputed.shape == (slide.n_obs, 3)
+    assert list(imputed.var["measured_on_slide"]) == [True, False, False]
+    assert np.all(np.isfinite(imputed.X)) and np.all(imputed.X >= 0)
+    assert imputed.uns["coxformer_spatial"]["scale"] == "log1p_cp10k"
+    with pytest.raises(InputError, match="no embedding"):
+        model.impute(["NOT_A_GENE"])
+
+
+def test_prediction_on_a_new_slide_uses_its_own_coordinates(planted):
+    model, slide, _ = planted
+    new_slide = slide[::2].copy()
+    prediction = model.predict(new_slide, ["g1", "new2"])
+    assert prediction.shape == (new_slide.n_obs, 2)
+    assert list(prediction.obs_names) == list(new_slide.obs_names)
+
+
+def test_region_detection_clusters_imputed_expression_and_scores_ari(planted):
+    model, slide, _ = planted
+    regions, ari = model.detect_regions(2, labels=slide.obs["domain"])
+    assert regions.shape == (slide.n_obs,) and len(np.unique(regions)) == 2
+    assert -1.0 <= ari <= 1.0
+
+
+def test_save_load_round_trip_gives_identical_predictions(planted, tmp_path):
+    model, slide, _ = planted
+    model.save(tmp_path / "model")
+    loaded = CoxFormerSpatial.load(tmp_path / "model", slide=slide)
+    np.testing.assert_allclose(
+        loaded.impute(["g3", "new1"]).X, model.impute(["g3", "new1"]).X, rtol=1e-5, atol=1e-6
+    )
+    with pytest.raises(InputError, match="already exists"):
+        model.save(tmp_path / "model")
+    with pytest.raises(InputError, match="not a saved"):
+        CoxFormerSpatial.load(tmp_path)
+
+
+def test_bad_inputs_raise_input_errors(planted):
+    _, slide, embeddings = planted
+    with pytest.raises(InputError, match="modality"):
+        CoxFormerSpatial(slide, embeddings, modality="sound")
+    with pytest.raises(InputError, match="has no image"):
+        CoxFormerSpatial(slide, embeddings, modality="image", config=CoxFormerSpatialConfig.fast())
+    with pytest.raises(InputError, match="unknown preset"):
+        CoxFormerSpatial(slide, embeddings, config="slow")
+
+
+def test_training_on_a_random_subset_of_spots_per_step_runs_with_sub_spots(planted):
+    _, slide, embeddings = planted
+    config = CoxFormerSpatialConfig.fast(
+        **TINY, max_epochs=1, min_steps_per_epoch=2, max_spots_per_step=30, sub_spot_grid=2
+    )
+    model = CoxFormerSpatial(slide, embeddings, [f"g{i}" for i in range(20)], "location", config)
+    model.train()
+    assert model.fit_result.history and np.isfinite(model.fit_result.history[-1]["train/loss"])
+    sub = model.super_resolve(["new0"])
+    assert sub.shape == (4 * slide.n_obs, 1)
+    spots = model.impute(["new0"]).X[:, 0]
+    expected = np.log1p(np.expm1(np.asarray(sub.X[:, 0])).reshape(-1, 4).mean(axis=1))
+    np.testing.assert_allclose(spots, expected, rtol=1e-5, atol=1e-6)

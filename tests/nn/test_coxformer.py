@@ -1,0 +1,124 @@
+"""CoxFormer spatial module: Fourier features, loss, shapes at thousands of spots."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from stinfer.nn.coxformer import (
+    CoxFormerSpatialModule,
+    SpotContext,
+    fourier_location_features,
+    positive_output,
+    weighted_huber_loss,
+)
+
+
+def test_fourier_features_match_the_closed_form_in_float64():
+    coords = torch.tensor([[0.3, -0.7], [1.0, 0.0], [-0.123456, 0.5]])
+    features = fourier_location_features(coords, n_frequencies=32)
+    assert features.shape == (3, 4 * 32)
+    x = coords.double().numpy()
+    omega = math.pi * 2.0 ** np.arange(32)
+    angles = x[:, :, None] * omega  # float64 reference, slow path of np.sin
+    expected = np.concatenate([np.sin(angles), np.cos(angles)], axis=1).reshape(3, -1)
+    np.testing.assert_allclose(features.numpy(), expected, atol=1e-5)
+
+
+def test_weighted_huber_loss_equals_the_closed_form():
+    rng = np.random.default_rng(0)
+    target = np.where(rng.random((50, 6)) < 0.4, 0.0, rng.gamma(2.0, 1.0, (50, 6)))
+    pred = np.abs(target + rng.standard_t(2, (50, 6)))
+    residual = pred - target
+    delta = residual.std(axis=0)  # per gene (column), population sd
+    absolute = np.abs(residual)
+    huber = np.where(absolute <= delta, 0.5 * residual**2, delta * (absolute - 0.5 * delta))
+    nonzero = target > 0
+    expected = 0.5 * huber[nonzero].mean() + 0.5 * huber[~nonzero].mean() + 1e-3 * pred.mean()
+    loss = weighted_huber_loss(torch.tensor(pred), torch.tensor(target))
+    assert float(loss) == pytest.approx(expected, rel=1e-10)
+
+
+def test_weighted_huber_loss_weighs_zero_and_nonzero_targets_equally_whatever_their_counts():
+    target = torch.tensor([[0.0], [0.0], [0.0], [2.0]])
+    pred = torch.tensor([[1.0], [1.0], [1.0], [1.0]])
+    loss_without_l1 = weighted_huber_loss(pred, target, l1_weight=0.0)
+    # residuals (1, 1, 1, -1): sd 0.866..., every |r| = 1 > delta: linear branch, same value
+    delta = float(torch.tensor([1.0, 1.0, 1.0, -1.0]).std(unbiased=False))
+    per_entry = delta * (1.0 - 0.5 * delta)
+    assert float(loss_without_l1) == pytest.approx(0.5 * per_entry + 0.5 * per_entry)
+
+
+def test_positive_output_is_elu_plus_offset_and_never_negative():
+    pre = torch.linspace(-20, 5, 101)
+    out = positive_output(pre)
+    assert torch.all(out >= 0) and torch.all(out[pre > -5] > 0)
+    torch.testing.assert_close(out, torch.nn.functional.elu(pre, alpha=0.01) + 0.01)
+
+
+@pytest.mark.parametrize(
+    ("modality", "conditioning"),
+    [("location", "attention"), ("image", "bilinear"), ("both", "additive")],
+)
+def test_module_predicts_positive_spots_by_genes_at_thousands_of_spots(modality, conditioning):
+    torch.manual_seed(0)
+    n_spots, n_genes = 3000 if conditioning != "additive" else 600, 7
+    module = CoxFormerSpatialModule(
+        modality,
+        embedding_dim=16,
+        image_in_dim=10,
+        d_model=32,
+        n_heads=4,
+        feedforward_dim=64,
+        location_dim=32,
+        image_dim=32,
+        head_width=32,
+        rank=4,
+        gene_hidden_dim=32,
+        n_memory=20,
+        gene_conditioning=conditioning,
+    )
+    coords = torch.rand(n_spots, 2) * 2 - 1
+    features = torch.randn(n_spots, 10)
+    out = module(coords, features, torch.randn(n_genes, 16), group_size=1024)
+    assert out.shape == (n_spots, n_genes)
+    assert torch.all(out > 0) and torch.isfinite(out).all()
+
+
+def test_spot_context_attends_only_within_groups_of_at_most_group_size():
+    torch.manual_seed(0)
+    context = SpotContext(d_model=8, n_heads=2, feedforward_dim=16, dropout=0.0, n_layers=1)
+    context.eval()
+    tokens = torch.randn(10, 8)
+    order = torch.randperm(10, generator=torch.Generator().manual_seed(3))
+    out = context(tokens, group_size=5, generator=torch.Generator().manual_seed(3))
+    # the same permutation split into two groups of 5, each attended on its own
+    expected = torch.empty_like(tokens)
+    for group in order.view(2, 5):
+        expected[group] = context.layers(tokens[group][None])[0]
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_readout_masks_each_training_gene_from_its_own_memory_slot():
+    torch.manual_seed(0)
+    module = CoxFormerSpatialModule(
+        "location",
+        embedding_dim=4,
+        d_model=8,
+        n_heads=2,
+        feedforward_dim=16,
+        location_dim=8,
+        head_width=8,
+        rank=2,
+        gene_conditioning="attention",
+        n_memory=3,
+        dropout=0.0,
+    )
+    memory = torch.randn(3, 4)
+    module.readout.set_memory(memory)
+    weights = module.readout.attention(memory, exclude=torch.tensor([0, 1, 2]))
+    assert torch.all(weights.diagonal() == 0)
+    torch.testing.assert_close(weights.sum(dim=1), torch.ones(3))
