@@ -61,6 +61,7 @@ from stinfer.errors import InputError
 from stinfer.evaluate.metrics import cluster_ari, cluster_domains
 from stinfer.io.atomic import atomic_output
 from stinfer.io.slide_data import slide_meta
+from stinfer.models.persistence import read_model_config, read_model_weights, write_model_files
 from stinfer.nn.coxformer import (
     MODALITIES,
     CoxFormerSpatialModule,
@@ -847,15 +848,7 @@ class CoxFormerSpatial:
     # ----------------------------------------------------------------- persistence
     def save(self, directory: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write config, weights (safetensors), genes and the embedding table into ``directory``."""
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
-        with atomic_output(directory / "weights.safetensors", overwrite) as tmp:
-            save_file(state, str(tmp))
-        with atomic_output(directory / "config.json", overwrite) as tmp:
-            tmp.write_text(json.dumps(self.config.to_dict(), indent=2))
+        directory = write_model_files(directory, self.module, self.config.to_dict(), overwrite)
         record = {
             "modality": self.modality,
             "train_genes": self.train_genes,
@@ -884,16 +877,9 @@ class CoxFormerSpatial:
         ``slide`` (optional) becomes the default slide of :meth:`impute`; without it pass
         ``slide=`` to every call.
         """
-        from safetensors.torch import load_file
-
         directory = Path(directory)
-        missing = [name for name in MODEL_FILES if not (directory / name).is_file()]
-        if missing:
-            raise InputError(
-                f"{directory}: not a saved CoxFormer spatial model; missing {', '.join(missing)}."
-            )
         config = CoxFormerSpatialConfig.from_dict(
-            json.loads((directory / "config.json").read_text())
+            read_model_config(directory, MODEL_FILES, "CoxFormer spatial model")
         )
         record = json.loads((directory / "state.json").read_text())
         model = cls.__new__(cls)
@@ -914,7 +900,7 @@ class CoxFormerSpatial:
             model.feature_mean = np.asarray(record["feature_mean"], dtype=np.float32)
             model.feature_scale = np.asarray(record["feature_scale"], dtype=np.float32)
         model.module = model._build_module()
-        model.module.load_state_dict(load_file(str(directory / "weights.safetensors")))
+        model.module.load_state_dict(read_model_weights(directory))
         model.module.eval()
         model.fit_result = None
         model.early_stopping = None

@@ -44,6 +44,7 @@ from stinfer.errors import InputError
 from stinfer.evaluate.metrics import per_gene_pearson
 from stinfer.io.atomic import atomic_output
 from stinfer.io.slide_data import slide_meta
+from stinfer.models.persistence import read_model_config, read_model_weights, write_model_files
 from stinfer.nn.stevs import MODES, STEvsConfig, STEvsModule
 from stinfer.train import FitResult, TrainerConfig, fit
 
@@ -641,15 +642,7 @@ class STEvs:
 
         The weights include the coordinate normaliser fitted on the training cohort.
         """
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
-        with atomic_output(directory / "weights.safetensors", overwrite) as tmp:
-            save_file(state, str(tmp))
-        with atomic_output(directory / "config.json", overwrite) as tmp:
-            tmp.write_text(json.dumps(self.config.to_dict(), indent=2))
+        directory = write_model_files(directory, self.module, self.config.to_dict(), overwrite)
         with atomic_output(directory / "genes.json", overwrite) as tmp:
             tmp.write_text(json.dumps(self.genes))
         return directory
@@ -657,13 +650,10 @@ class STEvs:
     @classmethod
     def load(cls, directory: str | os.PathLike) -> STEvs:
         """Load a model written by :meth:`save` (safetensors: no pickle is executed)."""
-        from safetensors.torch import load_file
-
         directory = Path(directory)
-        missing = [name for name in MODEL_FILES if not (directory / name).is_file()]
-        if missing:
-            raise InputError(f"{directory}: not a saved STEvs model; missing {', '.join(missing)}.")
-        config = STEvsModelConfig.from_dict(json.loads((directory / "config.json").read_text()))
+        config = STEvsModelConfig.from_dict(
+            read_model_config(directory, MODEL_FILES, "STEvs model")
+        )
         genes = json.loads((directory / "genes.json").read_text())
         model = cls.__new__(cls)
         model.config = config
@@ -672,6 +662,6 @@ class STEvs:
         model.fit_result = None
         config.module.pretrained = None  # the saved weights replace any initial weights
         model.module = STEvsModule(num_genes=len(genes), config=config.module)
-        model.module.load_state_dict(load_file(str(directory / "weights.safetensors")))
+        model.module.load_state_dict(read_model_weights(directory))
         model.module.eval()
         return model
