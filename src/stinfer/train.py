@@ -38,6 +38,11 @@ class TrainerConfig:
     early_stopping_patience: int | None = None  # epochs without improvement of `monitor`
     check_val_every_n_epoch: int = 1
     deterministic: bool = False
+    # Stochastic weight averaging (Izmailov et al. 2018, Lightning's callback): the final weights
+    # are the mean of the weights at the end of epochs int(f * max_epochs) - 1 to max_epochs - 1
+    # (1-based), BatchNorm statistics recomputed with one extra pass over the training data.
+    swa_epoch_start: float | None = None
+    swa_lr: float | None = None  # learning rate during averaging (None: the optimizer's)
 
 
 @dataclass
@@ -182,6 +187,44 @@ class EMAEarlyStopping(L.Callback):
             pl_module.load_state_dict(self.best_state)
 
 
+class WeightAveraging(L.pytorch.callbacks.StochasticWeightAveraging):
+    """Lightning's SWA, except that BatchNorm layers kept in eval mode are left alone.
+
+    Lightning resets every BatchNorm's running statistics before its final pass over the
+    training data; a frozen backbone stays in eval mode during that pass, so its statistics
+    would stay reset (zero mean, unit variance) and its features would change.
+    """
+
+    def reset_batch_norm_and_save_state(self, pl_module: L.LightningModule) -> None:
+        frozen = [
+            (module, module.running_mean.clone(), module.running_var.clone())
+            for module in pl_module.modules()
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not module.training
+        ]
+        super().reset_batch_norm_and_save_state(pl_module)
+        for module, mean, var in frozen:
+            module.running_mean, module.running_var = mean, var
+            module.momentum = self.momenta.pop(module)
+
+
+def swa_callback(module: L.LightningModule, config: TrainerConfig) -> L.Callback | None:
+    """Lightning's weight averaging from ``config.swa_epoch_start``, at ``config.swa_lr``.
+
+    ``None`` when training is too short to average anything but the initial weights (Lightning
+    folds in the previous epoch's weights, so averaging must start at epoch 2 or later).
+    """
+    start = max(int(config.max_epochs * config.swa_epoch_start), 2)
+    if start > config.max_epochs:
+        return None
+    swa_lr = config.swa_lr
+    if swa_lr is None:
+        optimizer = module.configure_optimizers()
+        optimizer = optimizer[0] if isinstance(optimizer, (list, tuple)) else optimizer
+        optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
+        swa_lr = optimizer.param_groups[0]["lr"]
+    return WeightAveraging(swa_lrs=swa_lr, swa_epoch_start=start, annealing_epochs=1)
+
+
 def fit(
     module: L.LightningModule,
     train_loader,
@@ -212,6 +255,9 @@ def fit(
                     check_finite=False,
                 )
             )
+    swa = swa_callback(module, config) if config.swa_epoch_start is not None else None
+    if swa is not None:
+        all_callbacks.append(swa)
     trainer = L.Trainer(
         max_epochs=config.max_epochs,
         accelerator=config.accelerator,
@@ -228,12 +274,15 @@ def fit(
         check_val_every_n_epoch=config.check_val_every_n_epoch,
         deterministic=config.deterministic,
     )
+    module.train()  # Lightning keeps the mode it is given; a model used for prediction is in eval
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*number of training batches.*")
         trainer.fit(module, train_loader, val_loader)
-    result = FitResult(history=history.history, train_seconds=time.perf_counter() - start)
+    # weight averaging adds one pass without updates (BatchNorm statistics): not an epoch
+    epochs = history.history[: config.max_epochs]
+    result = FitResult(history=epochs, train_seconds=time.perf_counter() - start)
     if best is not None:
         result.best_epoch, result.best_score = best.best_epoch, best.best_score
     return result

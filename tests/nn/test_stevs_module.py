@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 
 from stinfer.errors import InputError
 from stinfer.nn.decoders import GeneDecoder, ImageDecoder
-from stinfer.nn.encoders import CoordinateNormalizer, ImageEncoder, create_backbone
+from stinfer.nn.encoders import (
+    CoordinateNormalizer,
+    ImageEncoder,
+    SlideColourNormalizer,
+    colour_moments,
+    create_backbone,
+)
 from stinfer.nn.fusion import FUSIONS
 from stinfer.nn.likelihoods import NegativeBinomial, kl_standard_normal
 from stinfer.nn.stevs import STEvsConfig, STEvsModule, kl_weight
@@ -300,6 +307,48 @@ def test_coordinate_normalizer_centres_each_slide_and_is_saved_with_the_module()
     torch.testing.assert_close(restored.coord_normalizer(slide), normalised)
     with pytest.raises(RuntimeError, match="not fitted"):
         CoordinateNormalizer()(slide)
+
+
+# ---------------------------------------------------------------- colour
+def random_slide_patches(generator: torch.Generator, gain, offset, n: int = 40) -> torch.Tensor:
+    """uint8 patches of one slide: a common tissue pattern under a slide-wide stain change."""
+    base = torch.rand(n, 3, 16, 16, generator=generator) * 120 + 60
+    gain = torch.tensor(gain)[None, :, None, None]
+    offset = torch.tensor(offset)[None, :, None, None]
+    return (base * gain + offset).round().clamp(0, 255).to(torch.uint8)
+
+
+def test_colour_moments_equal_numpy_over_all_pixels_of_each_channel():
+    patches = random_slide_patches(torch.Generator().manual_seed(0), [1.0, 0.8, 1.1], [0, 10, -5])
+    pixels = patches.numpy().transpose(1, 0, 2, 3).reshape(3, -1).astype(np.float64)
+    moments = colour_moments(patches, chunk=7)  # chunks that do not divide N
+    np.testing.assert_allclose(moments[0].numpy(), pixels.mean(1), rtol=1e-6)
+    np.testing.assert_allclose(moments[1].numpy(), pixels.std(1), rtol=1e-5)
+
+
+def test_slide_colour_normalizer_maps_each_slide_to_the_training_moments_and_is_saved():
+    generator = torch.Generator().manual_seed(1)
+    train_a = random_slide_patches(generator, [1.0, 1.0, 1.0], [0, 0, 0])
+    train_b = random_slide_patches(generator, [0.9, 1.0, 1.05], [5, 0, -5])
+    stained = random_slide_patches(generator, [0.7, 0.85, 1.2], [30, -20, 10])  # another lab
+    module = STEvsModule(GENES, tiny_config())
+    module.colour_normalizer.fit([train_a, train_b])
+    reference = (colour_moments(train_a) + colour_moments(train_b)) / 2
+    torch.testing.assert_close(module.colour_normalizer.reference, reference)
+
+    normalised = module.colour_normalizer(stained)
+    assert normalised.dtype == torch.uint8 and normalised.shape == stained.shape
+    torch.testing.assert_close(colour_moments(normalised), reference, atol=0.6, rtol=0.01)
+    # within-slide differences survive: per channel, a spot's mean is an affine map of its own
+    before, after = stained.float().mean((2, 3)), normalised.float().mean((2, 3))
+    for channel in range(3):
+        assert np.corrcoef(before[:, channel], after[:, channel])[0, 1] > 0.999
+
+    restored = STEvsModule(GENES, tiny_config())
+    restored.load_state_dict(module.state_dict())
+    torch.testing.assert_close(restored.colour_normalizer(stained), normalised)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        SlideColourNormalizer()(stained)
 
 
 # ---------------------------------------------------------------- learning

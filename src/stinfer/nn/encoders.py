@@ -418,3 +418,66 @@ class CoordinateNormalizer(nn.Module):
             raise RuntimeError("CoordinateNormalizer is not fitted; call fit(training_slides)")
         centre = coords.mean(0) if centre is None else centre
         return (coords - centre) / self.scale.to(coords.dtype)
+
+
+def colour_moments(patches: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """Per-channel mean and sd ``(2, C)`` over every pixel of ``(N, C, H, W)`` patches.
+
+    Accumulated in float64 over chunks of ``chunk`` patches, so thousands of 160-px uint8
+    patches never become one float copy.
+    """
+    if patches.dim() != 4 or patches.shape[0] == 0:
+        raise InputError("colour_moments needs a non-empty (N, C, H, W) tensor of patches")
+    total = torch.zeros(patches.shape[1], dtype=torch.float64)
+    squares = torch.zeros_like(total)
+    for block in patches.split(chunk):
+        values = block.double().transpose(0, 1).flatten(1)
+        total += values.sum(1)
+        squares += values.square().sum(1)
+    count = patches.numel() / patches.shape[1]
+    mean = total / count
+    sd = (squares / count - mean.square()).clamp_min(0).sqrt()
+    return torch.stack([mean, sd]).float()
+
+
+class SlideColourNormalizer(nn.Module):
+    """Per-slide colour standardisation of uint8 spot patches to the training cohort.
+
+    Each slide's patches are mapped channel by channel so that their mean and sd over the
+    slide's pixels equal the reference (the training slides' average moments):
+    ``x' = (x - mean_slide) / sd_slide * sd_ref + mean_ref`` (Reinhard et al. 2001, in RGB).
+    Serial sections and other labs differ in stain intensity and hue as a whole; relative
+    differences between spots of one slide (cellularity, stroma) are what transfer. Apply it
+    to every spot of a slide at once (a subset has other moments). ``reference`` and
+    ``fitted`` are buffers, saved in the owning module's ``state_dict``.
+    """
+
+    reference: torch.Tensor
+    fitted: torch.Tensor
+
+    def __init__(self, channels: int = 3) -> None:
+        super().__init__()
+        self.register_buffer("reference", torch.zeros(2, channels))
+        self.register_buffer("fitted", torch.tensor(False))
+
+    def fit(self, slides: Sequence[torch.Tensor]) -> SlideColourNormalizer:
+        """Fit the reference on one ``(N_s, C, H, W)`` uint8 patch tensor per training slide."""
+        if len(slides) == 0:
+            raise InputError("SlideColourNormalizer.fit needs the patches of at least one slide")
+        self.reference.copy_(torch.stack([colour_moments(s) for s in slides]).mean(0))
+        self.fitted.fill_(True)
+        return self
+
+    def forward(self, patches: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+        """The ``(N, C, H, W)`` uint8 patches of one whole slide, colour-standardised (uint8)."""
+        if not bool(self.fitted):
+            raise RuntimeError("SlideColourNormalizer is not fitted; call fit(training_slides)")
+        mean, sd = colour_moments(patches, chunk)
+        gain = (self.reference[1] / sd.clamp_min(1e-3))[None, :, None, None]
+        shift = self.reference[0][None, :, None, None] - mean[None, :, None, None] * gain
+        return torch.cat(
+            [
+                (block.float() * gain + shift).round_().clamp_(0, 255).to(torch.uint8)
+                for block in patches.split(chunk)
+            ]
+        )

@@ -39,6 +39,7 @@ from stinfer.nn.encoders import (
     CoordinateNormalizer,
     ImageEncoder,
     ModalityPosterior,
+    SlideColourNormalizer,
     build_coordinate_encoder,
 )
 from stinfer.nn.fusion import FUSIONS, build_fusion, reparameterize
@@ -191,7 +192,9 @@ class STEvsModule(nn.Module):
     Inputs: patches ``(N, C, P, P)`` min-max normalised to ``[-1, 1]`` (STEvs Eq. 39) or
     precomputed backbone features ``(N, F)`` from :meth:`encode_image_features`; coordinates
     ``(N, 2)`` already normalised by ``self.coord_normalizer`` (fit it on the training slides, then
-    normalise each slide with it; it is saved in the ``state_dict``).
+    normalise each slide with it; it is saved in the ``state_dict``). ``self.colour_normalizer``
+    (per-slide colour standardisation of uint8 patches, used by the model when its training
+    config asks for it) is fitted and saved the same way.
 
     Without a coordinate encoder (``coord_encoder="none"``) every fusion reduces to the image
     posterior and the alignment term is zero. Single-modality modes use the modality's own
@@ -232,6 +235,7 @@ class STEvsModule(nn.Module):
             fourier_learnable=config.fourier_learnable,
         )
         self.coord_normalizer = CoordinateNormalizer()
+        self.colour_normalizer = SlideColourNormalizer()
         self.fusion = (
             build_fusion(
                 config.fusion,
