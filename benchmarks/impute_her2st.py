@@ -45,6 +45,11 @@ def main() -> None:
     parser.add_argument("--modalities", nargs="+", default=list(MODALITIES))
     parser.add_argument("--preset", default="fast", choices=["fast", "paper"])
     parser.add_argument("--epochs", type=int, help="override the preset's maximum epochs")
+    parser.add_argument(
+        "--gene-conditioning",
+        choices=["attention", "bilinear", "additive"],
+        help="override the readout (ablations; default: the preset's, attention)",
+    )
     parser.add_argument("--test-fraction", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True, help="results .csv (and .json)")
@@ -56,6 +61,8 @@ def main() -> None:
     config = coxformer_spatial_config(args.preset, progress_bar=False)
     if args.epochs:
         config = replace(config, max_epochs=args.epochs)
+    if args.gene_conditioning:
+        config = replace(config, gene_conditioning=args.gene_conditioning)
     table = embedding_table(args.embeddings)
     rows = []
     for section in args.sections:
@@ -82,7 +89,13 @@ def main() -> None:
             write_text(frame.to_csv(index=False), args.out, overwrite=True)  # checked above
     write_text(
         json.dumps(
-            {"embeddings": str(args.embeddings), "preset": args.preset, "rows": rows}, indent=2
+            {
+                "embeddings": str(args.embeddings),
+                "preset": args.preset,
+                "gene_conditioning": config.gene_conditioning,
+                "rows": rows,
+            },
+            indent=2,
         ),
         args.out.with_suffix(".json"),
         overwrite=True,

@@ -15,12 +15,17 @@ is the group's (:func:`stinfer.preprocess.select_genes` over the three sections:
 in at least two sections, as DESIGN.md defines it). Training seconds and the process's peak RSS
 after each model are recorded.
 
-Speed (``--speed``, on by default): the `fast` preset's training time on one section is the
-table's ``train_s``; an epoch over 4,000 synthetic spots with the encoder frozen and its
-features cached; seconds per epoch of the `paper` preset, extrapolated from a few timed
-batches. Report ``uptime``'s load average with any timing: the machine may be shared.
+STEvs is trained once per ``--seeds`` value (training seed; the baselines are deterministic),
+so the summary's mean +/- sd runs over pairs and seeds.
 
-    python benchmarks/stevs_her2st.py --data ../shared/data/her2st --out results/stevs_her2st
+Speed (on unless ``--no-speed``): the `fast` preset's training time on one section is the
+table's ``train_s``; an epoch over 4,000 synthetic spots with the encoder frozen and its
+features cached (`fast`; `paper` measured on 500 spots and scaled); seconds per epoch of the
+`paper` preset, extrapolated from a few timed batches. Report ``uptime``'s load average with
+any timing: the machine may be shared.
+
+    python benchmarks/stevs_her2st.py --data ../shared/data/her2st --out results/stevs_her2st \
+        --seeds 0 1 2 --threads 1
 
 writes ``cross_slice.csv``, ``cross_slice.md`` (the table, plus mean +/- sd over pairs) and
 ``speed.json`` into ``--out``.

@@ -82,3 +82,15 @@ def test_impute_named_genes_including_one_not_on_the_slide(tmp_path, monkeypatch
     bad = "impute --slide C2.h5ad --embeddings genes.h5ad --genes NOPE --out other.h5ad"
     assert main(bad.split()) == 2
     assert "no embedding for 1 of the --genes (NOPE)" in capsys.readouterr().err
+
+
+def test_the_default_preset_is_the_papers_on_a_gpu_and_fast_on_a_cpu(monkeypatch):
+    import torch
+
+    from stinfer.cli.impute import resolve_preset
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_preset("auto") == "fast"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_preset("auto") == "paper"
+    assert resolve_preset("fast") == "fast" and resolve_preset("paper") == "paper"

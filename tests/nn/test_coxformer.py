@@ -102,23 +102,77 @@ def test_spot_context_attends_only_within_groups_of_at_most_group_size():
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_attention_readout_masks_each_training_gene_from_its_own_memory_slot():
-    torch.manual_seed(0)
-    module = CoxFormerSpatialModule(
+def small_attention_module(embedding_dim: int = 4, n_memory: int = 3, d_model: int = 8):
+    return CoxFormerSpatialModule(
         "location",
-        embedding_dim=4,
-        d_model=8,
+        embedding_dim=embedding_dim,
+        d_model=d_model,
         n_heads=2,
         feedforward_dim=16,
         location_dim=8,
         head_width=8,
         rank=2,
+        gene_hidden_dim=8,
         gene_conditioning="attention",
-        n_memory=3,
+        n_memory=n_memory,
         dropout=0.0,
     )
+
+
+def test_attention_readout_masks_each_training_gene_from_its_own_memory_slot():
+    torch.manual_seed(0)
+    module = small_attention_module()
     memory = torch.randn(3, 4)
     module.readout.set_memory(memory)
     weights = module.readout.attention(memory, exclude=torch.tensor([0, 1, 2]))
     assert torch.all(weights.diagonal() == 0)
     torch.testing.assert_close(weights.sum(dim=1), torch.ones(3))
+
+
+def test_attention_readout_starts_as_a_cosine_softmax_over_the_memory_genes():
+    torch.manual_seed(0)
+    module = small_attention_module(embedding_dim=6, n_memory=10, d_model=16)
+    memory, queries = np.random.default_rng(0).standard_normal((2, 10, 6))
+    module.readout.set_memory(torch.tensor(memory, dtype=torch.float32))
+    weights = module.readout.attention(torch.tensor(queries, dtype=torch.float32)).detach().numpy()
+    cosine = (queries / np.linalg.norm(queries, axis=1, keepdims=True)) @ (
+        memory / np.linalg.norm(memory, axis=1, keepdims=True)
+    ).T
+    expected = np.exp(cosine / 0.1) / np.exp(cosine / 0.1).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(weights, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_attention_readout_starts_as_a_cosine_softmax_knn_and_estimates_a_missing_memory():
+    torch.manual_seed(0)
+    module = small_attention_module(n_memory=5).eval()
+    memory = torch.randn(5, 4)
+    module.readout.set_memory(memory)
+    tokens = module.spot_tokens(torch.rand(12, 2) * 2 - 1, None, group_size=64)
+    profiles = torch.rand(12, 5) * 3
+    genes = torch.randn(3, 4)
+    base, full = module.readout_pair(tokens, genes, profiles)
+    # level 0 and gain 1 at the start: the cosine-softmax k-NN of the memory profiles
+    torch.testing.assert_close(full, positive_output(profiles @ module.readout.attention(genes).T))
+    torch.testing.assert_close(
+        base, positive_output(module.readout.base(module.head(tokens), genes))
+    )
+    # a slide without the memory genes measured: the base readout predicts their profiles
+    estimate = module.memory_estimate(tokens)
+    torch.testing.assert_close(estimate, module.readout_pair(tokens, memory, profiles)[0])
+    torch.testing.assert_close(
+        module.readout_tokens(tokens, genes), module.readout_tokens(tokens, genes, estimate)
+    )
+
+
+def test_attention_readout_gives_sub_spots_the_base_readouts_detail_around_the_spot_value():
+    torch.manual_seed(0)
+    module = small_attention_module(n_memory=5).eval()
+    module.readout.set_memory(torch.randn(5, 4))
+    tokens = module.spot_tokens(torch.rand(12, 2) * 2 - 1, None, group_size=64)  # 3 spots x 4
+    profiles, genes = torch.rand(3, 5) * 3, torch.randn(2, 4)
+    features = module.head(tokens)
+    base, full = module.readout(features, genes, profiles, rows_per_spot=4)
+    spot_value = module.readout.context(genes, profiles).repeat_interleave(4, dim=0)
+    torch.testing.assert_close((full - spot_value).view(3, 4, 2).mean(dim=1), torch.zeros(3, 2))
+    detail = base.view(3, 4, 2) - base.view(3, 4, 2).mean(dim=1, keepdim=True)
+    torch.testing.assert_close(full - spot_value, detail.reshape(12, 2))

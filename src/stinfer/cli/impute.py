@@ -61,9 +61,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--preset",
-        choices=["paper", "fast"],
-        default="paper",
-        help="paper: the paper's hyperparameters (GPU); fast: a smaller model for a CPU",
+        choices=["auto", "paper", "fast"],
+        default="auto",
+        help="paper: the paper's hyperparameters (for a GPU); fast: a smaller model for a CPU; "
+        "auto (default): paper when a CUDA GPU is available, else fast",
     )
     parser.add_argument("--epochs", type=int, help="override the preset's maximum epochs")
     parser.add_argument(
@@ -77,6 +78,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=1,
         help="r > 1: predict an r x r sub-spot grid per spot (super-resolution); with --genes "
         "the output then holds the sub-spots",
+    )
+    parser.add_argument(
+        "--gene-conditioning",
+        choices=["attention", "bilinear", "additive"],
+        help="how the gene conditions the prediction: attention over the measured training "
+        "genes (default), the decoder's bilinear readout alone, or the public code's additive "
+        "token (ablations)",
     )
     parser.add_argument("--seed", type=int, default=0, help="split and training seed (default 0)")
     parser.add_argument("--no-baselines", action="store_true", help="skip mean profile and k-NN")
@@ -111,9 +119,20 @@ def metrics_path(args: argparse.Namespace) -> Path:
     return args.out.with_name(f"{args.out.stem}.metrics.json")
 
 
+def resolve_preset(preset: str) -> str:
+    """``auto``: the paper's model where it trains in minutes (a CUDA GPU), else ``fast``."""
+    if preset != "auto":
+        return preset
+    import torch
+
+    return "paper" if torch.cuda.is_available() else "fast"
+
+
 def build_config(args: argparse.Namespace):
     from stinfer.models.coxformer_spatial import coxformer_spatial_config
 
+    args.preset = resolve_preset(args.preset)
+    logger.info("CoxFormer spatial preset: %s", args.preset)
     config = coxformer_spatial_config(
         args.preset,
         seed=args.seed,
@@ -125,6 +144,8 @@ def build_config(args: argparse.Namespace):
         config = replace(config, max_epochs=args.epochs)
     if args.min_spot_fraction is not None:
         config = replace(config, min_spot_fraction=args.min_spot_fraction)
+    if args.gene_conditioning is not None:
+        config = replace(config, gene_conditioning=args.gene_conditioning)
     return config
 
 

@@ -3,8 +3,8 @@
 ``CoxFormerSpatial(slide, gene_embeddings, train_genes, modality)`` learns, from the genes
 measured on one slide, how a gene's embedding maps to its spatial expression, then predicts
 genes that were never measured (CoxFormer Suppl. Section 3; the module is
-:class:`stinfer.nn.coxformer.CoxFormerSpatialModule`, see its docstring for why the gene enters
-as a bilinear readout rather than one additive token).
+:class:`stinfer.nn.coxformer.CoxFormerSpatialModule`, see its docstring for how the gene token
+conditions the prediction and why it departs from the paper's single additive token).
 
 What the model sees
 -------------------
@@ -18,6 +18,13 @@ What the model sees
   (``image_features="vit"``: a timm ViT whose patch tokens are averaged over the spot's patch,
   ``"handcrafted"``: :func:`stinfer.data.features.handcrafted_features`, the choice without
   pretrained weights), or an array the caller passes; ``both``: the two.
+- **Memory**: the training genes' log1p CP10k on the slide being predicted, which the gene
+  token attends over (:meth:`CoxFormerSpatial.memory_targets`): on the training slide its
+  targets, on a new slide that measures every training gene their measurements there, on
+  a slide without them their prediction by the model's spot decoder. Training masks each
+  gene's own slot (leave-one-gene-out); at inference a gene in the memory (a measured
+  training gene) attends to its own measurement too, so its prediction is a smoothed
+  version of it, and its sub-spots (super-resolution) refine its measured spot values.
 - **Super-resolution** (``sub_spot_grid = r > 1``): each spot is an ``r x r`` grid of sub-spots
   (sub-patches of the spot's patch, sub-spot centres for the coordinates); the module predicts
   every sub-spot and the spot's prediction is ``log1p(mean(expm1(sub-spot predictions)))``
@@ -26,7 +33,8 @@ What the model sees
 
 Training (CoxFormer S3): mini-batches of 64 *genes* over every spot (at most
 ``max_spots_per_step`` random spots per step on large slides), weighted Huber + L1
-(:func:`~stinfer.nn.coxformer.weighted_huber_loss`), AdamW lr 1e-4, weight decay 1e-4, cosine
+(:func:`~stinfer.nn.coxformer.weighted_huber_loss`) of the prediction plus the same loss of
+the decoder's own readout (``base_loss_weight``), AdamW lr 1e-4, weight decay 1e-4, cosine
 to 1e-6, up to 200 epochs, EMA early stopping with the best weights restored
 (:class:`stinfer.train.EMAEarlyStopping`), through :func:`stinfer.train.fit`.
 
@@ -65,8 +73,7 @@ from stinfer.models.persistence import read_model_config, read_model_weights, wr
 from stinfer.nn.coxformer import (
     MODALITIES,
     CoxFormerSpatialModule,
-    combine,
-    positive_output,
+    aggregate_sub_spots,
     weighted_huber_loss,
 )
 from stinfer.preprocess import normalize_log1p_cp10k
@@ -107,7 +114,9 @@ class CoxFormerSpatialConfig:
     image_dim: int = 512  # S3: d_img
     head_width: int = 256  # S3
     head_depth: int = 4  # S3
-    gene_conditioning: str = "bilinear"  # stinfer: see stinfer.nn.coxformer ("additive": public)
+    gene_conditioning: str = "attention"  # stinfer: see stinfer.nn.coxformer ("additive": public)
+    attention_temperature: float = 0.1  # stinfer: start of the learned cosine-softmax temperature
+    base_loss_weight: float = 1.0  # stinfer: loss on the readout without the memory
     rank: int = 32  # stinfer: spatial pattern factors of the bilinear readout
     gene_hidden_dim: int = 512  # stinfer: width of the gene MLP after W_g
     gene_hidden_layers: int = 2  # stinfer: ReLU layers after W_g (0: linear in the embedding)
@@ -324,14 +333,6 @@ def tile_patches(patches: np.ndarray, grid: int) -> np.ndarray:
     return np.ascontiguousarray(tiles.reshape(n * grid * grid, channels, th, tw))
 
 
-def aggregate_sub_spots(sub_spot_log1p: torch.Tensor, n_sub: int) -> torch.Tensor:
-    """``(S * R, G)`` log1p-CP10k of sub-spots -> ``(S, G)`` spot log1p of their mean CP10k."""
-    if n_sub == 1:
-        return sub_spot_log1p
-    cp10k = torch.expm1(sub_spot_log1p).view(-1, n_sub, sub_spot_log1p.shape[1]).mean(dim=1)
-    return torch.log1p(cp10k)
-
-
 def patch_spec_for(slide: ad.AnnData, patch_size_px: int):
     """The :class:`~stinfer.data.patches.PatchSpec` of spot patches (``patch_size_px`` file px)."""
     from stinfer.data.patches import PatchSpec
@@ -435,9 +436,13 @@ class CoxFormerSpatialTask(L.LightningModule):
 
     def predict_spots(
         self, genes: torch.Tensor, spots: torch.Tensor | None, generator=None
-    ) -> torch.Tensor:
-        """``(n_spots, len(genes))`` spot-level predictions (sub-spots aggregated)."""
-        coords, features = self.coords, self.image_features
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(base, full)`` spot-level predictions ``(n_spots, len(genes))`` (sub-spots aggregated).
+
+        The memory genes are the training genes: their measured profiles at the step's spots
+        feed the attention readout, each gene's own slot masked (leave-one-gene-out).
+        """
+        coords, features, targets = self.coords, self.image_features, self.targets
         if spots is not None:
             rows = (
                 spots.to(self.device)[:, None] * self.n_sub
@@ -445,19 +450,19 @@ class CoxFormerSpatialTask(L.LightningModule):
             ).reshape(-1)
             coords = None if coords is None else coords[rows]
             features = None if features is None else features[rows]
+            targets = targets[spots.to(self.device)]
         vectors = self.embeddings[genes]
         if self.training and self.config.embedding_noise > 0:
             noise = torch.randn(vectors.shape, generator=self.generator).to(vectors)
             vectors = vectors + noise * (self.config.embedding_noise / vectors.shape[1] ** 0.5)
         module = self.module
         tokens = module.spot_tokens(coords, features, self.config.group_size, generator)
-        pred = module.readout_tokens(tokens, vectors, exclude=genes)
-        if self.training and module.gene_conditioning == "attention":
-            factors = module.readout.spot_out(module.head(tokens))
-            own = combine(factors, module.readout.own_parameters(genes))
-            own = positive_output(own, module.elu_alpha, module.output_offset)
-            self._own_prediction = aggregate_sub_spots(own.float(), self.n_sub)
-        return aggregate_sub_spots(pred.float(), self.n_sub)
+        memory = targets if module.uses_memory else None
+        base, full = module.readout_pair(tokens, vectors, memory, genes, self.n_sub)
+        return (
+            aggregate_sub_spots(base.float(), self.n_sub),
+            aggregate_sub_spots(full.float(), self.n_sub),
+        )
 
     def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Weighted Huber + L1 (CoxFormer S3) of ``(S, G)`` predictions."""
@@ -467,17 +472,17 @@ class CoxFormerSpatialTask(L.LightningModule):
     def training_step(self, batch, batch_idx):
         (genes,) = batch
         spots = self.spot_rows()
-        pred = self.predict_spots(genes, spots, self.generator)
+        base, full = self.predict_spots(genes, spots, self.generator)
         if spots is None:
             target = self.targets[:, genes]
         else:
             target = self.targets[spots.to(self.device)][:, genes]
-        loss = self.loss(pred, target)
+        loss = self.loss(full, target)
         self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=len(genes))
-        if self.module.gene_conditioning == "attention":
-            reconstruction = self.loss(self._own_prediction, target)
-            self.log("train/reconstruction", reconstruction, on_epoch=True, batch_size=len(genes))
-            loss = loss + reconstruction
+        if self.module.uses_memory and self.config.base_loss_weight > 0:
+            base_loss = self.loss(base, target)
+            self.log("train/base_loss", base_loss, on_epoch=True, batch_size=len(genes))
+            loss = loss + self.config.base_loss_weight * base_loss
         return loss
 
     def configure_optimizers(self):
@@ -597,6 +602,7 @@ class CoxFormerSpatial:
             gene_hidden_layers=c.gene_hidden_layers,
             initial_level=float(self.targets.mean()) if hasattr(self, "targets") else 0.0,
             n_memory=len(self.train_genes),
+            temperature=c.attention_temperature,
         )
         if c.gene_conditioning == "attention":
             module.readout.set_memory(torch.from_numpy(self.gene_vectors(self.train_genes)))
@@ -703,12 +709,33 @@ class CoxFormerSpatial:
         return self.fit_result
 
     # ----------------------------------------------------------------- inference
+    def memory_targets(self, slide: ad.AnnData) -> np.ndarray | None:
+        """``(n_spots, n_train)`` measured log1p CP10k of the training genes on ``slide``.
+
+        The attention readout's memory (see :class:`~stinfer.nn.coxformer.GeneAttentionReadout`):
+        on the training slide its targets; on another slide the training genes' measurements
+        there when it has every one of them (totals over the slide's genes); otherwise
+        ``None``: the module predicts them with its base readout.
+        """
+        if not self.module.uses_memory:
+            return None
+        if slide is self.slide and getattr(self, "targets", None) is not None:
+            return self.targets
+        if not pd.Index(self.train_genes).isin(slide.var_names).all():
+            logger.info(
+                "slide does not measure every training gene: their profiles there are "
+                "predicted (base readout)"
+            )
+            return None
+        return slide_log1p_cp10k(slide, self.train_genes)
+
     @torch.no_grad()
     def _predict_log1p(
         self,
         genes: Sequence[str],
         location: torch.Tensor | None,
         features: torch.Tensor | None,
+        memory_targets: np.ndarray | None = None,
     ) -> np.ndarray:
         """``(n_rows, len(genes))`` float32 log1p-CP10k at every input row (spot or sub-spot)."""
         self.module.eval()
@@ -721,9 +748,25 @@ class CoxFormerSpatial:
             self.config.group_size,
             generator,
         )
+        if memory_targets is not None:
+            memory = torch.from_numpy(np.asarray(memory_targets, dtype=np.float32)).to(device)
+        elif self.module.uses_memory:
+            memory = self.module.memory_estimate(
+                tokens, self.n_sub, self.config.predict_batch_genes
+            )
+        else:
+            memory = None
+        size = self.config.predict_batch_genes
         parts = [
-            self.module.readout_tokens(tokens, chunk).float().cpu()
-            for chunk in vectors.split(self.config.predict_batch_genes)
+            self.module.readout_tokens(
+                tokens,
+                vectors[start : start + size],
+                memory,
+                rows_per_spot=self.n_sub,
+            )
+            .float()
+            .cpu()
+            for start in range(0, len(genes), size)
         ]
         return torch.cat(parts, dim=1).numpy()
 
@@ -779,7 +822,7 @@ class CoxFormerSpatial:
             raise InputError("impute: give at least one gene.")
         same = slide is self.slide
         location, features, _ = self._spot_inputs(slide, image_features, same_slide=same)
-        values = self._predict_log1p(genes, location, features)
+        values = self._predict_log1p(genes, location, features, self.memory_targets(slide))
         values = aggregate_sub_spots(torch.from_numpy(values), self.n_sub).numpy()
         obs = pd.DataFrame(index=slide.obs_names.copy())
         return self._result(values, genes, obs, slide.obsm["spatial"], slide, "spots")
@@ -814,7 +857,7 @@ class CoxFormerSpatial:
         location, features, coords = self._spot_inputs(
             slide, image_features, same_slide=slide is self.slide
         )
-        values = self._predict_log1p(genes, location, features)
+        values = self._predict_log1p(genes, location, features, self.memory_targets(slide))
         spots = np.repeat(np.asarray(slide.obs_names), self.n_sub)
         index = np.tile(np.arange(self.n_sub), slide.n_obs)
         obs = pd.DataFrame(

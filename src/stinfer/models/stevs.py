@@ -181,16 +181,16 @@ def fast_preset() -> STEvsModelConfig:
     - ``colour_normalization="slide"``: each slide's patches are standardised to the training
       slides' colour moments (Reinhard-style, per RGB channel), so a section stained or
       scanned differently as a whole is read like the training one;
-    - 30 epochs instead of 100, with stochastic weight averaging (the mean of the weights at
-      the end of epochs 14-29, ``swa_epoch_start=0.5``; BatchNorm statistics recomputed) as
-      the final model,
-      instead of picking the best epoch (validation median PCC is still logged every epoch,
-      ``monitor=None``): with ~200 training spots, longer training keeps raising the
-      within-section validation PCC (to ~0.8) while the prediction of other sections gets
+    - 30 epochs instead of 100, with stochastic weight averaging as the final model (the mean
+      of the weights at the end of epochs 14-29, ``swa_epoch_start=0.5``; BatchNorm
+      statistics recomputed) instead of the best epoch (validation median PCC is still logged
+      every epoch, ``monitor=None``). With ~200 training spots, longer training keeps raising
+      the within-section validation PCC (to ~0.8) while the prediction of other sections gets
       worse (it learns the section's own appearance), and picking the best epoch on a
       validation split of ~20 spots of the same section chases noise (on HER2ST patient C it
-      cost 0.07 cross-slice median PCC against the last epoch); the last epoch alone varied
-      by up to 0.05 cross-slice median PCC between training seeds, the average by ~0.02. 30 epochs fit the 5-minute CPU budget with room to spare.
+      cost 0.07 cross-slice median PCC against the last epoch). The last epoch alone varied
+      by up to 0.05 cross-slice median PCC between training seeds, the average by ~0.02.
+      30 epochs fit the 5-minute CPU budget with room to spare.
     """
     module = STEvsConfig(
         backbone="stinfer_histology_cnn",
@@ -536,7 +536,11 @@ class STEvs:
 
     # ----------------------------------------------------------------- training
     def train(self) -> FitResult:
-        """Train on the training slides; restores the best epoch by validation median PCC."""
+        """Train on the training slides (fitting the colour normaliser on them first).
+
+        With ``trainer.monitor`` set, the best epoch by validation median PCC is restored; with
+        ``trainer.swa_epoch_start``, the averaged weights are kept; else the last epoch.
+        """
         trainer_config = self.config.training.trainer
         raw_patches = [self._raw_patches(slide) for slide in self.train_slides]
         if self.config.training.colour_normalization != "none":
