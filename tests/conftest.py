@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("STINFER_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
@@ -27,3 +28,13 @@ def visium_dir() -> Path:
     if not VISIUM.is_dir():
         pytest.skip(f"real Visium data not found at {VISIUM} (set STINFER_SHARED_DATA)")
     return VISIUM
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Small models on a shared 2-core CPU run far faster single-threaded than oversubscribed
+    (use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

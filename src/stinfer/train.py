@@ -62,6 +62,15 @@ def default_precision(accelerator: str) -> str:
     return "32-true"
 
 
+def with_cosine_schedule(optimizer: torch.optim.Optimizer, t_max: int, eta_min: float) -> dict:
+    """Lightning's ``configure_optimizers`` value: ``optimizer`` with cosine annealing of the
+    learning rate to ``eta_min`` over ``t_max`` epochs, stepped once per epoch."""
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=max(int(t_max), 1), eta_min=eta_min
+    )
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+
 class MetricHistory(L.Callback):
     """Record every logged epoch-level metric as one dict per epoch."""
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pytest
-import torch
 
 from stinfer.cli import main
 from stinfer.data.synthetic import SyntheticConfig, make_synthetic_sections
@@ -33,12 +32,7 @@ def stinfer(command: str) -> int:
     return main(command.split())
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -20,13 +20,7 @@ SYNTHETIC = SyntheticConfig(seed=3, target_spots=600, n_genes=40)
 EPOCHS = 30  # the fast preset's own number
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Small models on a shared 2-core CPU run faster single-threaded than oversubscribed."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -19,14 +19,7 @@ from stinfer.nn.fusion import (
     reparameterize,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Small tensors on a shared CPU run far faster single-threaded than oversubscribed."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _closed_form_poe(mu_img, logvar_img, mu_xy, logvar_xy):

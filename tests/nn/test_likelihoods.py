@@ -10,14 +10,7 @@ from torch.distributions import Normal, kl_divergence
 
 from stinfer.nn.likelihoods import NegativeBinomial, kl_standard_normal
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Small tensors on a shared CPU run far faster single-threaded than oversubscribed."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _random_nb_case(n=4000, seed=0):

@@ -12,14 +12,7 @@ from stinfer.errors import InputError
 from stinfer.nn.encoders import ImageEncoder, create_backbone
 from stinfer.nn.pretrained import load_matching_weights, timm_checkpoint_filter
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Small tensors on a shared CPU run far faster single-threaded than oversubscribed."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 TINY_SWIN = {"embed_dim": 24, "depths": (1, 1, 1, 1), "num_heads": (1, 1, 1, 1)}

@@ -21,14 +21,7 @@ from stinfer.nn.fusion import FUSIONS
 from stinfer.nn.likelihoods import NegativeBinomial, kl_standard_normal
 from stinfer.nn.stevs import STEvsConfig, STEvsModule, kl_weight
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Small tensors on a shared CPU run far faster single-threaded than oversubscribed."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 TINY_SWIN = {"embed_dim": 24, "depths": (1, 1, 1, 1), "num_heads": (1, 1, 1, 1)}

@@ -35,7 +35,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from stinfer.errors import InputError
-from stinfer.train import TrainerConfig, fit
+from stinfer.train import TrainerConfig, fit, with_cosine_schedule
 
 logger = logging.getLogger("stinfer")
 
@@ -178,13 +178,7 @@ class AutoencoderTask(L.LightningModule):
 
     def configure_optimizers(self):
         optimizer = torch.optim.Adam(self.parameters(), lr=self.config.learning_rate)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            optimizer, T_max=self.config.t_max, eta_min=self.config.eta_min
-        )
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
-        }
+        return with_cosine_schedule(optimizer, self.config.t_max, self.config.eta_min)
 
 
 @dataclass

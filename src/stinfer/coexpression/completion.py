@@ -52,7 +52,7 @@ from torch_geometric.nn import SAGEConv
 from stinfer.coexpression.graph import CorrelationGraph
 from stinfer.coexpression.sampling import NeighborSampler
 from stinfer.errors import InputError
-from stinfer.train import TrainerConfig, fit
+from stinfer.train import TrainerConfig, fit, with_cosine_schedule
 
 logger = logging.getLogger("stinfer")
 
@@ -250,13 +250,7 @@ class CompletionTask(L.LightningModule):
 
     def configure_optimizers(self):
         optimizer = torch.optim.Adam(self.parameters(), lr=self.config.learning_rate)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            optimizer, T_max=self.config.t_max, eta_min=self.config.eta_min
-        )
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
-        }
+        return with_cosine_schedule(optimizer, self.config.t_max, self.config.eta_min)
 
 
 @dataclass

@@ -77,7 +77,7 @@ from stinfer.nn.coxformer import (
     weighted_huber_loss,
 )
 from stinfer.preprocess import normalize_log1p_cp10k
-from stinfer.train import EMAEarlyStopping, FitResult, TrainerConfig, fit
+from stinfer.train import EMAEarlyStopping, FitResult, TrainerConfig, fit, with_cosine_schedule
 
 logger = logging.getLogger("stinfer")
 
@@ -489,13 +489,7 @@ class CoxFormerSpatialTask(L.LightningModule):
         optimiser = torch.optim.AdamW(
             self.module.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay
         )
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            optimiser, T_max=max(self.config.max_epochs, 1), eta_min=self.config.min_lr
-        )
-        return {
-            "optimizer": optimiser,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
-        }
+        return with_cosine_schedule(optimiser, self.config.max_epochs, self.config.min_lr)
 
 
 # --------------------------------------------------------------------------- the model
