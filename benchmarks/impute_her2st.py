@@ -53,6 +53,11 @@ def main() -> None:
     parser.add_argument("--test-fraction", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True, help="results .csv (and .json)")
+    parser.add_argument(
+        "--no-shuffled",
+        action="store_true",
+        help="skip the shuffled-embedding control (it does not depend on the modality)",
+    )
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
@@ -70,7 +75,13 @@ def main() -> None:
         for modality in args.modalities:
             start = time.perf_counter()
             result = held_out_genes_evaluation(
-                slide, table, modality, config, args.test_fraction, args.seed
+                slide,
+                table,
+                modality,
+                config,
+                args.test_fraction,
+                args.seed,
+                shuffled=not args.no_shuffled,
             )
             for method, values in result["metrics"].items():
                 row = {"section": section, "modality": modality, "method": method}

@@ -71,3 +71,34 @@ def test_without_weight_averaging_the_last_epoch_is_kept():
     fit(module, regression_loader(), config=TrainerConfig(max_epochs=3, progress_bar=False))
     assert len(module.epoch_weights) == 3
     torch.testing.assert_close(module.linear.weight, module.epoch_weights[-1])
+
+
+def test_best_weights_with_prefixes_restores_only_those_entries_at_their_own_best_epoch():
+    from stinfer.train import BestWeights
+
+    class TwoParts(LinearRegression):
+        def __init__(self) -> None:
+            super().__init__()
+            self.other = torch.nn.Linear(4, 1, bias=False)
+            self.scores = iter([3.0, 1.0, 2.0, 4.0])  # best (lowest) at epoch 1
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return torch.nn.functional.mse_loss(self.linear(x) + self.other(x), y)
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val/score", next(self.scores) if batch_idx == 0 else 0.0, reduce_fx="max")
+
+        def on_train_epoch_end(self) -> None:
+            self.epoch_weights.append(
+                (self.linear.weight.detach().clone(), self.other.weight.detach().clone())
+            )
+
+    module = TwoParts()
+    best = BestWeights("val/score", "min", prefixes=("linear.",))
+    val = DataLoader(TensorDataset(torch.zeros(1, 4)), batch_size=1)
+    config = TrainerConfig(max_epochs=4, progress_bar=False)
+    fit(module, regression_loader(), val, config, callbacks=[best])
+    assert best.best_epoch == 1 and set(best.best_state) == {"linear.weight"}
+    torch.testing.assert_close(module.linear.weight, module.epoch_weights[1][0])
+    torch.testing.assert_close(module.other.weight, module.epoch_weights[-1][1])  # untouched

@@ -92,13 +92,18 @@ class BestWeights(L.Callback):
 
     Held in memory rather than in Lightning checkpoint files so no pickle is ever loaded back
     and nothing is left on disk; the models save their own weights with ``weights_only`` in mind.
+    ``prefixes`` restricts it to the state entries whose names start with one of them (a part
+    of the model with its own best epoch); restored after callbacks listed before it.
     """
 
-    def __init__(self, monitor: str, mode: str = "max") -> None:
+    def __init__(
+        self, monitor: str, mode: str = "max", prefixes: tuple[str, ...] | None = None
+    ) -> None:
         if mode not in ("max", "min"):
             raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
         self.monitor = monitor
         self.mode = mode
+        self.prefixes = None if prefixes is None else tuple(prefixes)
         self.best_score: float | None = None
         self.best_epoch: int | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
@@ -118,12 +123,14 @@ class BestWeights(L.Callback):
             self.best_score = score
             self.best_epoch = trainer.current_epoch
             self.best_state = {
-                k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()
+                k: v.detach().cpu().clone()
+                for k, v in pl_module.state_dict().items()
+                if self.prefixes is None or k.startswith(self.prefixes)
             }
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.best_state is not None:
-            pl_module.load_state_dict(self.best_state)
+            pl_module.load_state_dict(self.best_state, strict=self.prefixes is None)
 
 
 class EMAEarlyStopping(L.Callback):
@@ -288,6 +295,9 @@ def fit(
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*number of training batches.*")
+        warnings.filterwarnings(
+            "ignore", message=".*validation_step. but have no .val_dataloader.*"
+        )
         trainer.fit(module, train_loader, val_loader)
     # weight averaging adds one pass without updates (BatchNorm statistics): not an epoch
     epochs = history.history[: config.max_epochs]

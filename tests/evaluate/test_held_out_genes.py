@@ -85,14 +85,6 @@ def test_held_out_metrics_use_log1p_cp10k_correlations_and_log1p_mse():
     assert metrics["n_test_genes"] == 4
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 6 open: on this 160-gene slide the fast preset reached median PCC 0.565 "
-    "against the tuned k-NN's 0.617 (shuffled 0.00; true-mean oracle 0.628): the attention "
-    "readout starts at 0.616 and its learned metric and calibration overfit the few training "
-    "genes; remove this marker when the model beats k-NN here",
-)
 def test_model_beats_both_baselines_on_held_out_planted_module_genes(tmp_path):
     """Issue 6 acceptance (synthetic): median PCC >= 0.6, above mean profile and tuned k-NN."""
     from stinfer.data.synthetic import (

@@ -15,8 +15,11 @@ from stinfer.evaluate.metrics import per_gene_pearson
 from stinfer.models.coxformer_spatial import (
     CoxFormerSpatial,
     CoxFormerSpatialConfig,
+    CoxFormerSpatialTask,
     aggregate_sub_spots,
+    slide_log1p_cp10k,
     sub_spot_offsets,
+    validation_split,
 )
 from stinfer.train import EMAEarlyStopping, TrainerConfig, fit
 
@@ -265,3 +268,50 @@ def test_training_on_a_random_subset_of_spots_per_step_runs_with_sub_spots(plant
     spots = model.impute(["new0"]).X[:, 0]
     expected = np.log1p(np.expm1(np.asarray(sub.X[:, 0])).reshape(-1, 4).mean(axis=1))
     np.testing.assert_allclose(spots, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_validation_split_is_seeded_disjoint_and_empty_for_tiny_panels():
+    fitted, validation = validation_split(50, 0.1, seed=2)
+    assert len(validation) == 5 and len(fitted) == 45
+    assert set(fitted) | set(validation) == set(range(50)) and not set(fitted) & set(validation)
+    np.testing.assert_array_equal(validation_split(50, 0.1, seed=2)[1], validation)
+    assert len(validation_split(3, 0.1)[1]) == 0 and len(validation_split(2, 0.5)[1]) == 0
+
+
+def test_validation_genes_stay_out_of_the_attention_loss_but_train_the_decoder(planted):
+    model, slide, _ = planted
+    assert model.gene_level_best is not None and model.gene_level_best.best_epoch is not None
+    kept = set(model.gene_level_best.best_state)
+    assert kept == {  # top-k attention (the default): no temperature
+        "module.readout.relevance",
+        "module.readout.calibration.weight",
+        "module.readout.calibration.bias",
+        "module.readout.coexpression_logit",
+    }
+    location, _, _ = model._spot_inputs(slide, None, same_slide=True)
+    is_validation = torch.zeros(len(model.train_genes), dtype=torch.bool)
+    is_validation[0] = True
+    task = CoxFormerSpatialTask(
+        model.module,
+        model.config,
+        location,
+        None,
+        torch.from_numpy(model.targets),
+        torch.from_numpy(model.gene_vectors(model.train_genes)),
+        1,
+        is_validation,
+    ).train()
+    torch.manual_seed(0)
+    model.module.eval()  # no dropout: the same numbers for both batches
+    task.training = True
+    with_validation = task.losses(torch.tensor([0, 1, 2]), None)
+    without = task.losses(torch.tensor([1, 2]), None)
+    torch.testing.assert_close(with_validation[1], without[1])  # gene 0 not in the loss
+    assert not torch.allclose(with_validation[0], without[0])  # but in the decoder's
+
+
+def test_a_measured_training_gene_is_returned_as_measured(planted):
+    model, slide, _ = planted
+    measured = slide_log1p_cp10k(slide, ["g3", "g7"])
+    imputed = np.asarray(model.impute(["g3", "g7"]).X)
+    np.testing.assert_allclose(imputed, measured + 0.01, rtol=1e-5, atol=1e-5)  # ELU offset

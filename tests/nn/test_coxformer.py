@@ -11,6 +11,7 @@ import torch
 from stinfer.nn.coxformer import (
     CoxFormerSpatialModule,
     SpotContext,
+    coexpression_graph,
     fourier_location_features,
     positive_output,
     weighted_huber_loss,
@@ -102,7 +103,9 @@ def test_spot_context_attends_only_within_groups_of_at_most_group_size():
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
-def small_attention_module(embedding_dim: int = 4, n_memory: int = 3, d_model: int = 8):
+def small_attention_module(
+    embedding_dim: int = 4, n_memory: int = 3, d_model: int = 8, top_k: int = 0
+):
     return CoxFormerSpatialModule(
         "location",
         embedding_dim=embedding_dim,
@@ -115,6 +118,7 @@ def small_attention_module(embedding_dim: int = 4, n_memory: int = 3, d_model: i
         gene_hidden_dim=8,
         gene_conditioning="attention",
         n_memory=n_memory,
+        attention_top_k=top_k,
         dropout=0.0,
     )
 
@@ -142,6 +146,58 @@ def test_attention_readout_starts_as_a_cosine_softmax_over_the_memory_genes():
     np.testing.assert_allclose(weights, expected, rtol=1e-4, atol=1e-6)
 
 
+def test_top_k_attention_equals_the_knn_baseline_weights_and_masks_the_own_slot():
+    from stinfer.evaluate.held_out_genes import knn_profiles
+
+    module = small_attention_module(embedding_dim=6, n_memory=12, top_k=4)
+    rng = np.random.default_rng(5)
+    memory, queries = rng.standard_normal((12, 6)), rng.standard_normal((3, 6))
+    module.readout.set_memory(torch.tensor(memory, dtype=torch.float32))
+    weights = module.readout.embedding_attention(torch.tensor(queries, dtype=torch.float32))
+    profiles = rng.random((20, 12))
+    expected = knn_profiles(profiles, memory, queries, k=4)  # the baseline, in numpy
+    np.testing.assert_allclose(profiles @ weights.detach().numpy().T, expected, rtol=1e-5)
+    assert np.all((weights > 0).sum(dim=1).numpy() <= 4)
+    own = module.readout.embedding_attention(
+        torch.tensor(memory[:3], dtype=torch.float32), exclude=torch.tensor([0, 1, 2])
+    )
+    assert torch.all(own.diagonal() == 0) and torch.allclose(own.sum(dim=1), torch.ones(3))
+
+
+def test_coexpression_graph_holds_each_genes_k_most_correlated_genes_weighted_by_correlation():
+    rng = np.random.default_rng(3)
+    profiles = rng.standard_normal((40, 9)) + rng.standard_normal((40, 1))  # shared factor
+    graph = coexpression_graph(torch.tensor(profiles, dtype=torch.float64), k=3, chunk=4)
+    dense = graph.to_dense().numpy()
+    correlation = np.corrcoef(profiles, rowvar=False)
+    np.fill_diagonal(correlation, -np.inf)
+    expected = np.zeros_like(dense)
+    for gene in range(9):
+        top = np.argsort(-correlation[gene])[:3]
+        weights = np.clip(correlation[gene, top], 0, None) + 1e-12
+        expected[gene, top] = weights / weights.sum()
+    np.testing.assert_allclose(dense, expected, atol=1e-9)
+
+
+def test_attention_moves_its_learned_share_one_step_along_the_coexpression_graph():
+    torch.manual_seed(0)
+    module = small_attention_module(n_memory=6)
+    module.readout.set_memory(torch.randn(6, 4))
+    graph = coexpression_graph(torch.rand(30, 6), k=2)
+    genes = torch.randn(6, 4)
+    plain = module.readout.embedding_attention(genes).detach().numpy()
+    mixed = module.readout.attention(genes, coexpression=graph).detach().numpy()
+    # the mix starts at 1/2
+    np.testing.assert_allclose(
+        mixed, 0.5 * plain + 0.5 * plain @ graph.to_dense().numpy(), rtol=1e-5
+    )
+    # leave-one-gene-out: the step along the graph must not lead back to the gene itself
+    own = torch.arange(6)
+    masked = module.readout.attention(genes, own, graph)
+    assert torch.all(masked.diagonal() == 0)
+    torch.testing.assert_close(masked.sum(dim=1), torch.ones(6))
+
+
 def test_attention_readout_starts_as_a_cosine_softmax_knn_and_estimates_a_missing_memory():
     torch.manual_seed(0)
     module = small_attention_module(n_memory=5).eval()
@@ -151,8 +207,10 @@ def test_attention_readout_starts_as_a_cosine_softmax_knn_and_estimates_a_missin
     profiles = torch.rand(12, 5) * 3
     genes = torch.randn(3, 4)
     base, full = module.readout_pair(tokens, genes, profiles)
-    # level 0 and gain 1 at the start: the cosine-softmax k-NN of the memory profiles
-    torch.testing.assert_close(full, positive_output(profiles @ module.readout.attention(genes).T))
+    # level 0 and gain 1 at the start: the attention-weighted mean of the memory profiles
+    graph = coexpression_graph(profiles, module.readout.coexpression_neighbours)
+    weights = module.readout.attention(genes, coexpression=graph)
+    torch.testing.assert_close(full, positive_output(profiles @ weights.T))
     torch.testing.assert_close(
         base, positive_output(module.readout.base(module.head(tokens), genes))
     )
@@ -172,7 +230,8 @@ def test_attention_readout_gives_sub_spots_the_base_readouts_detail_around_the_s
     profiles, genes = torch.rand(3, 5) * 3, torch.randn(2, 4)
     features = module.head(tokens)
     base, full = module.readout(features, genes, profiles, rows_per_spot=4)
-    spot_value = module.readout.context(genes, profiles).repeat_interleave(4, dim=0)
+    graph = module.readout.coexpression(profiles)
+    spot_value = module.readout.context(genes, profiles, None, graph).repeat_interleave(4, dim=0)
     torch.testing.assert_close((full - spot_value).view(3, 4, 2).mean(dim=1), torch.zeros(3, 2))
     detail = base.view(3, 4, 2) - base.view(3, 4, 2).mean(dim=1, keepdim=True)
     torch.testing.assert_close(full - spot_value, detail.reshape(12, 2))
