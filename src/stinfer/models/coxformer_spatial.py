@@ -153,7 +153,9 @@ class CoxFormerSpatialConfig:
     ema_beta: float = 0.2  # S3: EMA of the training loss
     min_relative_improvement: float = 0.002  # S3: 0.2%
     patience: int = 10  # stinfer: S3 does not give the window
-    validation_fraction: float = 0.1  # stinfer: training genes kept out of the gradient, to stop on
+    validation_fraction: float = (
+        0.1  # stinfer: training genes out of the attention loss (its epoch)
+    )
     max_spots_per_step: int = 20000  # stinfer: random spots per step on larger slides
     # data (stinfer)
     min_spot_fraction: float = 0.1  # training genes: detected in at least this fraction of spots
