@@ -218,7 +218,7 @@ def test_attention_readout_starts_as_a_cosine_softmax_knn_and_estimates_a_missin
     estimate = module.memory_estimate(tokens)
     torch.testing.assert_close(estimate, module.readout_pair(tokens, memory, profiles)[0])
     torch.testing.assert_close(
-        module.readout_tokens(tokens, genes), module.readout_tokens(tokens, genes, estimate)
+        module.readout_pair(tokens, genes)[1], module.readout_pair(tokens, genes, estimate)[1]
     )
 
 

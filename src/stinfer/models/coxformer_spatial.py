@@ -550,13 +550,14 @@ class CoxFormerSpatialTask(L.LightningModule):
         base, full = self.predict_spots(genes, spots, generator)
         rows = self.targets if spots is None else self.targets[spots.to(self.device)]
         target = rows[:, genes]
-        scored = slice(None)
+        fitted, fitted_target = full, target
         if self.training and self.validation_genes is not None:
-            scored = ~self.validation_genes.to(self.device)[genes]  # their own loss is val/loss
-        if isinstance(scored, torch.Tensor) and not bool(scored.any()):
-            loss = full.sum() * 0.0  # a batch of validation genes only
+            keep = ~self.validation_genes.to(self.device)[genes]  # their own loss is val/loss
+            fitted, fitted_target = full[:, keep], target[:, keep]
+        if fitted.shape[1]:
+            loss = self.prediction_loss(fitted, fitted_target)
         else:
-            loss = self.prediction_loss(full[:, scored], target[:, scored])
+            loss = full.sum() * 0.0  # a batch of validation genes only
         objective = loss
         if self.module.uses_memory and self.config.base_loss_weight > 0:
             objective = loss + self.config.base_loss_weight * self.loss(base, target)
@@ -892,14 +893,14 @@ class CoxFormerSpatial:
             own = own.to(device)
         size = self.config.predict_batch_genes
         parts = [
-            self.module.readout_tokens(
+            self.module.readout_pair(
                 tokens,
                 vectors[start : start + size],
                 memory,
                 rows_per_spot=self.n_sub,
                 coexpression=graph,
                 own=None if own is None else own[start : start + size],
-            )
+            )[1]
             .float()
             .cpu()
             for start in range(0, len(genes), size)

@@ -807,7 +807,7 @@ class CoxFormerSpatialModule(nn.Module):
             ``(G,)`` memory row of each gene to mask (attention readout, training), or -1.
         """
         tokens = self.spot_tokens(coords, image_features, group_size, generator)
-        return self.readout_tokens(tokens, gene_embeddings, memory_profiles, exclude)
+        return self.readout_pair(tokens, gene_embeddings, memory_profiles, exclude)[1]
 
     @torch.no_grad()
     def memory_estimate(
@@ -840,7 +840,7 @@ class CoxFormerSpatialModule(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(base, full)`` predictions ``(S, G)`` from spot tokens and gene embeddings.
 
-        ``base`` is the readout without the memory (equal to ``full`` for the ``bilinear``
+        ``full`` is the model's prediction; ``base`` is the readout without the memory (equal to ``full`` for the ``bilinear``
         and ``additive`` readouts). ``memory_profiles``: see :meth:`forward`;
         ``coexpression``, ``own``: see :meth:`GeneAttentionReadout.forward`.
         """
@@ -864,22 +864,6 @@ class CoxFormerSpatialModule(nn.Module):
         if full is base:
             return base_out, base_out
         return base_out, positive_output(full, self.elu_alpha, self.output_offset)
-
-    def readout_tokens(
-        self,
-        tokens: torch.Tensor,
-        gene_embeddings: torch.Tensor,
-        memory_profiles: torch.Tensor | None = None,
-        exclude: torch.Tensor | None = None,
-        rows_per_spot: int = 1,
-        coexpression: torch.Tensor | None = None,
-        own: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """``(S, d_model)`` spot tokens and ``(G, E)`` embeddings -> ``(S, G)`` predictions."""
-        pair = self.readout_pair(
-            tokens, gene_embeddings, memory_profiles, exclude, rows_per_spot, coexpression, own
-        )
-        return pair[1]
 
 
 def aggregate_sub_spots(sub_spot_log1p: torch.Tensor, n_sub: int) -> torch.Tensor:
