@@ -58,55 +58,26 @@ CASES = (
 TARGETS = {"patches_per_s": 500.0, "peak_rss_mib": 1536.0}  # issue "spine", 50k TIFF cases
 
 
-def synthetic_tile(top: int, left: int, height: int, width: int, downsample: int) -> np.ndarray:
-    """An H&E-like RGB tile: pink stroma with purple nuclei-like blobs, at a pyramid level.
-
-    Computed from level-0 coordinates, so every level shows the same (smoothed) tissue.
-    """
-    y = (np.arange(top, top + height, dtype=np.float32) * downsample)[:, None]
-    x = (np.arange(left, left + width, dtype=np.float32) * downsample)[None, :]
-    stroma = 0.5 + 0.25 * np.sin(x / 97.0) * np.cos(y / 83.0) + 0.25 * np.sin((x + y) / 211.0)
-    nuclei = np.clip(np.sin(x / 9.0) * np.sin(y / 11.0) * 3.0 - 2.0, 0.0, 1.0)
-    nuclei *= 1.0 / downsample**0.5
-    red = 235 - 40 * stroma - 110 * nuclei
-    green = 190 - 80 * stroma - 120 * nuclei
-    blue = 215 - 30 * stroma - 40 * nuclei
-    return np.stack([red, green, blue], axis=-1).astype(np.uint8)
-
-
-def level_tiles(size: int, downsample: int):
-    """Yield the tiles of one level row by row (tifffile's tile order)."""
-    for top in range(0, size, TILE):
-        for left in range(0, size, TILE):
-            yield synthetic_tile(top, left, TILE, TILE, downsample)
-
-
 def generate_tiff(path: Path, size: int) -> None:
-    """Write a ``size`` x ``size`` tiled pyramidal JPEG TIFF, one tile in memory at a time."""
-    import tifffile
+    """Write a ``size`` x ``size`` H&E-like tiled pyramidal JPEG TIFF, one tile at a time.
 
-    resolution = (1e4 / PIXEL_SIZE_UM, 1e4 / PIXEL_SIZE_UM)
-    tmp = path.with_suffix(".partial.tif")
-    with tifffile.TiffWriter(tmp, bigtiff=True) as writer:
-        for index, downsample in enumerate(LEVEL_DOWNSAMPLES):
-            level_size = size // downsample
-            options = (
-                {"subifds": len(LEVEL_DOWNSAMPLES) - 1, "resolution": resolution}
-                if index == 0
-                else {"subfiletype": 1}
-            )
-            writer.write(
-                level_tiles(level_size, downsample),
-                shape=(level_size, level_size, 3),
-                dtype=np.uint8,
-                tile=(TILE, TILE),
-                photometric="rgb",
-                compression="jpeg",
-                compressionargs={"level": 90},
-                resolutionunit="CENTIMETER",
-                **options,
-            )
-    tmp.replace(path)
+    Painted by :func:`stinfer.data.synthetic_hd.he_like_tile`, written by
+    :func:`stinfer.io.pyramidal_tiff.write_pyramidal_tiff` (the package's one TIFF writer).
+    """
+    from stinfer.data.synthetic_hd import he_like_tile
+    from stinfer.io.pyramidal_tiff import write_pyramidal_tiff
+
+    write_pyramidal_tiff(
+        path,
+        he_like_tile,
+        size,
+        size,
+        pixel_size_um=PIXEL_SIZE_UM,
+        tile_px=TILE,
+        level_downsamples=LEVEL_DOWNSAMPLES,
+        compression="jpeg",
+        jpeg_quality=90,
+    )
 
 
 def grid_spots(size: int, n_spots: int) -> np.ndarray:

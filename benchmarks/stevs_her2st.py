@@ -254,27 +254,26 @@ def paper_epoch_seconds(slide, genes: list[str], n_batches: int = 2, batch: int 
     backward, AdamW) on ``batch`` spots; the epoch estimate scales the mean step time to the
     slide's spots.
     """
-    from stinfer.data.patches import spot_patches
     from stinfer.models.stevs import STEvs, STEvsTask, paper_preset
 
     config = paper_preset()
     config.module.freeze_encoder = False  # what a user without cached features trains
     model = STEvs([slide], genes, config)
-    task = STEvsTask(model.module, config.training)
-    optimizer = task.configure_optimizers()
-    patches = torch.from_numpy(np.ascontiguousarray(spot_patches(slide)[:batch]))
-    coords = model._coords(slide)[:batch]
-    counts = torch.zeros(batch, len(genes))
-    model.module.train()
     times = []
-    for step in range(n_batches + 1):
-        start = time.perf_counter()
-        loss = task.training_step((patches, coords, counts, patches), step)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if step:
-            times.append(time.perf_counter() - start)
+    with model._training_sources([slide], None) as sources:
+        dataset, transforms = model._dataset([slide], sources, with_counts=True)
+        spots = dataset.__getitems__(list(range(batch)))
+        task = STEvsTask(model.module, config.training, colour_transforms=transforms)
+        optimizer = task.configure_optimizers()
+        model.module.train()
+        for step in range(n_batches + 1):
+            start = time.perf_counter()
+            loss = task.training_step(spots, step)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if step:
+                times.append(time.perf_counter() - start)
     per_spot = float(np.mean(times)) / batch
     return {
         "batch": batch,

@@ -411,6 +411,6 @@ def test_hest_missing_expression_file(tmp_path: Path) -> None:
 def test_unknown_format_in_read_slide() -> None:
     with pytest.raises(
         InputError,
-        match=r"unknown slide format 'xenium'; choose one of visium, legacy-st, h5ad, hest",
+        match=r"unknown slide format 'xenium'; choose one of visium, visium-hd, legacy-st, h5ad, hest",
     ):
         read_slide("xenium", path="x")

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from stinfer.data.patches import spot_patches
+from stinfer.data.spot_dataset import PatchSource
 from stinfer.data.synthetic import SyntheticConfig, make_synthetic_sections
 from stinfer.errors import InputError
 from stinfer.evaluate.metrics import evaluate_anndata
@@ -143,17 +145,17 @@ def test_cached_feature_training_step_gives_the_same_losses_as_the_uncached_path
     for cache in (True, False):
         model = frozen_model(sections[0], cache)
         assert model._uses_cached_features() is cache
-        raw_patches = [model._raw_patches(sections[0])]
-        model.module.colour_normalizer.fit(raw_patches)  # as train() does
-        dataset = model._dataset(model.train_slides, with_counts=True, raw_patches=raw_patches)
-        assert dataset.tensors[0].dim() == (2 if cache else 4)
-        model.module.gene_decoder.initialise_from_counts(dataset.tensors[2])
-        task = STEvsTask(model.module, model.config.training)
+        sources = [PatchSource(spot_patches(sections[0]))]
+        dataset, transforms = model._dataset(model.train_slides, sources, with_counts=True)
+        batch = dataset.__getitems__(list(range(32)))
+        assert batch[0].dim() == (2 if cache else 4)
+        model.module.gene_decoder.initialise_from_totals(*dataset.count_totals())
+        task = STEvsTask(model.module, model.config.training, colour_transforms=transforms)
         model.module.train()
         logged = {}
         task.log = lambda name, value, store=logged, **_: store.__setitem__(name, float(value))
         torch.manual_seed(0)
-        loss = task.training_step(tuple(t[:32] for t in dataset.tensors), 0)
+        loss = task.training_step(batch, 0)
         loss.backward()
         gradient = model.module.image_encoder.heads.mu.weight.grad.clone()
         losses.append((float(loss), logged, gradient))
@@ -214,3 +216,98 @@ def test_task_validation_metric_is_the_median_pcc_of_the_fused_prediction(traine
     task = STEvsTask(trained.module, trained.config.training)
     assert isinstance(trained.config.training.trainer, TrainerConfig)
     assert task.configure_optimizers().defaults["lr"] == trained.config.module.lr
+
+
+# ---------------------------------------------------------------- streaming at scale
+def test_training_from_the_patch_cache_equals_training_on_patches_in_memory(sections, tmp_path):
+    """Two slides, patches streamed per batch from the on-disk cache or handed in as arrays:
+    the same losses and weights, epoch by epoch."""
+    runs = []
+    for in_memory in (True, False):
+        config = quick_fast_config(epochs=2)
+        config.training.patch_cache_dir = str(tmp_path / "cache")
+        model = STEvs(sections[:2], list(sections[0].var_names[:12]), config)
+        patches = [np.array(spot_patches(s)) for s in sections[:2]] if in_memory else None
+        history = model.train(patches=patches).history
+        runs.append((history, model.module.state_dict()))
+    (memory_history, memory_weights), (cache_history, cache_weights) = runs
+    assert len(list((tmp_path / "cache").glob("patches-*.npy"))) == 2
+    for memory_row, cache_row in zip(memory_history, cache_history, strict=True):
+        for key in ("train/loss", "train/rna", "train/image", "val/pcc_median"):
+            assert memory_row[key] == pytest.approx(cache_row[key], rel=1e-6), key
+    for name, value in memory_weights.items():
+        torch.testing.assert_close(value, cache_weights[name], rtol=1e-6, atol=1e-7)
+
+
+PEAK_RSS_SCRIPT = """
+import dataclasses, resource, sys, torch
+torch.set_num_threads(1)
+from stinfer.data.synthetic import SyntheticConfig, make_synthetic_sections
+from stinfer.models.stevs import STEvs, fast_preset
+n_slides, folder = int(sys.argv[1]), sys.argv[2]
+slides = make_synthetic_sections(
+    folder, SyntheticConfig(seed=5, n_sections=n_slides, target_spots=1500, n_genes=20),
+    overwrite=True,
+)
+config = fast_preset()
+config.training.trainer = dataclasses.replace(
+    config.training.trainer, max_epochs=1, progress_bar=False, swa_epoch_start=None
+)
+config.training.batch_size = 128
+model = STEvs(slides, list(slides[0].var_names), config)
+model.train()
+print(sum(s.n_obs for s in slides), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def test_training_memory_does_not_grow_with_the_number_of_slides(tmp_path):
+    """Peak RSS of training on 3 slides is within a few batches of training on 1: the
+    patches (115 MB per 1,500-spot slide) stay in the on-disk cache, read per batch."""
+    import subprocess
+    import sys
+
+    peaks = {}
+    for n_slides in (1, 3):
+        result = subprocess.run(
+            [sys.executable, "-c", PEAK_RSS_SCRIPT, str(n_slides), str(tmp_path / str(n_slides))],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+        )
+        n_spots, peak_kib = map(int, result.stdout.split()[-2:])
+        peaks[n_slides] = (n_spots, peak_kib / 1024)
+    patch_mib_per_slide = peaks[1][0] * 3 * 160 * 160 / 2**20
+    growth_mib = peaks[3][1] - peaks[1][1]
+    assert patch_mib_per_slide > 100
+    assert growth_mib < 0.5 * patch_mib_per_slide, (peaks, patch_mib_per_slide)
+
+
+def test_chunked_prediction_equals_one_shot_and_writes_the_same_h5ad(
+    trained, sections, tmp_path, monkeypatch
+):
+    """Streaming the image chunk by chunk (as for a Visium HD slide) and writing each chunk
+    to the output file give exactly what one in-memory prediction gives."""
+    import stinfer.models.stevs as stevs_module
+
+    section = sections[1]
+    one_shot = trained.predict(section)
+    monkeypatch.setattr(stevs_module, "IN_MEMORY_PATCH_BYTES", 0)
+    monkeypatch.setattr(trained.config.training, "predict_batch_size", 64)
+    streamed = trained.predict(section)
+    np.testing.assert_array_equal(streamed.X, one_shot.X)
+    np.testing.assert_array_equal(streamed.obsm["X_stevs"], one_shot.obsm["X_stevs"])
+
+    path = trained.write_prediction(section, tmp_path / "pred.h5ad")
+    written = ad.read_h5ad(path)
+    assert list(written.obs_names) == list(section.obs_names)
+    assert list(written.var_names) == trained.genes
+    np.testing.assert_array_equal(written.X, one_shot.X)
+    np.testing.assert_array_equal(written.layers["nb_theta"], one_shot.layers["nb_theta"])
+    for key in ("X_stevs", "stevs_posterior_var", "spatial"):
+        np.testing.assert_array_equal(written.obsm[key], one_shot.obsm[key])
+    assert written.uns["stevs_prediction"]["mode"] == "fused"
+    backed = ad.read_h5ad(path, backed="r")
+    np.testing.assert_array_equal(backed.X[10:20], one_shot.X[10:20])
+    with pytest.raises(InputError, match="exists"):
+        trained.write_prediction(section, path)

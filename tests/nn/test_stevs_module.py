@@ -317,6 +317,19 @@ def test_colour_moments_equal_numpy_over_all_pixels_of_each_channel():
     moments = colour_moments(patches, chunk=7)  # chunks that do not divide N
     np.testing.assert_allclose(moments[0].numpy(), pixels.mean(1), rtol=1e-6)
     np.testing.assert_allclose(moments[1].numpy(), pixels.std(1), rtol=1e-5)
+    streamed = colour_moments(chunk.numpy() for chunk in patches.split(9))  # read block by block
+    torch.testing.assert_close(streamed, moments)
+
+
+def test_colour_transform_applied_per_batch_equals_the_whole_slide_normalisation():
+    generator = torch.Generator().manual_seed(2)
+    normalizer = SlideColourNormalizer().fit(
+        [colour_moments(random_slide_patches(generator, [1.0, 1.0, 1.0], [0, 0, 0]))]
+    )
+    stained = random_slide_patches(generator, [0.7, 0.85, 1.2], [30, -20, 10])
+    transform = normalizer.transform(colour_moments(stained))
+    batch = SlideColourNormalizer.apply(stained[5:17], transform.expand(12, -1, -1))
+    torch.testing.assert_close(batch, normalizer(stained)[5:17].float())
 
 
 def test_slide_colour_normalizer_maps_each_slide_to_the_training_moments_and_is_saved():
@@ -325,7 +338,7 @@ def test_slide_colour_normalizer_maps_each_slide_to_the_training_moments_and_is_
     train_b = random_slide_patches(generator, [0.9, 1.0, 1.05], [5, 0, -5])
     stained = random_slide_patches(generator, [0.7, 0.85, 1.2], [30, -20, 10])  # another lab
     module = STEvsModule(GENES, tiny_config())
-    module.colour_normalizer.fit([train_a, train_b])
+    module.colour_normalizer.fit([colour_moments(train_a), colour_moments(train_b)])
     reference = (colour_moments(train_a) + colour_moments(train_b)) / 2
     torch.testing.assert_close(module.colour_normalizer.reference, reference)
 

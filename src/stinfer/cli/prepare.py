@@ -17,6 +17,7 @@ examples:
   stinfer prepare --format legacy-st --counts A1.tsv.gz --spots A1_selection.tsv \\
       --sample-id A1 --out A1.h5ad            # counts-only slide (no image)
   stinfer prepare --format visium --path SPACERANGER_DIR [--image FULLRES.tif] --out S.h5ad
+  stinfer prepare --format visium-hd --path OUTS --bin-size 8 [--image FULLRES.tif] --out S.h5ad
   stinfer prepare --format h5ad --path S.h5ad --image S.tif --out S_prepared.h5ad
   stinfer prepare --format hest --path HEST_ROOT --sample-id TENX95 --out TENX95.h5ad
 
@@ -24,13 +25,18 @@ The output holds raw counts in X, spot centres in full-resolution image pixels i
 obsm["spatial"] (x, y), grid coordinates in obs["array_row"/"array_col"], and the sample id,
 image path, image scale, microns per pixel and spot diameter in uns["stinfer"]. What the
 reader dropped or assumed is printed and kept in uns["stinfer"]["notes"].
+
+Visium HD (--format visium-hd): --path is the Space Ranger outs/ folder (or one
+binned_outputs/square_XXXum folder); --bin-size picks square_002um, square_008um or
+square_016um. Each bin is one spot: its diameter is the bin size, and the microns per pixel
+come from microns_per_pixel in the bin folder's scalefactors_json.json.
 """
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "prepare",
-        help="read Visium / legacy ST / h5ad / HEST-1k input into a validated .h5ad",
+        help="read Visium / Visium HD / legacy ST / h5ad / HEST-1k input into a validated .h5ad",
         description="Read a slide in any supported format, validate it, and write a .h5ad.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -38,19 +44,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--format",
         required=True,
-        choices=["visium", "legacy-st", "h5ad", "hest"],
+        choices=["visium", "visium-hd", "legacy-st", "h5ad", "hest"],
         help="input format",
     )
     parser.add_argument(
         "--path",
-        help="Space Ranger folder (visium), .h5ad file (h5ad) or HEST-1k root folder (hest)",
+        help="Space Ranger folder (visium), Space Ranger HD outs/ or square_XXXum folder "
+        "(visium-hd), .h5ad file (h5ad) or HEST-1k root folder (hest)",
+    )
+    parser.add_argument(
+        "--bin-size",
+        dest="bin_size_um",
+        type=int,
+        metavar="UM",
+        help="visium-hd: bin side in microns, 2, 8 or 16 (default 8, or the size of the "
+        "square_XXXum folder given as --path)",
     )
     parser.add_argument("--counts", help="legacy-st: spots x genes counts .tsv(.gz)")
     parser.add_argument("--spots", help="legacy-st: spot selection .tsv (x, y, pixel_x, pixel_y)")
     parser.add_argument(
         "--image",
-        help="H&E image (full resolution); without it a Visium folder uses its hires/lowres PNG "
-        "and a legacy-st slide is counts-only",
+        help="H&E image (full resolution); without it a Visium (HD) folder uses its hires/lowres "
+        "PNG and a legacy-st slide is counts-only",
     )
     parser.add_argument("--sample-id", help="slide name (default: derived from the input)")
     parser.add_argument(
@@ -81,8 +96,14 @@ def read_input(args: argparse.Namespace):
             sample_id=args.sample_id,
             pixel_size_um=args.pixel_size_um,
         )
+    if args.bin_size_um is not None and args.format != "visium-hd":
+        raise InputError("--bin-size is for --format visium-hd.")
     if not args.path:
         raise InputError(f"--format {args.format} needs --path.")
+    if args.format == "visium-hd":
+        return io.read_visium_hd(
+            args.path, bin_size_um=args.bin_size_um, image=args.image, sample_id=args.sample_id
+        )
     if args.format == "visium":
         return io.read_visium(args.path, image=args.image, sample_id=args.sample_id)
     if args.format == "h5ad":

@@ -3,6 +3,7 @@
 One reader per format, all ending in :func:`~stinfer.io.slide_data.make_slide`:
 
 - :func:`read_visium`: a 10x Space Ranger output folder;
+- :func:`read_visium_hd`: one bin size of a 10x Space Ranger Visium HD output;
 - :func:`read_legacy_st`: a legacy ST section (HER2ST layout: count table + spot table);
 - :func:`read_h5ad_slide`: a plain ``.h5ad`` with ``obsm["spatial"]`` and an image path;
 - :func:`read_hest`: one HEST-1k sample.
@@ -22,9 +23,11 @@ from stinfer.io.h5ad import read_h5ad_slide, read_hest
 from stinfer.io.legacy_st import read_legacy_st
 from stinfer.io.slide_data import make_slide, prepare_for_h5ad, slide_meta
 from stinfer.io.visium import read_visium
+from stinfer.io.visium_hd import read_visium_hd
 
 READERS: dict[str, Callable[..., ad.AnnData]] = {
     "visium": read_visium,
+    "visium-hd": read_visium_hd,
     "legacy-st": read_legacy_st,
     "h5ad": read_h5ad_slide,
     "hest": read_hest,
@@ -37,8 +40,8 @@ def read_slide(format: str, **kwargs: object) -> ad.AnnData:
     Parameters
     ----------
     format
-        ``"visium"``, ``"legacy-st"``, ``"h5ad"`` or ``"hest"`` (case-insensitive; ``_`` may
-        stand for ``-``).
+        ``"visium"``, ``"visium-hd"``, ``"legacy-st"``, ``"h5ad"`` or ``"hest"``
+        (case-insensitive; ``_`` may stand for ``-``).
     **kwargs
         The reader's arguments, e.g. ``read_slide("visium", path="outs", image="he.tif")``.
 
@@ -71,5 +74,6 @@ __all__ = [
     "read_legacy_st",
     "read_slide",
     "read_visium",
+    "read_visium_hd",
     "slide_meta",
 ]

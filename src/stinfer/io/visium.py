@@ -16,13 +16,19 @@ What is read, from the Space Ranger output folder (``outs/``):
 The matrix and positions are read with h5py, scipy and pandas directly rather than through
 ``scanpy.read_10x_*``: it keeps scanpy's slow import off the reading path and lets every
 problem surface as an :class:`~stinfer.errors.InputError` naming the file.
+
+The pieces (:func:`read_feature_matrix`, :func:`read_positions`, :func:`match_barcodes`,
+:func:`choose_image`, ...) are shared with the Visium HD reader (:mod:`stinfer.io.visium_hd`);
+:func:`matrix_h5_writer` writes the h5 layout, for generated test folders.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +40,7 @@ import scipy.io
 import scipy.sparse as sp
 
 from stinfer.errors import InputError
+from stinfer.io.atomic import atomic_output
 from stinfer.io.slide_data import (
     check_spots_inside_image,
     make_slide,
@@ -73,6 +80,7 @@ class FeatureMatrix:
     gene_names: np.ndarray  # gene symbols
     gene_ids: np.ndarray  # Ensembl ids
     feature_types: np.ndarray  # "Gene Expression", "Antibody Capture", ...
+    path: Path | None = None  # the h5 file or Matrix Market folder it was read from
 
 
 def read_visium(
@@ -137,7 +145,7 @@ def read_visium(
             image_path,
             image_scale,
             source,
-            known_scales=_scale_labels(scalefactors),
+            known_scales=image_scale_labels(scalefactors),
             fix=(
                 "pass the full-resolution microscope image as image=..., or leave image=None "
                 "to use spatial/tissue_hires_image.png with its scale factor"
@@ -199,6 +207,7 @@ def read_feature_matrix(folder: Path, notes: list[str]) -> FeatureMatrix:
             gene_names=matrix.gene_names[is_gene],
             gene_ids=matrix.gene_ids[is_gene],
             feature_types=matrix.feature_types[is_gene],
+            path=matrix.path,
         )
     return matrix
 
@@ -232,8 +241,16 @@ def read_matrix_h5(path: Path) -> FeatureMatrix:
                 gene_names = _strings(group["gene_names"][()])
                 feature_types = np.full(len(gene_ids), GENE_EXPRESSION, dtype=object)
             n_genes, n_barcodes = (int(n) for n in group["shape"][()])
+            # int32 indices whenever they fit, as scipy would choose, read as such by HDF5:
+            # no int64 copy of ~10^8 Visium HD indices
+            fits_int32 = max(group["indices"].shape[0], n_genes, n_barcodes) < 2**31
+            index_dtype = np.int32 if fits_int32 else np.int64
             counts = sp.csr_matrix(
-                (group["data"][()], group["indices"][()], group["indptr"][()]),
+                (
+                    group["data"][()],
+                    group["indices"].astype(index_dtype)[:],
+                    group["indptr"].astype(index_dtype)[:],
+                ),
                 shape=(n_barcodes, n_genes),
             )
             barcodes = pd.Index(_strings(group["barcodes"][()]))
@@ -247,7 +264,104 @@ def read_matrix_h5(path: Path) -> FeatureMatrix:
             f"{path}: not a 10x feature-barcode matrix: the dataset {error} is missing."
         ) from error
     _check_matrix_shape(counts, barcodes, gene_ids, path)
-    return FeatureMatrix(counts, barcodes, gene_names, gene_ids, feature_types)
+    return FeatureMatrix(counts, barcodes, gene_names, gene_ids, feature_types, path)
+
+
+@contextlib.contextmanager
+def matrix_h5_writer(
+    path: str | os.PathLike,
+    barcodes: Sequence[str],
+    gene_ids: Sequence[str],
+    gene_names: Sequence[str],
+    *,
+    feature_types: Sequence[str] | None = None,
+    genome: str = "",
+    overwrite: bool = False,
+) -> Iterator[Callable[[sp.spmatrix], None]]:
+    """Write a 10x feature-barcode matrix h5 (Space Ranger >= 1.0) one block of rows at a time.
+
+    Yields ``append(block)``: call it with consecutive sparse barcodes x genes row blocks of raw
+    counts, so a matrix larger than memory is written while it is generated. The file is the
+    layout :func:`read_matrix_h5` (and ``scanpy.read_10x_h5``) reads: ``matrix/data`` (int32),
+    ``indices`` (int64), ``indptr`` (int64), ``shape`` (genes, barcodes), ``barcodes``, and
+    ``features/{id, name, feature_type, genome}``; the genes x barcodes CSC matrix of the file
+    is the barcodes x genes CSR matrix given, so nothing is transposed. ``data`` and
+    ``indices`` are chunked and gzip-compressed (level 1, with shuffle). The file appears at
+    ``path`` only when the block ends without error (:func:`~stinfer.io.atomic.atomic_output`).
+
+    Parameters
+    ----------
+    barcodes, gene_ids, gene_names
+        Row and column labels; the blocks must add up to ``len(barcodes)`` rows.
+    feature_types
+        Per gene; default ``"Gene Expression"`` for all.
+    genome
+        Stored in ``features/genome`` for every gene.
+
+    Raises
+    ------
+    InputError
+        A block has the wrong number of genes or holds negative or non-integer values, or
+        the blocks do not add up to ``len(barcodes)`` rows.
+
+    Examples
+    --------
+    >>> with matrix_h5_writer("m.h5", barcodes, ids, names) as append:  # doctest: +SKIP
+    ...     for block in row_blocks:
+    ...         append(block)
+    """
+    n_genes = len(gene_ids)
+    if len(gene_names) != n_genes:
+        raise InputError(f"{path}: {n_genes} gene ids but {len(gene_names)} gene names.")
+    feature_types = [GENE_EXPRESSION] * n_genes if feature_types is None else list(feature_types)
+    compressed = {"compression": "gzip", "compression_opts": 1, "shuffle": True}
+    with atomic_output(path, overwrite) as tmp, h5py.File(tmp, "w") as handle:
+        handle.attrs["filetype"] = "matrix"
+        handle.attrs["version"] = 2
+        group = handle.create_group("matrix")
+        group["barcodes"] = _utf8(barcodes)
+        features = group.create_group("features")
+        features["id"] = _utf8(gene_ids)
+        features["name"] = _utf8(gene_names)
+        features["feature_type"] = _utf8(feature_types)
+        features["genome"] = _utf8([genome] * n_genes)
+        features["_all_tag_keys"] = _utf8(["genome"])
+        chunk = (1 << 18,)
+        data = group.create_dataset(
+            "data", (0,), np.int32, maxshape=(None,), chunks=chunk, **compressed
+        )
+        indices = group.create_dataset(
+            "indices", (0,), np.int64, maxshape=(None,), chunks=chunk, **compressed
+        )
+        row_ends = [np.zeros(1, np.int64)]
+
+        def append(block: sp.spmatrix) -> None:
+            block = sp.csr_matrix(block)
+            if block.shape[1] != n_genes:
+                raise InputError(
+                    f"{path}: a count block has {block.shape[1]} genes, expected {n_genes}."
+                )
+            block.sum_duplicates()
+            values = block.data
+            if values.size and (values.min() < 0 or np.any(values != np.round(values))):
+                raise InputError(f"{path}: counts must be non-negative whole numbers.")
+            start = data.shape[0]
+            end = start + values.size
+            data.resize((end,))
+            indices.resize((end,))
+            data[start:end] = values.astype(np.int32)
+            indices[start:end] = block.indices.astype(np.int64)
+            row_ends.append(block.indptr[1:].astype(np.int64) + start)
+
+        yield append
+        indptr = np.concatenate(row_ends)
+        if len(indptr) - 1 != len(barcodes):
+            raise InputError(
+                f"{path}: the count blocks have {len(indptr) - 1} rows but {len(barcodes)} "
+                "barcodes."
+            )
+        group["indptr"] = indptr
+        group["shape"] = np.array([n_genes, len(barcodes)], dtype=np.int32)
 
 
 def read_matrix_mtx(folder: Path) -> FeatureMatrix:
@@ -286,7 +400,7 @@ def read_matrix_mtx(folder: Path) -> FeatureMatrix:
     else:
         feature_types = np.full(len(gene_ids), GENE_EXPRESSION, dtype=object)
     _check_matrix_shape(counts, barcodes, gene_ids, matrix_path)
-    return FeatureMatrix(counts, barcodes, gene_names, gene_ids, feature_types)
+    return FeatureMatrix(counts, barcodes, gene_names, gene_ids, feature_types, folder)
 
 
 def read_positions(folder: Path) -> pd.DataFrame:
@@ -303,7 +417,7 @@ def read_positions(folder: Path) -> pd.DataFrame:
         )
     path = existing[0]
     if path.suffix == ".parquet":
-        table = pd.read_parquet(path)
+        table = _read_parquet_columns(path, POSITION_COLUMNS)
     else:
         with open(path) as handle:
             first_cell = handle.readline().split(",")[0].strip().strip('"')
@@ -321,13 +435,7 @@ def read_positions(folder: Path) -> pd.DataFrame:
                     f"columns ({', '.join(POSITION_COLUMNS)}), found {table.shape[1]}."
                 )
             table.columns = list(POSITION_COLUMNS)
-    missing = [column for column in POSITION_COLUMNS if column not in table.columns]
-    if missing:
-        raise InputError(
-            f"{path}: missing columns {', '.join(missing)}; found "
-            f"{name_list(table.columns)}. Space Ranger positions have the columns "
-            f"{', '.join(POSITION_COLUMNS)}."
-        )
+    _check_position_columns(path, table.columns)
     table = table[list(POSITION_COLUMNS)].copy()
     table["barcode"] = table["barcode"].astype(str)
     numeric = list(POSITION_COLUMNS[1:])
@@ -347,14 +455,52 @@ def read_positions(folder: Path) -> pd.DataFrame:
     return table.set_index("barcode")
 
 
-def read_scalefactors(path: Path) -> dict[str, float]:
-    """Read ``scalefactors_json.json``; ``spot_diameter_fullres`` must be a positive number."""
+def _check_position_columns(path: Path, found: Sequence[str]) -> None:
+    missing = [column for column in POSITION_COLUMNS if column not in found]
+    if missing:
+        raise InputError(
+            f"{path}: missing columns {', '.join(missing)}; found "
+            f"{name_list(found)}. Space Ranger positions have the columns "
+            f"{', '.join(POSITION_COLUMNS)}."
+        )
+
+
+def _read_parquet_columns(path: Path, columns: Sequence[str]) -> pd.DataFrame:
+    """Read only ``columns`` of a Parquet file with pyarrow (a Visium HD table has 10^5-10^7
+    rows; Space Ranger may add columns we do not need). Missing columns are reported from the
+    file's schema, before any data is read."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        found = pq.read_schema(path).names
+        _check_position_columns(path, found)
+        return pq.read_table(path, columns=list(columns)).to_pandas()
+    except (pa.ArrowException, OSError) as error:
+        raise InputError(
+            f"{path}: cannot be read as Parquet ({error}); is it a complete Space Ranger "
+            "tissue_positions.parquet file?"
+        ) from error
+
+
+def read_scalefactors_json(path: Path) -> dict:
+    """Read a ``scalefactors_json.json`` file as a dict, without checking its fields."""
     require_file(path, "the Space Ranger scale factors file")
     try:
         scalefactors = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise InputError(f"{path}: not valid JSON ({error}).") from error
-    diameter = scalefactors.get("spot_diameter_fullres") if isinstance(scalefactors, dict) else None
+    if not isinstance(scalefactors, dict):
+        raise InputError(
+            f"{path}: expected a JSON object of scale factors, found {type(scalefactors).__name__}."
+        )
+    return scalefactors
+
+
+def read_scalefactors(path: Path) -> dict[str, float]:
+    """Read ``scalefactors_json.json``; ``spot_diameter_fullres`` must be a positive number."""
+    scalefactors = read_scalefactors_json(path)
+    diameter = scalefactors.get("spot_diameter_fullres")
     if not isinstance(diameter, (int, float)) or not diameter > 0:
         raise InputError(
             f"{path}: 'spot_diameter_fullres' is missing or not a positive number ({diameter!r}); "
@@ -407,39 +553,44 @@ def choose_image(
     image: str | os.PathLike | None,
     scalefactors: dict[str, float],
     notes: list[str],
+    png_folders: Sequence[Path] | None = None,
 ) -> tuple[Path | None, float]:
     """Return the image file and its ``image_scale`` (image pixels per full-resolution pixel).
 
     A user-named image is taken as the full-resolution image (scale 1.0); otherwise the
-    hires PNG, then the lowres PNG, each with its Space Ranger scale factor.
+    hires PNG, then the lowres PNG, each with its Space Ranger scale factor (from
+    ``folder/spatial/scalefactors_json.json``), looked for in each of ``png_folders`` in turn
+    (default: ``folder/spatial``).
     """
     if image is not None:
         return require_file(image, "the full-resolution image"), 1.0
-    for name, key in (
-        ("tissue_hires_image.png", "tissue_hires_scalef"),
-        ("tissue_lowres_image.png", "tissue_lowres_scalef"),
-    ):
-        path = folder / "spatial" / name
-        if path.is_file():
-            scale = scalefactors.get(key)
-            if not isinstance(scale, (int, float)) or not scale > 0:
-                raise InputError(
-                    f"{folder / SCALEFACTORS_FILE}: '{key}' is missing or not positive "
-                    f"({scale!r}); it is needed to use spatial/{name}."
+    for png_folder in png_folders or [folder / "spatial"]:
+        for name, key in (
+            ("tissue_hires_image.png", "tissue_hires_scalef"),
+            ("tissue_lowres_image.png", "tissue_lowres_scalef"),
+        ):
+            path = png_folder / name
+            if path.is_file():
+                label = os.path.relpath(path, folder) if path.is_relative_to(folder) else path
+                scale = scalefactors.get(key)
+                if not isinstance(scale, (int, float)) or not scale > 0:
+                    raise InputError(
+                        f"{folder / SCALEFACTORS_FILE}: '{key}' is missing or not positive "
+                        f"({scale!r}); it is needed to use {label}."
+                    )
+                notes.append(
+                    f"image: {label} (image_scale = {key} = {scale:g}); no full-resolution "
+                    "image was given."
                 )
-            notes.append(
-                f"image: spatial/{name} (image_scale = {key} = {scale:g}); no full-resolution "
-                "image was given."
-            )
-            return path, float(scale)
+                return path, float(scale)
     message = "no image: no full-resolution image given and no hires/lowres PNG in spatial/."
     notes.append(message)
     logger.warning("%s: %s", folder, message)
     return None, 1.0
 
 
-def _scale_labels(scalefactors: dict[str, float]) -> dict[str, float]:
-    """Label the image scales a Visium folder knows, for the out-of-image message."""
+def image_scale_labels(scalefactors: dict[str, float]) -> dict[str, float]:
+    """Label the image scales a Space Ranger folder knows, for the out-of-image message."""
     labels = {"a full-resolution image": 1.0}
     for kind, key in (("hires", "tissue_hires_scalef"), ("lowres", "tissue_lowres_scalef")):
         scale = scalefactors.get(key)
@@ -454,6 +605,12 @@ def _strings(values: np.ndarray) -> np.ndarray:
     if values.dtype.kind == "S":
         return np.char.decode(values, "utf-8").astype(object)
     return np.array([v.decode() if isinstance(v, bytes) else str(v) for v in values], dtype=object)
+
+
+def _utf8(values: Sequence[str]) -> np.ndarray:
+    """Strings as fixed-length UTF-8 bytes, the string type of 10x h5 files."""
+    encoded = np.char.encode(np.asarray(values, dtype=str), "utf-8")
+    return encoded if encoded.itemsize else encoded.astype("S1")
 
 
 def _first_existing(folder: Path, names: tuple[str, ...], what: str) -> Path:

@@ -19,13 +19,14 @@ Examples
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+import tempfile
 import time
-import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,15 +37,17 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 import stinfer.nn.backbones  # noqa: F401  (registers stinfer_histology_cnn with timm)
-from stinfer.data.patches import PatchSpec, spot_patches
+from stinfer.data.patches import PatchSpec, iter_spot_patches, spot_patches
+from stinfer.data.spot_dataset import PatchSource, SlideSpots, SpotDataset, as_csr, stacked_batch
 from stinfer.errors import InputError
 from stinfer.evaluate.metrics import per_gene_pearson
 from stinfer.io.atomic import atomic_output
-from stinfer.io.slide_data import slide_meta
+from stinfer.io.slide_data import prepare_for_h5ad, slide_meta
 from stinfer.models.persistence import read_model_config, read_model_weights, write_model_files
+from stinfer.nn.encoders import SlideColourNormalizer, colour_moments
 from stinfer.nn.stevs import MODES, STEvsConfig, STEvsModule
 from stinfer.train import FitResult, TrainerConfig, fit
 
@@ -53,6 +56,11 @@ logger = logging.getLogger("stinfer")
 PATCH_NORMALIZATIONS = ("minmax", "fixed")
 COLOUR_NORMALIZATIONS = ("none", "slide")
 MODEL_FILES = ("config.json", "weights.safetensors", "genes.json")
+# Prediction holds a slide's patches in memory up to this size (a 4,000-spot Visium slide at
+# 160 px is ~0.3 GB); larger slides (Visium HD) are streamed from the image chunk by chunk.
+IN_MEMORY_PATCH_BYTES = 1 << 30
+# A streamed slide's colour moments are estimated from this many seeded random spots.
+COLOUR_SAMPLE_SPOTS = 4096
 
 
 # --------------------------------------------------------------------------- configuration
@@ -252,30 +260,20 @@ def check_genes(slide: ad.AnnData, genes: Sequence[str]) -> None:
         )
 
 
-def gene_counts(slide: ad.AnnData, genes: Sequence[str]) -> np.ndarray:
-    """Dense ``(N, M)`` float32 counts of ``genes``; :class:`InputError` naming missing genes."""
+def gene_counts(slide: ad.AnnData, genes: Sequence[str]) -> sp.csr_matrix:
+    """Float32 CSR ``(N, M)`` counts of ``genes``; :class:`InputError` naming missing genes."""
     check_genes(slide, genes)
-    matrix = slide[:, list(genes)].X
-    matrix = matrix.toarray() if sp.issparse(matrix) else np.asarray(matrix)
-    return matrix.astype(np.float32)
-
-
-def read_only_tensor(array: np.ndarray) -> torch.Tensor:
-    """A tensor sharing ``array``'s memory (e.g. a read-only patch-cache memmap), never written.
-
-    Every use of patches makes a new tensor (normalisation, flips), so the memmap is not copied
-    and torch's warning about non-writable arrays does not apply.
-    """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*not writable.*")
-        return torch.from_numpy(np.ascontiguousarray(array))
+    return as_csr(slide[:, list(genes)].X)
 
 
 def normalise_patches(patches: torch.Tensor, method: str) -> torch.Tensor:
-    """uint8 ``(N, 3, H, W)`` patches to float32 in [-1, 1] by ``method`` (see the config)."""
+    """uint8 ``(N, 3, H, W)`` patches to float32 in [-1, 1] by ``method`` (see the config).
+
+    Float input (0..255, e.g. colour-standardised) is accepted too and never modified."""
     values = patches.float()
-    if method == "fixed":
-        return values / 127.5 - 1.0
+    if method == "fixed":  # one new tensor, updated in place: the step is memory-bound
+        scaled = values * (1 / 127.5) if values is patches else values.mul_(1 / 127.5)
+        return scaled.sub_(1.0)
     flat = values.flatten(1)
     low = flat.min(1).values[:, None, None, None]
     high = flat.max(1).values[:, None, None, None]
@@ -303,38 +301,69 @@ def dihedral(patches: torch.Tensor, index: int) -> torch.Tensor:
     return torch.rot90(flipped, index % 4, dims=(-2, -1))
 
 
+def _numbered_chunks(chunks: Iterator[np.ndarray]) -> Iterator[tuple[slice, np.ndarray]]:
+    """``(rows, chunk)`` for consecutive chunks of spots, ``rows`` the chunk's slice."""
+    start = 0
+    for chunk in chunks:
+        yield slice(start, start + len(chunk)), chunk
+        start += len(chunk)
+
+
 # --------------------------------------------------------------------------- Lightning task
 class STEvsTask(L.LightningModule):
     """The STEvs training step (Eq. 3) and validation metric, for :func:`stinfer.train.fit`.
 
-    Batches are ``(inputs, coords, counts, targets)``: ``inputs`` are uint8 patches or cached
-    backbone features; ``targets`` are uint8 patches for the image decoder (or an empty
-    tensor). With ``adapt=True`` the RNA term is dropped (test-time adaptation on unlabelled
-    slides: image, KL and alignment terms only).
+    Batches come from :class:`~stinfer.data.spot_dataset.SpotDataset`:
+    ``(inputs, coords, counts, targets, slides)``; ``inputs`` are uint8 patches or cached
+    backbone features; ``targets`` are uint8 patches for the image decoder (or empty);
+    ``slides`` index ``colour_transforms`` ``(S, 2, C)``, each slide's colour gain and shift
+    (:class:`~stinfer.nn.encoders.SlideColourNormalizer`), applied here to the batch's
+    patches (cached features were computed from colour-standardised patches already). With
+    ``adapt=True`` the RNA term is dropped (test-time adaptation on unlabelled slides: image,
+    KL and alignment terms only).
     """
 
     def __init__(
-        self, module: STEvsModule, training: STEvsTrainingConfig, adapt: bool = False
+        self,
+        module: STEvsModule,
+        training: STEvsTrainingConfig,
+        adapt: bool = False,
+        colour_transforms: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.module = module
         self.training_config = training
         self.adapt = adapt
+        self.colour_transforms = colour_transforms
         self._val_predictions: list[torch.Tensor] = []
         self._val_counts: list[torch.Tensor] = []
 
-    def _prepare(self, inputs: torch.Tensor, targets: torch.Tensor, augment: bool):
-        is_patches = inputs.dim() == 4
-        if augment and is_patches:
+    def _prepare(self, inputs, targets, slides, augment: bool):
+        """Patches as the encoder reads them and the reconstruction target (or ``None``):
+        flipped/rotated together (uint8, the cheapest copy), colour-standardised per slide,
+        normalised to [-1, 1]."""
+        shared = targets is inputs  # the batch's patches are also the target
+        if augment and inputs.dim() == 4:
             index = int(torch.randint(8, ()))
             inputs = dihedral(inputs, index)
-            targets = dihedral(targets, index) if targets.dim() == 4 else targets
+            targets = inputs if shared else dihedral(targets, index)
         method = self.training_config.patch_normalization
-        if is_patches:
-            inputs = normalise_patches(inputs, method)
+        transforms = None
+        if self.colour_transforms is not None:
+            transforms = self.colour_transforms.to(inputs.device)[slides]
+
+        def standardised(patches: torch.Tensor) -> torch.Tensor:
+            if transforms is not None:
+                patches = SlideColourNormalizer.apply(patches, transforms)
+            return normalise_patches(patches, method)
+
+        target = None
+        if targets.dim() == 4:
+            target = standardised(targets)
+        if inputs.dim() == 4:
+            inputs = target if shared else standardised(inputs)
             if augment and self.training_config.colour_jitter > 0:
                 inputs = colour_jitter(inputs, self.training_config.colour_jitter)
-        target = normalise_patches(targets, method) if targets.dim() == 4 else None
         return inputs, target
 
     def _training_mode(self) -> str:
@@ -353,8 +382,8 @@ class STEvsTask(L.LightningModule):
             self.module.gene_decoder.eval()
 
     def training_step(self, batch, batch_idx):
-        inputs, coords, counts, targets = batch
-        inputs, target = self._prepare(inputs, targets, self.training_config.augment)
+        inputs, coords, counts, targets, slides = batch
+        inputs, target = self._prepare(inputs, targets, slides, self.training_config.augment)
         mode = "fused" if self.adapt else self._training_mode()
         library = None
         if self.training_config.observed_library and not self.adapt:
@@ -381,8 +410,8 @@ class STEvsTask(L.LightningModule):
         return losses["loss"]
 
     def validation_step(self, batch, batch_idx):
-        inputs, coords, counts, targets = batch
-        inputs, _ = self._prepare(inputs, targets, augment=False)
+        inputs, coords, counts, targets, slides = batch
+        inputs, _ = self._prepare(inputs, targets, slides, augment=False)
         outputs = self.module(inputs, coords, mode="fused", sample=False, decode_image=False)
         self._val_predictions.append(outputs["nb_mean"].float().cpu())
         self._val_counts.append(counts.float().cpu())
@@ -398,9 +427,7 @@ class STEvsTask(L.LightningModule):
         self.log("val/pcc_median", float(np.median(correlations)))
 
     def configure_optimizers(self):
-        config = self.module.config
-        parameters = [p for p in self.module.parameters() if p.requires_grad]
-        return torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+        return self.module.configure_optimizer()
 
 
 # --------------------------------------------------------------------------- the model
@@ -451,28 +478,59 @@ class STEvs:
         self.fit_result: FitResult | None = None
 
     # ----------------------------------------------------------------- data
-    def _raw_patches(self, slide: ad.AnnData) -> torch.Tensor:
-        """The slide's uint8 spot patches ``(N, 3, P, P)``, as extracted."""
+    def _require_image(self, slide: ad.AnnData) -> None:
         if slide_meta(slide)["image_path"] is None:
             raise InputError(
                 f"slide {slide_meta(slide)['sample_id']} has no image; STEvs needs H&E patches "
                 "(mode='spatial' prediction works without one)."
             )
-        training = self.config.training
-        patches = spot_patches(slide, training.patch, cache_dir=training.patch_cache_dir)
-        return read_only_tensor(patches)
 
-    def _colour_normalised(self, patches: torch.Tensor) -> torch.Tensor:
-        """A whole slide's uint8 patches after the configured colour normalisation."""
-        if self.config.training.colour_normalization == "none":
-            return patches
+    @contextlib.contextmanager
+    def _training_sources(
+        self, slides: Sequence[ad.AnnData], patches: Sequence[np.ndarray] | None
+    ) -> Iterator[list[PatchSource]]:
+        """The patch source of every training slide, for the duration of a training run.
+
+        Given ``patches`` are used as they are (in memory). Otherwise each slide's patches are
+        extracted once into the patch cache (``patch_cache_dir``, or a temporary folder removed
+        when training ends) and read from it per batch (:class:`PatchSource`).
+        """
+        if patches is not None:
+            if len(patches) != len(slides):
+                raise InputError(f"patches: {len(patches)} arrays for {len(slides)} slides")
+            sources = [PatchSource(np.asarray(array)) for array in patches]
+            for slide, source in zip(slides, sources, strict=True):
+                if len(source) != slide.n_obs:
+                    raise InputError(
+                        f"patches has {len(source)} rows but the slide {slide.n_obs} spots"
+                    )
+            yield sources
+            return
+        for slide in slides:
+            self._require_image(slide)
+        spec = self.config.training.patch
+        with contextlib.ExitStack() as stack:
+            cache_dir = self.config.training.patch_cache_dir
+            if cache_dir is None:
+                cache_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="stinfer-"))
+            yield [PatchSource(spot_patches(slide, spec, cache_dir=cache_dir)) for slide in slides]
+
+    def _colour_transform(self, moments: torch.Tensor | None) -> torch.Tensor | None:
+        """``(2, C)`` gain/shift of a slide with colour ``moments`` (``None``: no colour step)."""
+        if self.config.training.colour_normalization == "none" or moments is None:
+            return None
         if not bool(self.module.colour_normalizer.fitted):
             raise InputError("this STEvs model is not trained yet; call train() first")
-        return self.module.colour_normalizer(patches)
+        return self.module.colour_normalizer.transform(moments)
 
-    def _patches(self, slide: ad.AnnData) -> torch.Tensor:
-        """The slide's spot patches as the encoder sees them (colour-normalised if configured)."""
-        return self._colour_normalised(self._raw_patches(slide))
+    def _encoder_input(
+        self, patches: np.ndarray | torch.Tensor, transform: torch.Tensor | None
+    ) -> torch.Tensor:
+        """uint8 patches as the encoder reads them: colour-standardised, then normalised."""
+        patches = torch.as_tensor(patches)
+        if transform is not None:
+            patches = SlideColourNormalizer.apply(patches, transform.expand(len(patches), -1, -1))
+        return normalise_patches(patches, self.config.training.patch_normalization)
 
     def _coords(self, slide: ad.AnnData) -> torch.Tensor:
         coordinates = torch.from_numpy(spot_coordinates_um(slide))
@@ -482,37 +540,47 @@ class STEvs:
         return self.module.image_encoder.frozen and self.config.training.cache_features
 
     @torch.no_grad()
-    def _features(self, patches: torch.Tensor) -> torch.Tensor:
-        """Frozen backbone features of uint8 patches, computed once, in batches."""
+    def _features(self, source: PatchSource, transform: torch.Tensor | None) -> torch.Tensor:
+        """Frozen backbone features ``(N, F)`` of a slide's patches, computed once, in chunks."""
         self.module.eval()
         size = self.config.training.predict_batch_size
-        method = self.config.training.patch_normalization
         return torch.cat(
             [
-                self.module.encode_image_features(normalise_patches(chunk, method))
-                for chunk in patches.split(size)
+                self.module.encode_image_features(self._encoder_input(chunk, transform))
+                for _, chunk in source.iter_chunks(size)
             ]
         )
 
     def _dataset(
-        self,
-        slides: Sequence[ad.AnnData],
-        with_counts: bool,
-        raw_patches: Sequence[torch.Tensor] | None = None,
-    ) -> TensorDataset:
-        if raw_patches is None:
-            raw_patches = [self._raw_patches(slide) for slide in slides]
-        patches = torch.cat([self._colour_normalised(p) for p in raw_patches])
-        coords = torch.cat([self._coords(slide) for slide in slides])
-        if with_counts:
-            counts = torch.from_numpy(np.concatenate([gene_counts(s, self.genes) for s in slides]))
-        else:
-            counts = torch.zeros((len(coords), 0))
-        targets = patches if self.module.image_decoder is not None else torch.zeros(len(coords), 0)
-        inputs = self._features(patches) if self._uses_cached_features() else patches
-        return TensorDataset(inputs, coords, counts, targets)
+        self, slides: Sequence[ad.AnnData], sources: Sequence[PatchSource], with_counts: bool
+    ) -> tuple[SpotDataset, torch.Tensor | None]:
+        """The training spots of ``slides`` and their slides' ``(S, 2, C)`` colour transforms.
 
-    def _loaders(self, dataset: TensorDataset, seed: int) -> tuple[DataLoader, DataLoader | None]:
+        Fits the colour normaliser on these slides first when it is not fitted yet.
+        """
+        moments = None
+        if self.config.training.colour_normalization != "none":
+            moments = [colour_moments(chunk for _, chunk in s.iter_chunks(256)) for s in sources]
+            if not bool(self.module.colour_normalizer.fitted):
+                self.module.colour_normalizer.fit(moments)
+        transforms = [self._colour_transform(m) for m in (moments or [None] * len(sources))]
+        keep_patches = not self._uses_cached_features() or self.module.image_decoder is not None
+        spots = []
+        for slide, source, transform in zip(slides, sources, transforms, strict=True):
+            features = self._features(source, transform) if self._uses_cached_features() else None
+            spots.append(
+                SlideSpots(
+                    coords=self._coords(slide),
+                    counts=gene_counts(slide, self.genes) if with_counts else None,
+                    patches=source if keep_patches else None,
+                    features=features,
+                )
+            )
+        dataset = SpotDataset(spots, with_targets=self.module.image_decoder is not None)
+        stacked = None if moments is None else torch.stack(transforms)
+        return dataset, stacked
+
+    def _loaders(self, dataset: SpotDataset, seed: int) -> tuple[DataLoader, DataLoader | None]:
         training = self.config.training
         n_spots = len(dataset)
         order = np.random.default_rng(seed).permutation(n_spots)
@@ -525,32 +593,37 @@ class STEvs:
             shuffle=True,
             drop_last=len(train_idx) > training.batch_size,
             generator=generator,
+            collate_fn=stacked_batch,
         )
         val_loader = None
         if n_val:
             val_loader = DataLoader(
-                torch.utils.data.Subset(dataset, val_idx.tolist()),
+                torch.utils.data.Subset(dataset, np.sort(val_idx).tolist()),
                 batch_size=training.predict_batch_size,
+                collate_fn=stacked_batch,
             )
         return train_loader, val_loader
 
     # ----------------------------------------------------------------- training
-    def train(self) -> FitResult:
+    def train(self, patches: Sequence[np.ndarray] | None = None) -> FitResult:
         """Train on the training slides (fitting the colour normaliser on them first).
 
-        With ``trainer.monitor`` set, the best epoch by validation median PCC is restored; with
-        ``trainer.swa_epoch_start``, the averaged weights are kept; else the last epoch.
+        Patches are streamed from the patch cache per batch (see :meth:`_training_sources`),
+        so memory does not grow with the number of training slides. ``patches`` (one uint8
+        ``(N_s, 3, H, W)`` array per training slide) replaces the extraction, e.g. for
+        perturbed images. With ``trainer.monitor`` set, the best epoch by validation median
+        PCC is restored; with ``trainer.swa_epoch_start``, the averaged weights are kept; else
+        the last epoch.
         """
         trainer_config = self.config.training.trainer
-        raw_patches = [self._raw_patches(slide) for slide in self.train_slides]
-        if self.config.training.colour_normalization != "none":
-            self.module.colour_normalizer.fit(raw_patches)
-        dataset = self._dataset(self.train_slides, with_counts=True, raw_patches=raw_patches)
-        train_loader, val_loader = self._loaders(dataset, trainer_config.seed)
-        if self.config.training.initialise_decoder:
-            self.module.gene_decoder.initialise_from_counts(dataset.tensors[2])
-        task = STEvsTask(self.module, self.config.training)
-        self.fit_result = fit(task, train_loader, val_loader, trainer_config)
+        with self._training_sources(self.train_slides, patches) as sources:
+            self.module.colour_normalizer.fitted.fill_(False)
+            dataset, transforms = self._dataset(self.train_slides, sources, with_counts=True)
+            train_loader, val_loader = self._loaders(dataset, trainer_config.seed)
+            if self.config.training.initialise_decoder:
+                self.module.gene_decoder.initialise_from_totals(*dataset.count_totals())
+            task = STEvsTask(self.module, self.config.training, colour_transforms=transforms)
+            self.fit_result = fit(task, train_loader, val_loader, trainer_config)
         self.module.eval()
         logger.info(
             "STEvs trained in %.1f s (best epoch %s, val median PCC %s)",
@@ -566,20 +639,24 @@ class STEvs:
         As in the public STEvs code: image reconstruction, KL and alignment only, so the
         encoders adapt to the new slides' appearance while the gene decoder is untouched.
         """
-        dataset = self._dataset(list(target_slides), with_counts=False)
-        loader = DataLoader(dataset, batch_size=self.config.training.batch_size, shuffle=True)
         trainer_config = dataclasses.replace(
             self.config.training.trainer, max_epochs=epochs, monitor=None, swa_epoch_start=None
         )
         for parameter in self.module.gene_decoder.parameters():
             parameter.requires_grad_(False)
         try:
-            result = fit(
-                STEvsTask(self.module, self.config.training, adapt=True),
-                loader,
-                None,
-                trainer_config,
-            )
+            with self._training_sources(list(target_slides), None) as sources:
+                dataset, transforms = self._dataset(target_slides, sources, with_counts=False)
+                loader = DataLoader(
+                    dataset,
+                    batch_size=self.config.training.batch_size,
+                    shuffle=True,
+                    collate_fn=stacked_batch,
+                )
+                task = STEvsTask(
+                    self.module, self.config.training, adapt=True, colour_transforms=transforms
+                )
+                result = fit(task, loader, None, trainer_config)
         finally:
             for parameter in self.module.gene_decoder.parameters():
                 parameter.requires_grad_(True)
@@ -587,57 +664,110 @@ class STEvs:
         return result
 
     # ----------------------------------------------------------------- inference
+    def _prediction_chunks(
+        self, slide: ad.AnnData, patches: np.ndarray | None
+    ) -> tuple[Iterator[tuple[slice, np.ndarray]], torch.Tensor | None]:
+        """The slide's patches in consecutive spot chunks, and its colour transform.
+
+        Patches come from ``patches`` when given, else from the patch cache when one is
+        configured, else from the image: all at once when they fit in
+        :data:`IN_MEMORY_PATCH_BYTES`, else streamed chunk by chunk (a Visium HD slide), the
+        colour moments then taken from :data:`COLOUR_SAMPLE_SPOTS` seeded random spots.
+        """
+        training = self.config.training
+        size = training.predict_batch_size
+        source = None
+        if patches is not None:
+            if patches.shape[0] != slide.n_obs:
+                raise InputError(
+                    f"patches has {patches.shape[0]} rows but the slide {slide.n_obs} spots"
+                )
+            source = PatchSource(np.asarray(patches))
+        else:
+            self._require_image(slide)
+            side = training.patch.output_size_px or training.patch.patch_size_px
+            in_memory = slide.n_obs * 3 * side * side <= IN_MEMORY_PATCH_BYTES
+            if training.patch_cache_dir is not None or in_memory:
+                source = PatchSource(
+                    spot_patches(slide, training.patch, cache_dir=training.patch_cache_dir)
+                )
+        if source is not None:
+            moments = None
+            if training.colour_normalization != "none":
+                moments = colour_moments(chunk for _, chunk in source.iter_chunks(256))
+            return source.iter_chunks(size), self._colour_transform(moments)
+        moments = None
+        if training.colour_normalization != "none":
+            sample = slide
+            if slide.n_obs > COLOUR_SAMPLE_SPOTS:
+                rows = np.random.default_rng(0).choice(slide.n_obs, COLOUR_SAMPLE_SPOTS, False)
+                sample = slide[np.sort(rows)]
+            moments = colour_moments(iter_spot_patches(sample, training.patch, 256))
+        return _numbered_chunks(iter_spot_patches(slide, training.patch, size)), (
+            self._colour_transform(moments)
+        )
+
     @torch.no_grad()
-    def _posterior_outputs(
-        self, slide: ad.AnnData, mode: str, patches: np.ndarray | None = None
-    ) -> dict[str, np.ndarray]:
+    def iter_predictions(
+        self, slide: ad.AnnData, mode: str = "fused", patches: np.ndarray | None = None
+    ) -> Iterator[tuple[slice, dict[str, np.ndarray]]]:
+        """Predictions of consecutive spot chunks: ``(rows, outputs)`` with ``nb_mean`` and
+        ``nb_theta`` ``(n, M)``, ``mu`` and ``logvar`` ``(n, D)`` float32 for the spots at
+        ``rows`` (a slice). Memory is bounded by one chunk (``predict_batch_size`` spots);
+        :meth:`predict` and :meth:`write_prediction` are built on it."""
         if mode not in MODES:
             raise InputError(f"mode must be one of {MODES}; got {mode!r}")
         self.module.eval()
         training = self.config.training
         coords = self._coords(slide)
         if mode == "spatial":
-            image_inputs = None
-        elif patches is not None:
-            if patches.shape[0] != slide.n_obs:
-                raise InputError(
-                    f"patches has {patches.shape[0]} rows but the slide {slide.n_obs} spots"
-                )
-            image_inputs = self._colour_normalised(read_only_tensor(patches))
+            size = training.predict_batch_size
+            chunks = (
+                (slice(i, min(i + size, slide.n_obs)), None) for i in range(0, slide.n_obs, size)
+            )
+            transform = None
         else:
-            image_inputs = self._patches(slide)
+            chunks, transform = self._prediction_chunks(slide, patches)
         views = [0]
         if (
             training.test_time_augmentation
-            and image_inputs is not None
+            and mode != "spatial"
             and not self._uses_cached_features()
         ):
             views = list(range(8))
-        collected: dict[str, list[torch.Tensor]] = {}
-        size = training.predict_batch_size
-        for start in range(0, slide.n_obs, size):
-            stop = min(start + size, slide.n_obs)
-            batch_coords = coords[start:stop]
-            means, thetas = [], []
+        for rows, chunk in chunks:
+            means, thetas, first = [], [], None
             for view in views:
-                batch_inputs = None
-                if image_inputs is not None:
-                    batch_inputs = normalise_patches(
-                        dihedral(image_inputs[start:stop], view), training.patch_normalization
-                    )
+                inputs = None
+                if chunk is not None:
+                    inputs = self._encoder_input(dihedral(torch.from_numpy(chunk), view), transform)
                     if self._uses_cached_features():
-                        batch_inputs = self.module.encode_image_features(batch_inputs)
+                        inputs = self.module.encode_image_features(inputs)
                 outputs = self.module(
-                    batch_inputs, batch_coords, mode=mode, sample=False, decode_image=False
+                    inputs, coords[rows], mode=mode, sample=False, decode_image=False
                 )
                 means.append(outputs["nb_mean"].float())
                 thetas.append(outputs["nb_theta"].float())
                 if view == 0:
-                    for key in ("mu", "logvar"):
-                        collected.setdefault(key, []).append(outputs[key].float())
-            collected.setdefault("nb_mean", []).append(torch.stack(means).mean(0))
-            collected.setdefault("nb_theta", []).append(torch.stack(thetas).mean(0))
-        return {key: torch.cat(values).numpy() for key, values in collected.items()}
+                    first = outputs
+            yield (
+                rows,
+                {
+                    "nb_mean": torch.stack(means).mean(0).numpy(),
+                    "nb_theta": torch.stack(thetas).mean(0).numpy(),
+                    "mu": first["mu"].float().numpy(),
+                    "logvar": first["logvar"].float().numpy(),
+                },
+            )
+
+    def _posterior_outputs(
+        self, slide: ad.AnnData, mode: str, patches: np.ndarray | None = None
+    ) -> dict[str, np.ndarray]:
+        collected: dict[str, list[np.ndarray]] = {}
+        for _, outputs in self.iter_predictions(slide, mode, patches):
+            for key, value in outputs.items():
+                collected.setdefault(key, []).append(value)
+        return {key: np.concatenate(values) for key, values in collected.items()}
 
     def predict(
         self, slide: ad.AnnData, mode: str = "fused", patches: np.ndarray | None = None
@@ -667,20 +797,75 @@ class STEvs:
         """
         start = time.perf_counter()
         outputs = self._posterior_outputs(slide, mode, patches)
+        prediction = self._prediction_anndata(slide, mode, outputs)
+        prediction.uns["stevs_prediction"]["seconds"] = time.perf_counter() - start
+        return prediction
+
+    def write_prediction(
+        self,
+        slide: ad.AnnData,
+        path: str | os.PathLike,
+        mode: str = "fused",
+        overwrite: bool = False,
+    ) -> Path:
+        """:meth:`predict` written straight to an ``.h5ad`` file, chunk by chunk.
+
+        The file has the layout :meth:`predict` returns (``X``, ``layers["nb_theta"]``,
+        ``obsm["X_stevs"]``, ``obsm["stevs_posterior_var"]``, ``obsm["spatial"]``,
+        ``uns``), but the spots x genes arrays are filled one chunk of
+        ``predict_batch_size`` spots at a time, so memory stays bounded by a chunk however
+        many spots the slide has (a Visium HD slide of 500,000 bins); open it with
+        ``anndata.read_h5ad(path, backed="r")`` to read it the same way. The file appears
+        under its name only once complete.
+        """
+        import h5py
+
+        start = time.perf_counter()
+        skeleton = prepare_for_h5ad(self._prediction_anndata(slide, mode))
+        n_spots, n_genes = slide.n_obs, len(self.genes)
+        latent_dim = self.config.module.latent_dim
+        rows_per_chunk = max(1, min(self.config.training.predict_batch_size, n_spots))
+        with atomic_output(path, overwrite) as tmp:
+            skeleton.write_h5ad(tmp)
+            with h5py.File(tmp, "r+") as file:
+                arrays = {
+                    "nb_mean": ("X", n_genes),
+                    "nb_theta": ("layers/nb_theta", n_genes),
+                    "mu": ("obsm/X_stevs", latent_dim),
+                    "logvar": ("obsm/stevs_posterior_var", latent_dim),
+                }
+                datasets = {}
+                for key, (name, width) in arrays.items():
+                    datasets[key] = file.create_dataset(
+                        name, shape=(n_spots, width), dtype="f4", chunks=(rows_per_chunk, width)
+                    )
+                    datasets[key].attrs.update(
+                        {"encoding-type": "array", "encoding-version": "0.2.0"}
+                    )
+                for rows, outputs in self.iter_predictions(slide, mode):
+                    outputs["logvar"] = np.exp(outputs["logvar"])
+                    for key, dataset in datasets.items():
+                        dataset[rows] = outputs[key]
+                file["uns/stevs_prediction/seconds"][()] = time.perf_counter() - start
+        return Path(path)
+
+    def _prediction_anndata(
+        self, slide: ad.AnnData, mode: str, outputs: dict[str, np.ndarray] | None = None
+    ) -> ad.AnnData:
+        """The prediction AnnData of :meth:`predict`; without ``outputs``, its skeleton (obs,
+        var, ``obsm["spatial"]``, uns) for :meth:`write_prediction` to fill."""
         prediction = ad.AnnData(
-            X=outputs["nb_mean"].astype(np.float32),
+            X=None if outputs is None else outputs["nb_mean"].astype(np.float32),
             obs=pd.DataFrame(index=slide.obs_names.copy()),
             var=pd.DataFrame(index=pd.Index(self.genes)),
         )
-        prediction.layers["nb_theta"] = outputs["nb_theta"].astype(np.float32)
-        prediction.obsm["X_stevs"] = outputs["mu"].astype(np.float32)
-        prediction.obsm["stevs_posterior_var"] = np.exp(outputs["logvar"]).astype(np.float32)
+        if outputs is not None:
+            prediction.layers["nb_theta"] = outputs["nb_theta"].astype(np.float32)
+            prediction.obsm["X_stevs"] = outputs["mu"].astype(np.float32)
+            prediction.obsm["stevs_posterior_var"] = np.exp(outputs["logvar"]).astype(np.float32)
         prediction.obsm["spatial"] = np.asarray(slide.obsm["spatial"]).copy()
         prediction.uns["stinfer"] = dict(slide.uns.get("stinfer", {}))
-        prediction.uns["stevs_prediction"] = {
-            "mode": mode,
-            "seconds": time.perf_counter() - start,
-        }
+        prediction.uns["stevs_prediction"] = {"mode": mode, "seconds": 0.0}
         return prediction
 
     def get_latent(self, slide: ad.AnnData, which: str = "fused") -> np.ndarray:

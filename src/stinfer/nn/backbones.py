@@ -21,8 +21,8 @@ from torch import nn
 
 def colour_statistics(patches: torch.Tensor) -> torch.Tensor:
     """Per-channel mean and standard deviation of ``(N, C, H, W)`` patches: ``(N, 2C)``."""
-    flat = patches.flatten(2)
-    return torch.cat([flat.mean(-1), flat.std(-1, unbiased=False)], dim=1)
+    variance, mean = torch.var_mean(patches.flatten(2), dim=-1, correction=0)  # one pass
+    return torch.cat([mean, variance.sqrt()], dim=1)
 
 
 def conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:

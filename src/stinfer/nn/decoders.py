@@ -167,14 +167,21 @@ class GeneDecoder(nn.Module):
         weights are untouched, so this is an initialisation, not a fit.
         """
         counts = counts.double()
+        self.initialise_from_totals(counts.sum(0), counts.sum(1))
+
+    @torch.no_grad()
+    def initialise_from_totals(self, gene_totals: torch.Tensor, spot_totals: torch.Tensor) -> None:
+        """:meth:`initialise_from_counts` from the count matrix's per-gene totals ``(M,)`` and
+        per-spot totals ``(N,)`` alone (all it needs; a sparse or streamed matrix gives them
+        without a dense copy)."""
+        gene_totals, spot_totals = gene_totals.double(), spot_totals.double()
         if self.log_library is None:
-            mean = counts.mean(0).clamp_min(1e-4)
+            mean = (gene_totals / len(spot_totals)).clamp_min(1e-4)
             self.mean.bias.copy_(mean + torch.log(-torch.expm1(-mean)))  # inverse softplus
             return
-        library = counts.sum(1)
-        composition = counts.sum(0) / library.sum().clamp_min(1.0)
+        composition = gene_totals / spot_totals.sum().clamp_min(1.0)
         self.mean.bias.copy_(torch.log(composition + 1e-6))
-        self.log_library.bias.fill_(float(library.clamp_min(1.0).log().mean()))
+        self.log_library.bias.fill_(float(spot_totals.clamp_min(1.0).log().mean()))
 
     def _hidden(self, z: torch.Tensor) -> torch.Tensor:
         if self.training and z.shape[0] == 1:

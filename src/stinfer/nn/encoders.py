@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -420,21 +420,28 @@ class CoordinateNormalizer(nn.Module):
         return (coords - centre) / self.scale.to(coords.dtype)
 
 
-def colour_moments(patches: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+def colour_moments(
+    patches: torch.Tensor | Iterable[torch.Tensor], chunk: int = 256
+) -> torch.Tensor:
     """Per-channel mean and sd ``(2, C)`` over every pixel of ``(N, C, H, W)`` patches.
 
-    Accumulated in float64 over chunks of ``chunk`` patches, so thousands of 160-px uint8
-    patches never become one float copy.
+    ``patches`` is one tensor (read ``chunk`` patches at a time) or an iterable of such chunks
+    (e.g. read from a patch cache one block at a time); sums are accumulated in float64, so
+    thousands of 160-px uint8 patches never become one float copy.
     """
-    if patches.dim() != 4 or patches.shape[0] == 0:
-        raise InputError("colour_moments needs a non-empty (N, C, H, W) tensor of patches")
-    total = torch.zeros(patches.shape[1], dtype=torch.float64)
-    squares = torch.zeros_like(total)
-    for block in patches.split(chunk):
+    chunks = patches.split(chunk) if isinstance(patches, torch.Tensor) else patches
+    total = squares = None
+    count = 0
+    for block in chunks:
+        block = torch.as_tensor(block)
+        if block.dim() != 4:
+            raise InputError("colour_moments needs (N, C, H, W) patches")
         values = block.double().transpose(0, 1).flatten(1)
-        total += values.sum(1)
-        squares += values.square().sum(1)
-    count = patches.numel() / patches.shape[1]
+        total = values.sum(1) if total is None else total + values.sum(1)
+        squares = values.square().sum(1) if squares is None else squares + values.square().sum(1)
+        count += values.shape[1]
+    if total is None or count == 0:
+        raise InputError("colour_moments needs at least one patch")
     mean = total / count
     sd = (squares / count - mean.square()).clamp_min(0).sqrt()
     return torch.stack([mean, sd]).float()
@@ -445,11 +452,14 @@ class SlideColourNormalizer(nn.Module):
 
     Each slide's patches are mapped channel by channel so that their mean and sd over the
     slide's pixels equal the reference (the training slides' average moments):
-    ``x' = (x - mean_slide) / sd_slide * sd_ref + mean_ref`` (Reinhard et al. 2001, in RGB).
+    ``x' = (x - mean_slide) / sd_slide * sd_ref + mean_ref`` (Reinhard et al. 2001, in RGB),
+    rounded and clipped to 0..255 as the uint8 image it stands for.
     Serial sections and other labs differ in stain intensity and hue as a whole; relative
-    differences between spots of one slide (cellularity, stroma) are what transfer. Apply it
-    to every spot of a slide at once (a subset has other moments). ``reference`` and
-    ``fitted`` are buffers, saved in the owning module's ``state_dict``.
+    differences between spots of one slide (cellularity, stroma) are what transfer. The
+    moments are those of the whole slide (:func:`colour_moments`, streamed over its patches);
+    :meth:`transform` turns them into a per-channel gain and shift that :meth:`apply` uses on
+    any batch of that slide's patches. ``reference`` and ``fitted`` are buffers, saved in the
+    owning module's ``state_dict``.
     """
 
     reference: torch.Tensor
@@ -460,24 +470,35 @@ class SlideColourNormalizer(nn.Module):
         self.register_buffer("reference", torch.zeros(2, channels))
         self.register_buffer("fitted", torch.tensor(False))
 
-    def fit(self, slides: Sequence[torch.Tensor]) -> SlideColourNormalizer:
-        """Fit the reference on one ``(N_s, C, H, W)`` uint8 patch tensor per training slide."""
-        if len(slides) == 0:
-            raise InputError("SlideColourNormalizer.fit needs the patches of at least one slide")
-        self.reference.copy_(torch.stack([colour_moments(s) for s in slides]).mean(0))
+    def fit(self, slide_moments: Sequence[torch.Tensor]) -> SlideColourNormalizer:
+        """Fit the reference: the mean of the training slides' ``(2, C)`` colour moments."""
+        if len(slide_moments) == 0:
+            raise InputError("SlideColourNormalizer.fit needs the moments of at least one slide")
+        self.reference.copy_(torch.stack(list(slide_moments)).mean(0))
         self.fitted.fill_(True)
         return self
 
-    def forward(self, patches: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-        """The ``(N, C, H, W)`` uint8 patches of one whole slide, colour-standardised (uint8)."""
+    def transform(self, moments: torch.Tensor) -> torch.Tensor:
+        """``(2, C)`` gain and shift mapping a slide with colour ``moments`` to the reference."""
         if not bool(self.fitted):
             raise RuntimeError("SlideColourNormalizer is not fitted; call fit(training_slides)")
-        mean, sd = colour_moments(patches, chunk)
-        gain = (self.reference[1] / sd.clamp_min(1e-3))[None, :, None, None]
-        shift = self.reference[0][None, :, None, None] - mean[None, :, None, None] * gain
+        gain = self.reference[1] / moments[1].clamp_min(1e-3)
+        return torch.stack([gain, self.reference[0] - moments[0] * gain])
+
+    @staticmethod
+    def apply(patches: torch.Tensor, transforms: torch.Tensor) -> torch.Tensor:
+        """``(N, C, H, W)`` patches (0..255) with per-spot ``(N, 2, C)`` gain/shift, as float32
+        0..255 (rounded and clipped: the values of the colour-standardised uint8 image)."""
+        gain = transforms[:, 0, :, None, None]
+        shift = transforms[:, 1, :, None, None]
+        return patches.float().mul(gain).add_(shift).round_().clamp_(0, 255)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        """The ``(N, C, H, W)`` uint8 patches of one whole slide, colour-standardised (uint8)."""
+        transform = self.transform(colour_moments(patches))
         return torch.cat(
             [
-                (block.float() * gain + shift).round_().clamp_(0, 255).to(torch.uint8)
-                for block in patches.split(chunk)
+                self.apply(block, transform.expand(len(block), -1, -1)).to(torch.uint8)
+                for block in patches.split(256)
             ]
         )

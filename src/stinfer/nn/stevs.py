@@ -548,8 +548,16 @@ class STEvsModule(nn.Module):
         return outputs
 
     def configure_optimizer(self) -> torch.optim.Optimizer:
-        """AdamW over the trainable parameters with the config's lr and weight decay (C.4.2)."""
+        """AdamW over the trainable parameters with the config's lr and weight decay (C.4.2).
+
+        The fused implementation (one kernel for all parameters; the same update up to float
+        rounding) where the parameters' device has one: on a CPU it is ~15% of a ``fast`` step.
+        """
         parameters = [p for p in self.parameters() if p.requires_grad]
+        device = parameters[0].device.type if parameters else "cpu"
         return torch.optim.AdamW(
-            parameters, lr=self.config.lr, weight_decay=self.config.weight_decay
+            parameters,
+            lr=self.config.lr,
+            weight_decay=self.config.weight_decay,
+            fused=device in ("cpu", "cuda") or None,
         )
