@@ -190,6 +190,30 @@ def test_select_genes_hvg_method_puts_an_overdispersed_gene_first():
         select_genes(slides, method="moran")
 
 
+HVG_THREADS_SCRIPT = """
+import numpy as np, scipy.sparse as sp, anndata as ad, torch
+torch.set_num_threads(1)
+from stinfer.preprocess import highly_variable_genes
+counts = sp.csr_matrix(np.random.default_rng(0).poisson(3.0, (500, 40)).astype(np.float32))
+slide = ad.AnnData(counts)
+highly_variable_genes([slide], list(slide.var_names))
+print(torch.get_num_threads())
+"""
+
+
+def test_hvg_ranking_leaves_torch_on_the_threads_it_was_given():
+    """scanpy's numba (OpenMP) kernels reset the OpenMP thread count shared with torch; a
+    one-thread run must stay on one thread after gene selection (fresh process: numba sets it
+    when its threading layer first launches)."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", HVG_THREADS_SCRIPT], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.split()[-1] == "1"
+
+
 def test_align_genes_orders_genes_and_names_slide_with_missing_genes():
     slides = _cohort(np.random.default_rng(6), n_slides=3)
     aligned = align_genes(slides, ["N3", "SVG_A"])

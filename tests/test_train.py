@@ -102,3 +102,16 @@ def test_best_weights_with_prefixes_restores_only_those_entries_at_their_own_bes
     assert best.best_epoch == 1 and set(best.best_state) == {"linear.weight"}
     torch.testing.assert_close(module.linear.weight, module.epoch_weights[1][0])
     torch.testing.assert_close(module.other.weight, module.epoch_weights[-1][1])  # untouched
+
+
+def test_cpu_bf16_autocast_only_when_asked_and_the_cpu_has_native_bf16(monkeypatch):
+    import stinfer.train as train_module
+
+    monkeypatch.setattr(train_module.torch.cuda, "is_available", lambda: False)
+    assert train_module.default_precision("cpu") == "32-true"
+    for native in (True, False):
+        monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda native=native: native)
+        assert train_module.default_precision("auto", cpu_bf16=True) == (
+            "bf16-mixed" if native else "32-true"
+        )
+        assert train_module.default_precision("cpu", cpu_bf16=False) == "32-true"

@@ -11,8 +11,10 @@ genes (HVGs) fill the panel when too few SVGs pass.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
 from typing import Literal
 
 import anndata as ad
@@ -435,6 +437,24 @@ def spatially_variable_genes(
     return table.sort_values("mean_I", ascending=False, kind="stable", na_position="last")
 
 
+@contextlib.contextmanager
+def torch_threads_kept() -> Iterator[None]:
+    """Restore torch's thread count after the block, when torch is loaded.
+
+    scanpy's numba kernels run on numba's OpenMP layer, which shares torch's ``libgomp`` and
+    sets its thread count to every core at launch (``NUMBA_NUM_THREADS``), whatever
+    ``OMP_NUM_THREADS`` or ``torch.set_num_threads`` said: a run limited to one thread would
+    then train on two and oversubscribe a shared machine.
+    """
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch is not None else None
+    try:
+        yield
+    finally:
+        if threads is not None:
+            torch.set_num_threads(threads)
+
+
 def highly_variable_genes(slides: Sequence[ad.AnnData], genes: Sequence[str]) -> list[str]:
     """Rank ``genes`` by scanpy's Seurat-flavour normalised dispersion, most variable first.
 
@@ -452,7 +472,8 @@ def highly_variable_genes(slides: Sequence[ad.AnnData], genes: Sequence[str]) ->
         for slide in slides
     ]
     stacked = ad.AnnData(X=sp.vstack(blocks).tocsr(), var=pd.DataFrame(index=pd.Index(genes)))
-    sc.pp.highly_variable_genes(stacked, flavor="seurat", n_top_genes=len(genes))
+    with torch_threads_kept():
+        sc.pp.highly_variable_genes(stacked, flavor="seurat", n_top_genes=len(genes))
     dispersion = stacked.var["dispersions_norm"].to_numpy(dtype=np.float64)
     dispersion = np.where(np.isfinite(dispersion), dispersion, -np.inf)
     order = np.argsort(-dispersion, kind="stable")
