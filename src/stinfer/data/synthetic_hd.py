@@ -42,9 +42,8 @@ downsample 1, 4, 16, JPEG). ``benchmarks/patches.py`` paints its 50,000 px TIFF 
 function.
 
 Cost: memory holds one band of counts, one image tile and the per-bin tables (positions,
-barcodes), never a whole matrix or image. Measured on one core: 745 x 745 bins (503,585 under
-tissue) x 18,000 genes with a 12,048 px image take ~25 s and 0.5 GiB peak RSS (150 MiB h5
-files, 16 MiB TIFF); a 40 x 40-bin folder takes ~0.15 s.
+barcodes), never a whole matrix or image, so a 500,000-bin folder generates in well under a GiB
+(``benchmarks/scale.py`` measures it).
 
 Example
 -------

@@ -138,19 +138,7 @@ def read_visium(
     matrix_rows, spot_positions = match_barcodes(matrix.barcodes, positions, source, notes)
 
     spatial_xy = spot_positions[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(np.float64)
-    image_path, image_scale = choose_image(folder, image, scalefactors, notes)
-    if image_path is not None:
-        check_spots_inside_image(
-            spatial_xy,
-            image_path,
-            image_scale,
-            source,
-            known_scales=image_scale_labels(scalefactors),
-            fix=(
-                "pass the full-resolution microscope image as image=..., or leave image=None "
-                "to use spatial/tissue_hires_image.png with its scale factor"
-            ),
-        )
+    image_path, image_scale = checked_image(folder, image, scalefactors, spatial_xy, source, notes)
     spot_diameter_px = float(scalefactors["spot_diameter_fullres"])
 
     slide = make_slide(
@@ -546,6 +534,33 @@ def match_barcodes(
         notes.append(message)
         logger.warning("%s: %s", source, message)
     return np.flatnonzero(in_tissue), under_tissue.loc[kept]
+
+
+def checked_image(
+    folder: Path,
+    image: str | os.PathLike | None,
+    scalefactors: dict[str, float],
+    spatial_xy: np.ndarray,
+    source: str,
+    notes: list[str],
+    png_folders: Sequence[Path] | None = None,
+) -> tuple[Path | None, float]:
+    """:func:`choose_image`, then check that the spots ``spatial_xy`` (full-resolution
+    pixels) fall inside the chosen image (:class:`InputError` naming the scale that fits)."""
+    image_path, image_scale = choose_image(folder, image, scalefactors, notes, png_folders)
+    if image_path is not None:
+        check_spots_inside_image(
+            spatial_xy,
+            image_path,
+            image_scale,
+            source,
+            known_scales=image_scale_labels(scalefactors),
+            fix=(
+                "pass the full-resolution microscope image as image=..., or leave image=None "
+                "to use spatial/tissue_hires_image.png with its scale factor"
+            ),
+        )
+    return image_path, image_scale
 
 
 def choose_image(

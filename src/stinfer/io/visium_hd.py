@@ -35,7 +35,6 @@ import numpy as np
 
 from stinfer.errors import InputError
 from stinfer.io.slide_data import (
-    check_spots_inside_image,
     make_slide,
     missing_file_error,
     name_list,
@@ -44,8 +43,7 @@ from stinfer.io.slide_data import (
 from stinfer.io.visium import (
     POSITION_FILES,
     SCALEFACTORS_FILE,
-    choose_image,
-    image_scale_labels,
+    checked_image,
     match_barcodes,
     read_feature_matrix,
     read_positions,
@@ -143,19 +141,9 @@ def read_visium_hd(
     png_folders = [bin_folder / "spatial"]
     if outs_folder is not None:
         png_folders.append(outs_folder / "spatial")
-    image_path, image_scale = choose_image(bin_folder, image, scalefactors, notes, png_folders)
-    if image_path is not None:
-        check_spots_inside_image(
-            spatial_xy,
-            image_path,
-            image_scale,
-            source,
-            known_scales=image_scale_labels(scalefactors),
-            fix=(
-                "pass the full-resolution microscope image as image=..., or leave image=None "
-                "to use spatial/tissue_hires_image.png with its scale factor"
-            ),
-        )
+    image_path, image_scale = checked_image(
+        bin_folder, image, scalefactors, spatial_xy, source, notes, png_folders
+    )
     all_rows_kept = len(matrix_rows) == matrix.counts.shape[0]  # then matrix_rows is 0..n-1
     counts = matrix.counts if all_rows_kept else matrix.counts[matrix_rows]
     slide = make_slide(
