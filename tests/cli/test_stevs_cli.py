@@ -109,3 +109,42 @@ def test_user_errors_exit_2_with_one_line_and_no_traceback(slide_files, tmp_path
         == 2
     )
     assert "not a saved STEvs model" in capsys.readouterr().err
+
+
+def test_visium_hd_prepare_train_predict_streams_every_bin_to_the_output(tmp_path, monkeypatch):
+    """A generated Visium HD folder, as a user runs it: prepare the 8-um bins, train on them
+    (two slides: the multi-slide path), predict every bin without test-time augmentation. The
+    prediction streams from the tiled TIFF in chunks (forced here) and equals the in-memory one."""
+    import stinfer.models.stevs as stevs_module
+    from stinfer.data.synthetic_hd import make_visium_hd_folder
+    from stinfer.io.h5ad import read_h5ad_slide
+    from stinfer.models.stevs import STEvs
+
+    folder = make_visium_hd_folder(tmp_path / "outs", n_bins_side=24, n_genes=40, seed=2)
+    slide = tmp_path / "hd.h5ad"
+    assert (
+        stinfer(
+            f"prepare --format visium-hd --path {folder.outs_dir} --bin-size 8 "
+            f"--image {folder.image_path} --out {slide}"
+        )
+        == 0
+    )
+    run = tmp_path / "run"
+    assert (
+        stinfer(
+            f"train --train {slide} {slide} --genes svg --n-genes 10 --preset fast --epochs 1 "
+            f"--no-progress --out {run}"
+        )
+        == 0
+    )
+    monkeypatch.setattr(stevs_module, "IN_MEMORY_PATCH_BYTES", 0)
+    out = tmp_path / "pred.h5ad"
+    assert stinfer(f"predict --run {run} --slide {slide} --no-tta --out {out}") == 0
+    predicted = ad.read_h5ad(out, backed="r")
+    bins = read_h5ad_slide(slide)
+    assert predicted.shape == (bins.n_obs, 10) and list(predicted.obs_names) == list(bins.obs_names)
+    model = STEvs.load(run)
+    model.config.training.test_time_augmentation = False
+    monkeypatch.setattr(stevs_module, "IN_MEMORY_PATCH_BYTES", 1 << 30)
+    np.testing.assert_array_equal(predicted.X[:], model.predict(bins).X)
+    assert stinfer(f"predict --run {run} --slide {slide} --out {out}") == 2  # exists: refused

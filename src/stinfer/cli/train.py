@@ -54,6 +54,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--accelerator", default="auto", help="auto | cpu | gpu | mps (auto)")
     parser.add_argument("--devices", default="auto", help="number of devices, e.g. 4 (auto)")
     parser.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp (auto)")
+    parser.add_argument(
+        "--precision",
+        choices=["auto", "32-true", "bf16-mixed"],
+        default="auto",
+        help="'auto': the preset's (bf16 autocast on GPUs; on CPUs with native bf16 where the "
+        "preset allows it, as `paper` does; else fp32); or force fp32 / bf16 autocast",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("--out", required=True, type=Path, help="run folder to create")
     parser.add_argument("--overwrite", action="store_true", help="replace files of an existing run")
@@ -94,6 +101,7 @@ def run(args: argparse.Namespace) -> None:
         accelerator=args.accelerator,
         devices=int(args.devices) if str(args.devices).isdigit() else args.devices,
         strategy=args.strategy,
+        precision=None if args.precision == "auto" else args.precision,
         progress_bar=not args.no_progress,
         max_epochs=args.epochs or config.training.trainer.max_epochs,
     )
