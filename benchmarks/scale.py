@@ -27,7 +27,7 @@ Cases
 
 Usage::
 
-    python benchmarks/scale.py --out results/scale --threads 2 \\
+    python benchmarks/scale.py --out docs/results --threads 2 \\
         --her2st ../shared/data/her2st [--cases stevs_fast_visium visium_hd_predict ...]
 
 writes ``scale.csv`` and ``scale.md`` (the table) into ``--out``. Report ``uptime``'s load with
@@ -62,6 +62,16 @@ ROW_PREFIX = "SCALE_ROW "
 
 
 # --------------------------------------------------------------------------- measuring
+def peak_rss_kib() -> int:
+    """This process's peak resident memory in KiB: ``VmHWM`` of ``/proc/self/status`` (its own
+    address space), else ``ru_maxrss`` (which on Linux starts at the forking parent's RSS)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(status.split("VmHWM:")[1].split()[0])
+    except (OSError, IndexError, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 class StageTimer:
     """Rows of ``(stage, wall_s, cpu_s, peak_rss_gib)`` for one case, printed as JSON lines."""
 
@@ -78,7 +88,7 @@ class StageTimer:
             "stage": name,
             "wall_s": round(time.perf_counter() - wall, 2),
             "cpu_s": round(time.process_time() - cpu, 2),
-            "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+            "peak_rss_gib": round(peak_rss_kib() / 2**20, 3),
             **extra,
         }
 
@@ -276,7 +286,7 @@ def markdown(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("results/scale"))
+    parser.add_argument("--out", type=Path, default=Path("docs/results"))
     parser.add_argument("--workdir", type=Path, help="scratch folder (default: a temporary one)")
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
     parser.add_argument("--case", help=argparse.SUPPRESS)  # one case, in this process

@@ -66,6 +66,27 @@ def test_knn_k_is_chosen_by_cross_validation_over_training_genes():
     assert best == 20 and scores[20] > scores[1] and scores[20] > scores[80]
 
 
+def test_knn_cv_scores_equal_a_brute_force_cv_in_float32_and_float64():
+    rng = np.random.default_rng(2)
+    targets = rng.random((30, 60))
+    vectors = rng.standard_normal((60, 5))
+    candidates = (3, 10, 40)
+    folds = np.array_split(np.random.default_rng([0, 7]).permutation(60), 5)
+    expected = {}
+    for k in candidates:
+        medians = []
+        for fold in folds:
+            inner = np.setdiff1d(np.arange(60), fold)
+            pred = knn_profiles(targets[:, inner], vectors[inner], vectors[fold], k)
+            pcc = [np.corrcoef(pred[:, i], targets[:, g])[0, 1] for i, g in enumerate(fold)]
+            medians.append(np.median(pcc))
+        expected[k] = np.mean(medians)
+    for dtype in (np.float64, np.float32):
+        _, scores = choose_knn_k(targets.astype(dtype), vectors, candidates, seed=0)
+        for k in candidates:
+            assert scores[k] == pytest.approx(expected[k], abs=1e-5)
+
+
 def test_shuffled_embeddings_keep_genes_and_vectors_but_not_their_pairing():
     table = pd.DataFrame(np.arange(20.0).reshape(10, 2), index=[f"g{i}" for i in range(10)])
     shuffled = shuffle_embeddings(table, seed=0)

@@ -315,3 +315,34 @@ def test_a_measured_training_gene_is_returned_as_measured(planted):
     measured = slide_log1p_cp10k(slide, ["g3", "g7"])
     imputed = np.asarray(model.impute(["g3", "g7"]).X)
     np.testing.assert_allclose(imputed, measured + 0.01, rtol=1e-5, atol=1e-5)  # ELU offset
+
+
+def test_attention_only_training_leaves_the_spot_decoder_untouched_and_predicts_held_out_genes(
+    planted,
+):
+    _, slide, embeddings = planted
+    genes = [f"g{i}" for i in range(50)]
+    config = CoxFormerSpatialConfig.fast(**TINY, max_epochs=8, min_spot_fraction=0.0)
+    model = CoxFormerSpatial(slide, embeddings, genes, "location", config)
+    decoder_before = {k: v.clone() for k, v in model.module.encoder.state_dict().items()}
+    relevance_before = model.module.readout.relevance.detach().clone()
+    model.train(spot_decoder=False)
+    for name, value in model.module.encoder.state_dict().items():
+        torch.testing.assert_close(value, decoder_before[name])
+    assert not torch.equal(model.module.readout.relevance.detach(), relevance_before)
+    held_out = [f"g{i}" for i in range(50, 60)]
+    imputed = np.asarray(model.impute(held_out).X)
+    truth = np.log1p(slide[:, held_out].X.toarray() / slide.X.sum(axis=1).A * 1e4)
+    assert np.median(per_gene_pearson(imputed, truth)[0]) > 0.7
+    with pytest.raises(InputError, match="without its spot decoder"):
+        model.predict(slide[:, held_out].copy(), held_out)  # no training gene measured there
+
+
+def test_attention_only_training_is_refused_where_the_decoder_predicts(planted):
+    _, slide, embeddings = planted
+    config = CoxFormerSpatialConfig.fast(
+        **TINY, max_epochs=1, min_spot_fraction=0.0, gene_conditioning="bilinear"
+    )
+    model = CoxFormerSpatial(slide, embeddings, None, "location", config)
+    with pytest.raises(InputError, match="spot_decoder=False"):
+        model.train(spot_decoder=False)

@@ -106,9 +106,13 @@ def test_presets_differ_only_in_the_documented_fields():
     def differing(a, b) -> set[str]:
         return {f.name for f in fields(a) if getattr(a, f.name) != getattr(b, f.name)}
 
+    assert paper.completion.message_passing == "sampled"
     assert differing(paper.completion, fast.completion) == {
         "n_node_features",
         "hidden_dim",
+        "message_passing",
+        "batch_size",
+        "learning_rate",
         "max_epochs",
         "t_max",
         "edges_per_epoch",
@@ -118,6 +122,8 @@ def test_presets_differ_only_in_the_documented_fields():
         "n_tokens",
         "d_model",
         "feedforward_dim",
+        "batch_size",
+        "learning_rate",
         "max_epochs",
         "t_max",
     }

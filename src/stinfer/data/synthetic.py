@@ -670,24 +670,40 @@ def expected_counts(
     """NB means ``(n_spots, n_genes)``: base x exp(loading x activity), scaled to the library size.
 
     The scale makes the mean over spots of the expected total equal ``mean_library_size``
-    before the per-spot ``size_factor`` (mean 1) is applied.
+    before the per-spot ``size_factor`` (mean 1) is applied. Computed in place in the one
+    ``(n_spots, n_genes)`` float64 array it returns.
     """
     program_index = genes["program"].cat.codes.to_numpy()
     n_programs = activity.shape[1]
     padded = np.concatenate([activity, np.zeros((len(activity), 1))], axis=1)
     columns = np.where(program_index < n_programs, program_index, n_programs)
-    log_mean = (
-        np.log(genes["base_fraction"].to_numpy())
-        + padded[:, columns] * genes["program_loading"].to_numpy()
-    )
-    mean = np.exp(log_mean)
+    mean = padded[:, columns]  # log mean = log(base) + activity x loading
+    mean *= genes["program_loading"].to_numpy()
+    mean += np.log(genes["base_fraction"].to_numpy())
+    np.exp(mean, out=mean)
     mean *= config.mean_library_size / mean.sum(axis=1).mean()
-    return mean * size_factor[:, None]
+    mean *= size_factor[:, None]
+    return mean
 
 
-def negative_binomial(rng: np.random.Generator, mean: np.ndarray, theta: float) -> np.ndarray:
-    """Negative-binomial draws as a gamma-Poisson mixture (variance ``mean + mean^2 / theta``)."""
-    return rng.poisson(rng.gamma(theta, mean / theta)).astype(np.float32)
+def negative_binomial(
+    rng: np.random.Generator, mean: np.ndarray, theta: float, chunk_rows: int = 256
+) -> np.ndarray:
+    """Negative-binomial draws as a gamma-Poisson mixture (variance ``mean + mean^2 / theta``).
+
+    Float32 counts. The gamma rates are ``standard_gamma(theta) * (mean / theta)`` (what
+    ``Generator.gamma`` computes, from the same random stream) scaled ``chunk_rows`` rows at
+    a time, and the Poisson draws go ``chunk_rows`` rows at a time into the output (the same
+    stream as one call over the whole array): beside ``mean`` and the output, one float64
+    matrix (the rates) is held, not three.
+    """
+    rates = rng.standard_gamma(theta, size=mean.shape)
+    counts = np.empty(mean.shape, dtype=np.float32)
+    for start in range(0, mean.shape[0], chunk_rows):
+        rates[start : start + chunk_rows] *= mean[start : start + chunk_rows] / theta
+    for start in range(0, mean.shape[0], chunk_rows):
+        counts[start : start + chunk_rows] = rng.poisson(rates[start : start + chunk_rows])
+    return counts
 
 
 # ----------------------------------------------------------------------------- public API

@@ -121,6 +121,7 @@ class CoxFormerSpatialConfig:
     n_heads: int = 8  # S3
     feedforward_dim: int = 1024  # S3
     dropout: float = 0.1  # S3
+    attention_dropout: float | None = None  # S3 (None: `dropout`); on the spot attention weights
     n_spot_layers: int = 2  # stinfer: S3 does not give the number of attention layers
     n_frequencies: int = 32  # S3: F = 32, omega_f = 2^(f-1) pi
     location_dim: int = 512  # S3: d_loc
@@ -224,6 +225,11 @@ class CoxFormerSpatialConfig:
           (1.25 to 1.05) while their MSE doubled (2.0 to 4.1) and their median PCC fell
           (0.616 to 0.535); on the squared error both improved. The spot decoder keeps S3's
           loss (on the squared error its sub-spot detail fell apart in the tests);
+        - ``attention_dropout`` 0 (S3's dropout, 0.1) on the spot attention's probabilities
+          only: it draws ``heads x group_size^2`` random numbers per layer and step, about
+          ten times the cost of the rest of the spot attention on a CPU (see
+          :class:`~stinfer.nn.coxformer.SpotContext`); the residual and feed-forward dropout
+          stay at 0.1;
         - ``image_features="handcrafted"`` (a ViT): without pretrained weights a random ViT's
           features carry less than colour and texture statistics, and they cost minutes on a
           CPU.
@@ -244,6 +250,7 @@ class CoxFormerSpatialConfig:
             max_epochs=60,
             patience=5,
             attention_loss="mse",
+            attention_dropout=0.0,
             image_features="handcrafted",
             preset="fast",
         )
@@ -470,9 +477,11 @@ class CoxFormerSpatialTask(L.LightningModule):
         embeddings: torch.Tensor,
         n_sub: int,
         validation_genes: torch.Tensor | None = None,
+        spot_decoder: bool = True,
     ) -> None:
         super().__init__()
         self.module = module
+        self.spot_decoder = spot_decoder  # False: only the attention readout (see train())
         self.validation_genes = validation_genes  # (N,) bool: out of the attention's loss
         self.config = config
         self.n_sub = n_sub
@@ -504,8 +513,14 @@ class CoxFormerSpatialTask(L.LightningModule):
         """``(base, full)`` spot-level predictions ``(n_spots, len(genes))`` (sub-spots aggregated).
 
         The memory genes are the training genes: their measured profiles at the step's spots
-        feed the attention readout, each gene's own slot masked (leave-one-gene-out).
+        feed the attention readout, each gene's own slot masked (leave-one-gene-out). Without
+        the spot decoder ``base`` is ``None`` and no spot token is computed.
         """
+        if not self.spot_decoder:
+            rows = self.targets if spots is None else self.targets[spots.to(self.device)]
+            graph = None if self.coexpression is None else self.coexpression.to(self.device)
+            full = self.module.memory_readout(self.embeddings[genes], rows, genes, graph)
+            return None, full.float()
         coords, features, targets = self.coords, self.image_features, self.targets
         if spots is not None:
             rows = (
@@ -559,7 +574,7 @@ class CoxFormerSpatialTask(L.LightningModule):
         else:
             loss = full.sum() * 0.0  # a batch of validation genes only
         objective = loss
-        if self.module.uses_memory and self.config.base_loss_weight > 0:
+        if base is not None and self.module.uses_memory and self.config.base_loss_weight > 0:
             objective = loss + self.config.base_loss_weight * self.loss(base, target)
         return objective, loss
 
@@ -658,6 +673,8 @@ class CoxFormerSpatial:
         self.fit_result: FitResult | None = None
         self.early_stopping: EMAEarlyStopping | None = None
         self.gene_level_best: BestWeights | None = None
+        self.spot_decoder_trained = True
+        self._training_coexpression: torch.Tensor | None = None
 
     # ----------------------------------------------------------------- checks and tensors
     def _check_train_genes(self) -> None:
@@ -678,13 +695,15 @@ class CoxFormerSpatial:
         The k of :func:`stinfer.evaluate.held_out_genes.choose_knn_k`: 5-fold CV over the
         training genes only (median PCC of each fold's genes predicted from the others).
         """
+        self.knn_cv_scores: dict[int, float] | None = None
         k = self.config.attention_top_k
         if k != "auto" or self.config.gene_conditioning != "attention":
             return 0 if k == "auto" else int(k)
         from stinfer.evaluate.held_out_genes import choose_knn_k
 
-        vectors = self.gene_vectors(self.train_genes).astype(np.float64)
-        best, scores = choose_knn_k(self.targets.astype(np.float64), vectors, seed=self.config.seed)
+        vectors = self.gene_vectors(self.train_genes)
+        best, scores = choose_knn_k(self.targets, vectors, seed=self.config.seed)
+        self.knn_cv_scores = scores  # the k-NN baseline of the same genes reuses them
         logger.info("top-k attention: k = %d (CV median PCC %.3f)", best, scores[best])
         return int(best)
 
@@ -698,6 +717,7 @@ class CoxFormerSpatial:
             n_heads=c.n_heads,
             feedforward_dim=c.feedforward_dim,
             dropout=c.dropout,
+            attention_dropout=c.attention_dropout,
             n_spot_layers=c.n_spot_layers,
             n_frequencies=c.n_frequencies,
             location_dim=c.location_dim,
@@ -775,9 +795,30 @@ class CoxFormerSpatial:
         return self.embeddings[rows]
 
     # ----------------------------------------------------------------- training
-    def train(self) -> FitResult:
-        """Train on the training genes of the slide (CoxFormer S3); returns the fit history."""
+    def train(self, spot_decoder: bool = True) -> FitResult:
+        """Train on the training genes of the slide (CoxFormer S3); returns the fit history.
+
+        Parameters
+        ----------
+        spot_decoder
+            ``False`` trains the attention readout alone (its gene-level parameters), without
+            the spot encoder, spot attention, head and base readout. With the attention
+            readout at spot level (``sub_spot_grid`` 1) a gene's prediction on a slide that
+            measures every training gene reads their measured profiles and the gene-level
+            parameters only, and the two parts get gradients from separate loss terms, so
+            for that use (e.g. the shuffled-embedding control of the held-out-genes
+            protocol) the decoder is a cost without an effect; what still couples them, the
+            gradient-norm clipping and the EMA stopping on the summed objective, is then
+            computed on the attention's loss alone. Such a model cannot predict on a slide
+            that lacks training genes (it refuses).
+        """
         c = self.config
+        if not spot_decoder and (not self.module.uses_memory or self.n_sub > 1):
+            raise InputError(
+                "train(spot_decoder=False) needs the attention readout at spot level "
+                "(gene_conditioning='attention', sub_spot_grid=1): other readouts and "
+                "sub-spots predict through the spot decoder."
+            )
         location, features, _ = self._spot_inputs(self.slide, None, same_slide=True)
         embeddings = torch.from_numpy(self.gene_vectors(self.train_genes))
         fraction = c.validation_fraction if self.module.uses_memory else 0.0
@@ -796,6 +837,7 @@ class CoxFormerSpatial:
             embeddings,
             self.n_sub,
             is_validation,
+            spot_decoder,
         )
         generator = torch.Generator().manual_seed(c.seed)
         batch = min(c.batch_genes, n_genes)
@@ -825,6 +867,8 @@ class CoxFormerSpatial:
             self.gene_level_best = BestWeights("val/loss", "min", prefixes)
             callbacks.append(self.gene_level_best)
         self.fit_result = fit(task, loader, val_loader, c.trainer(), callbacks=callbacks)
+        self.spot_decoder_trained = spot_decoder
+        self._training_coexpression = task.coexpression
         self.fit_result.best_epoch = self.early_stopping.best_epoch
         self.fit_result.best_score = self.early_stopping.best_ema
         self.module.eval()
@@ -868,6 +912,11 @@ class CoxFormerSpatial:
         memory_targets: np.ndarray | None = None,
     ) -> np.ndarray:
         """``(n_rows, len(genes))`` float32 log1p-CP10k at every input row (spot or sub-spot)."""
+        if memory_targets is None and not getattr(self, "spot_decoder_trained", True):
+            raise InputError(
+                "this model was trained without its spot decoder (train(spot_decoder=False)): "
+                "it predicts only on slides that measure every training gene."
+            )
         self.module.eval()
         device = next(self.module.parameters()).device
         vectors = torch.from_numpy(self.gene_vectors(genes)).to(device)
@@ -888,7 +937,11 @@ class CoxFormerSpatial:
             memory = None
         graph, own = None, None
         if memory is not None:
-            graph = self.module.readout.coexpression(memory)
+            cached = getattr(self, "_training_coexpression", None)
+            if cached is not None and memory_targets is getattr(self, "targets", None):
+                graph = cached.to(device)  # the training slide's graph, computed in train()
+            else:
+                graph = self.module.readout.coexpression(memory)
             own = torch.from_numpy(pd.Index(self.train_genes).get_indexer(list(genes)))
             own = own.to(device)
         size = self.config.predict_batch_genes
@@ -1039,6 +1092,7 @@ class CoxFormerSpatial:
             "coordinate_half_extent": float(self.coordinate_half_extent),
             "embedding_mean": [float(v) for v in self.embedding_mean],
             "embedding_scale": [float(v) for v in self.embedding_scale],
+            "spot_decoder_trained": bool(getattr(self, "spot_decoder_trained", True)),
         }
         if self.image_in_dim:
             record["feature_mean"] = [float(v) for v in self.feature_mean]
@@ -1077,6 +1131,7 @@ class CoxFormerSpatial:
         model.coordinate_centre = np.asarray(record["coordinate_centre"])
         model.coordinate_half_extent = float(record["coordinate_half_extent"])
         model.n_sub = int(config.sub_spot_grid) ** 2
+        model.spot_decoder_trained = bool(record.get("spot_decoder_trained", True))
         model._slide_features = None
         if model.image_in_dim:
             model.feature_mean = np.asarray(record["feature_mean"], dtype=np.float32)

@@ -230,7 +230,11 @@ class SpotContext(nn.Module):
 
     ``n_layers`` Transformer layers, ``n_heads`` heads with ``d_k = d_v = d_model / h``,
     feed-forward ``feedforward_dim``, dropout, ReLU (Section 3). ``n_layers = 0`` is the
-    identity.
+    identity. ``attention_dropout`` (default: ``dropout``) is the dropout on the attention
+    probabilities alone; it draws ``heads x group_size^2`` random numbers per layer and step
+    and keeps PyTorch's CPU attention on its unfused path, about ten times the cost of the
+    rest of a layer at ``group_size`` 1,024 on a CPU, so CPU presets may turn it off while
+    keeping the dropout of the residual and feed-forward branches.
     """
 
     def __init__(
@@ -240,6 +244,7 @@ class SpotContext(nn.Module):
         feedforward_dim: int = 1024,
         dropout: float = 0.1,
         n_layers: int = 2,
+        attention_dropout: float | None = None,
     ) -> None:
         super().__init__()
         self.layers = (
@@ -258,6 +263,9 @@ class SpotContext(nn.Module):
             if n_layers > 0
             else None
         )
+        if self.layers is not None and attention_dropout is not None:
+            for layer in self.layers.layers:
+                layer.self_attn.dropout = float(attention_dropout)
 
     def forward(
         self, tokens: torch.Tensor, group_size: int, generator: torch.Generator | None = None
@@ -663,6 +671,9 @@ class CoxFormerSpatialModule(nn.Module):
         Size of the per-spot image features (``image`` and ``both``).
     d_model, n_heads, feedforward_dim, dropout
         Section 3: 512, 8, 1024, 0.1.
+    attention_dropout
+        Dropout on the spot attention's probabilities (default ``dropout``; see
+        :class:`SpotContext`).
     n_spot_layers
         Transformer layers of :class:`SpotContext` (the paper does not give the number).
     n_frequencies, location_dim, image_dim
@@ -717,12 +728,15 @@ class CoxFormerSpatialModule(nn.Module):
         temperature: float = 0.1,
         coexpression_neighbours: int = 10,
         attention_top_k: int = 0,
+        attention_dropout: float | None = None,
     ) -> None:
         super().__init__()
         self.encoder = SpotEncoder(
             modality, d_model, n_frequencies, location_dim, image_in_dim, image_dim
         )
-        self.context = SpotContext(d_model, n_heads, feedforward_dim, dropout, n_spot_layers)
+        self.context = SpotContext(
+            d_model, n_heads, feedforward_dim, dropout, n_spot_layers, attention_dropout
+        )
         head = SpotHead(d_model, head_width, head_depth, negative_slope)
         gene_readout = (
             embedding_dim,
@@ -827,6 +841,28 @@ class CoxFormerSpatialModule(nn.Module):
             pred = positive_output(combine(factors, chunk), self.elu_alpha, self.output_offset)
             parts.append(aggregate_sub_spots(pred.float(), rows_per_spot))
         return torch.cat(parts, dim=1)
+
+    def memory_readout(
+        self,
+        gene_embeddings: torch.Tensor,
+        memory_profiles: torch.Tensor,
+        exclude: torch.Tensor | None = None,
+        coexpression: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``(S, G)`` attention-readout prediction from measured memory profiles alone.
+
+        ``full`` of :meth:`readout_pair` at spot level when the memory is measured: it reads
+        the memory genes' profiles and the gene-level parameters only, never the spot
+        tokens, so it costs ``O(G x N x S)`` without the spot encoder, attention and head.
+        ``memory_profiles``: ``(S, N)``; ``exclude``, ``coexpression``: see
+        :meth:`GeneAttentionReadout.forward`.
+        """
+        if not self.uses_memory:
+            raise ValueError("memory_readout needs gene_conditioning 'attention'")
+        if coexpression is None:
+            coexpression = self.readout.coexpression(memory_profiles)
+        full = self.readout.context(gene_embeddings, memory_profiles, exclude, coexpression)
+        return positive_output(full, self.elu_alpha, self.output_offset)
 
     def readout_pair(
         self,
