@@ -24,6 +24,12 @@ Cases
     written chunk by chunk (:meth:`stinfer.models.stevs.STEvs.write_prediction`).
 ``her2st_fast``
     Real data: ``fast`` trained on HER2ST C2 (300- and 2,000-gene group panels) predicting C3.
+CoxFormer (``--coxformer-cases``, run by ``benchmarks/coxformer_scale.py``, whose docstring
+lists the stages): ``embed_her2st`` (``stinfer embed-genes --preset fast`` on the 12 HER2ST
+counts-only sections), ``impute_synthetic`` (the held-out-genes protocol of ``stinfer impute
+--test-fraction 0.2 --preset fast``, shuffled control included, on a generated 4,000-spot x
+15,000-gene slide), ``impute_her2st`` (the same on HER2ST C2 with the ``embed_her2st``
+embeddings).
 
 Usage::
 
@@ -297,6 +303,13 @@ def main() -> None:
     parser.add_argument("--hd-bins-side", type=int, default=745)
     parser.add_argument("--hd-genes", type=int, default=2000)
     parser.add_argument("--her2st", type=Path, default=Path("../shared/data/her2st"))
+    parser.add_argument(
+        "--coxformer-cases",
+        nargs="*",
+        default=["embed_her2st", "impute_synthetic"],
+        help="cases of benchmarks/coxformer_scale.py to run after the STEvs cases",
+    )
+    parser.add_argument("--slides", type=Path, help="prepared HER2ST <section>.h5ad folder")
     args = parser.parse_args()
     if args.case:
         run_case(args)
@@ -323,6 +336,17 @@ def main() -> None:
             if result.returncode:
                 print(result.stderr[-3000:])
                 rows.append({"case": case, "stage": f"FAILED (exit {result.returncode})"})
+        if args.coxformer_cases:
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from coxformer_scale import run_cases
+
+            rows += run_cases(
+                args.coxformer_cases,
+                threads=args.threads,
+                data_root=args.her2st,
+                work_dir=workdir / "coxformer",
+                slides=args.slides,
+            )
     load = os.getloadavg()
     header = f"threads {args.threads}; load average at the end {load[0]:.2f} / {load[1]:.2f}\n\n"
     import pandas as pd
