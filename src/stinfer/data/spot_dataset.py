@@ -81,7 +81,19 @@ class PatchSource:
         """``(rows, patches)`` for consecutive row ranges of ``chunk_size``."""
         for start in range(0, len(self), chunk_size):
             rows = slice(start, min(start + chunk_size, len(self)))
-            yield rows, self.read(np.arange(rows.start, rows.stop))
+            yield rows, self._read_range(rows)
+
+    def _read_range(self, rows: slice) -> np.ndarray:
+        """A copy of the consecutive patches ``rows``: one slice, no index sort."""
+        if self._array is not None:
+            return np.array(self._array[rows])
+        mapped = np.memmap(
+            self._path, dtype=np.uint8, mode="r", offset=self._offset, shape=self.shape
+        )
+        try:
+            return np.array(mapped[rows])
+        finally:
+            del mapped
 
 
 @dataclass
