@@ -105,7 +105,7 @@ def test_embed_genes_writes_tables_and_saves_the_model(stinfer, corpora, capsys)
             "2",
             "--autoencoder-epochs",
             "2",
-            "--method",
+            "--correlation",
             "spearman",
             "--label-corpus",
             str(paths[1]),
@@ -138,3 +138,45 @@ def test_user_errors_exit_2_with_one_line(stinfer, corpora, capsys):
     assert status == 2 and "suffix" in capsys.readouterr().err
     assert not (folder / "g.h5ad").exists()
     np.testing.assert_equal(sorted(p.name for p in folder.iterdir() if p.name.startswith(".")), [])
+
+
+def test_svd_baseline_and_pair_report_from_the_command_line(stinfer, corpora, capsys):
+    paths, folder = corpora
+    svd_out = str(folder / "svd.h5ad")
+    status = stinfer(
+        [
+            "embed-genes",
+            "--method",
+            "svd",
+            "--n-components",
+            "3",
+            "--corpus",
+            str(paths[0]),
+            "--out",
+            svd_out,
+        ]
+    )
+    assert status == 0, capsys.readouterr().err
+    assert "60 genes x 3 dims" in capsys.readouterr().out
+    svd = ad.read_h5ad(folder / "svd.h5ad")
+    assert svd.uns["gene_embeddings"]["format"] == "svd"
+
+    # the baseline scored against pairs of another corpus (A2), itself as the SVD baseline
+    arguments = ["gene-eval", "--embeddings", svd_out, "--corpus", str(paths[1])]
+    arguments += ["--svd-corpus", str(paths[0]), "--n-components", "3", "--pairs", "100"]
+    arguments += ["--labels", str(folder / "labels.csv"), "--out", str(folder / "report.json")]
+    status = stinfer(arguments)
+    assert status == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "pair AUC" in printed and "3-d SVD baseline" in printed
+    report = json.loads((folder / "report.json").read_text())
+    mine, baseline = report["embedding"], report["svd_baseline"]
+    assert mine["pairs"]["auc"] == pytest.approx(baseline["pairs"]["auc"])  # same table
+    # 3 planted modules: the top pairs share a module, as does about 1/3 of the random pairs,
+    # so a perfect module embedding scores about 1 - (1/3) / 2
+    assert mine["pairs"]["auc"] > 0.8
+    assert mine["pairs"]["n_top"] == 100 and report["pairs_from"] == ["A2"]
+    assert report["lr"]["auc_mean"] == mine["labels"]["lr"]["auc_mean"]
+
+    status = stinfer(["gene-eval", "--embeddings", str(folder / "svd.h5ad"), "--out", "x.json"])
+    assert status == 2 and "nothing to score" in capsys.readouterr().err

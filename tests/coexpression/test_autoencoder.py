@@ -87,3 +87,23 @@ def test_training_lowers_reconstruction_error_and_embeds_every_row():
 def test_config_rejects_heads_that_do_not_divide_the_width():
     with pytest.raises(InputError, match="multiple"):
         AutoencoderConfig(d_model=30, n_heads=8)
+
+
+def test_geometry_loss_compares_cosines_of_latents_and_rows():
+    from stinfer.coexpression.autoencoder import geometry_loss
+
+    rows = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 2.0]])
+    assert float(geometry_loss(rows * 3.0, rows)) == pytest.approx(0.0, abs=1e-7)
+    latent = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])  # one shared direction
+    # row cosines off the diagonal: (1/sqrt2, 0, 0) twice; the latents' are all 1
+    expected = 2 * ((1 - 2**-0.5) ** 2 + 1 + 1) / 6
+    assert float(geometry_loss(latent, rows)) == pytest.approx(expected, rel=1e-6)
+    # with the batch's genes, the target is their co-expression: rows[a, index[b]]
+    coexpression = torch.tensor([[0.0, 0.5, 0.0, 0.2], [0.5, 0.0, 0.1, 0.0], [0.0, 0.1, 0.0, 0.3]])
+    index = torch.tensor([0, 1, 2])
+    expected = 2 * ((1 - 0.5) ** 2 + 1 + (1 - 0.1) ** 2) / 6
+    assert float(geometry_loss(latent, coexpression, index)) == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(InputError, match="geometry_weight"):
+        AutoencoderConfig(geometry_weight=-1.0)
+    with pytest.raises(InputError, match="geometry_target"):
+        AutoencoderConfig(geometry_target="distances")

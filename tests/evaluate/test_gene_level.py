@@ -8,9 +8,12 @@ import pytest
 
 from stinfer.errors import InputError
 from stinfer.evaluate.gene_level import (
+    coexpressed_pairs,
+    embedding_geometry,
     format_table_s1,
     gene_level_auc,
     k_sensitivity,
+    pair_auc,
     read_gene_labels,
 )
 from stinfer.io.gene_embeddings import embeddings_to_anndata
@@ -116,3 +119,59 @@ def test_k_sensitivity_reruns_the_pipeline_per_k_in_table_s1_layout():
     assert (table[["lr_auc_mean", "svm_auc_mean"]] > 0.8).all().all()  # modules are easy
     lines = format_table_s1(table).splitlines()
     assert len(lines) == 4 and lines[2].startswith("| 5 | ") and lines[3].startswith("| 10 | ")
+
+
+# --------------------------------------------------------------------------- co-expression
+def _module_corpus(seed: int):
+    from stinfer.coexpression.synthetic import planted_module_corpus
+
+    return planted_module_corpus(
+        n_cells=600, n_modules=4, genes_per_module=10, n_background_genes=20, seed=seed
+    )
+
+
+def test_coexpressed_pairs_are_the_top_correlations_of_the_corpus():
+    from stinfer.preprocess import normalize_log1p_cp10k
+
+    corpus, module = _module_corpus(seed=1)
+    genes = list(corpus.var_names)
+    top, random = coexpressed_pairs(corpus, genes, n_pairs=30, seed=0)
+    dense = np.asarray(normalize_log1p_cp10k(corpus.X).toarray(), dtype=np.float64)
+    reference = np.corrcoef(dense, rowvar=False)
+    upper = np.sort(reference[np.triu_indices(len(genes), k=1)])[::-1][:30]
+    np.testing.assert_allclose(top["correlation"], upper, atol=1e-5)
+    index = pd.Index(genes)
+    a, b = index.get_indexer(top["gene_a"]), index.get_indexer(top["gene_b"])
+    np.testing.assert_allclose(reference[a, b], top["correlation"], atol=1e-5)
+    assert (module[a] == module[b]).all() and (module[a] >= 0).all()
+    ra, rb = index.get_indexer(random["gene_a"]), index.get_indexer(random["gene_b"])
+    assert len(random) == 30 and (ra != rb).all()
+    np.testing.assert_allclose(random["correlation"], reference[ra, rb], atol=1e-5)
+
+
+def test_pair_auc_is_one_for_module_vectors_and_half_for_noise():
+    corpus, module = _module_corpus(seed=1)
+    genes = list(corpus.var_names)
+    top, random = coexpressed_pairs(corpus, genes, n_pairs=150, seed=0)
+    onehot = np.eye(5)[np.where(module >= 0, module, 4)]
+    onehot[module < 0] = np.random.default_rng(0).standard_normal((int((module < 0).sum()), 5))
+    good = pair_auc(pd.DataFrame(onehot, index=genes), top, random)
+    assert good["auc"] > 0.9 and good["n_dropped"] == 0
+    noise = np.random.default_rng(1).standard_normal((len(genes), 16))
+    assert abs(pair_auc(pd.DataFrame(noise, index=genes), top, random)["auc"] - 0.5) < 0.15
+    shifted = pair_auc(pd.DataFrame(onehot + 50.0, index=genes), top, random)
+    assert shifted["median_cosine_random"] > 0.99  # a common offset hides the structure
+
+
+def test_embedding_geometry_against_closed_forms():
+    rng = np.random.default_rng(0)
+    isotropic = pd.DataFrame(rng.standard_normal((400, 8)), index=[f"G{i}" for i in range(400)])
+    geometry = embedding_geometry(isotropic)
+    assert abs(geometry["median_cosine"]) < 0.05 and geometry["effective_rank"] > 7.5
+    one_direction = pd.DataFrame(
+        np.outer(rng.uniform(1, 2, 400), rng.standard_normal(8)), index=isotropic.index
+    )
+    geometry = embedding_geometry(one_direction)
+    assert geometry["median_cosine"] == pytest.approx(1.0) and geometry["effective_rank"] < 1.01
+    orthonormal = pd.DataFrame(np.eye(4), index=["a", "b", "c", "d"])
+    assert embedding_geometry(orthonormal)["effective_rank"] == pytest.approx(4.0)

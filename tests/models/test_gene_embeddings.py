@@ -126,7 +126,10 @@ def test_presets_differ_only_in_the_documented_fields():
         "learning_rate",
         "max_epochs",
         "t_max",
+        "geometry_weight",
     }
+    assert paper.autoencoder.geometry_weight == 0.0
+    assert (paper.autoencoder_input, fast.autoencoder_input) == ("top_k", "dense")
     assert set(PRESETS) == {"paper", "fast"}
     assert gene_embedding_config("fast", top_k=100).graph.top_k == 100
     with pytest.raises(InputError, match="preset"):
@@ -136,3 +139,79 @@ def test_presets_differ_only_in_the_documented_fields():
 def test_an_untrained_model_says_what_to_do():
     with pytest.raises(InputError, match="train"):
         CoxFormerEmbeddings().get_embeddings()
+
+
+def test_svd_baseline_equals_scikit_learn_on_a_small_case():
+    from sklearn.decomposition import TruncatedSVD
+
+    from stinfer.models.gene_embeddings import SVDGeneEmbeddings
+    from stinfer.preprocess import normalize_log1p_cp10k
+
+    corpus, _ = planted_module_corpus(n_cells=300, n_modules=4, genes_per_module=8, seed=2)
+    # 4 components of 4 modules: a well separated spectrum, so the randomised SVD is exact
+    embeddings = SVDGeneEmbeddings(n_components=4).train({"c": corpus}).get_embeddings()
+    assert embeddings.shape == (32, 4)
+    assert embeddings.uns["gene_embeddings"]["format"] == "svd"
+    dense = np.asarray(normalize_log1p_cp10k(corpus.X).toarray(), dtype=np.float64)
+    z = (dense - dense.mean(0)) / dense.std(0) / np.sqrt(dense.shape[0])  # z . z = correlation
+    reference = TruncatedSVD(4, algorithm="arpack").fit(z)
+    expected = reference.components_.T * reference.singular_values_
+    signs = np.sign(np.sum(expected * embeddings.X, axis=0))
+    np.testing.assert_allclose(embeddings.X * signs, expected, atol=5e-4)
+
+
+def test_dense_rows_with_the_geometry_term_give_cosine_usable_embeddings():
+    """The fast preset's fix on planted modules: k-means on the raw (uncentred) unit vectors
+    finds the modules, and co-expressed pairs of an unseen corpus are as separable by cosine
+    as with an SVD of the same training corpus."""
+    from stinfer.evaluate.gene_level import coexpressed_pairs, embedding_geometry, pair_auc
+    from stinfer.models.gene_embeddings import SVDGeneEmbeddings
+
+    shape = dict(n_cells=1500, n_modules=6, genes_per_module=20, n_background_genes=60)
+    corpus, module = planted_module_corpus(seed=0, **shape)
+    unseen, _ = planted_module_corpus(seed=1, **shape)
+    config = tiny_config(autoencoder_input="dense")
+    config = replace(config, autoencoder=replace(config.autoencoder, geometry_weight=1.0))
+    embeddings = CoxFormerEmbeddings(config).train({"train": corpus}).get_embeddings()
+    assert embeddings.uns["gene_embeddings"]["autoencoder_input"] == "dense"
+
+    in_module = module >= 0
+    vectors = embeddings.X[in_module]
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    clusters = KMeans(6, n_init=10, random_state=0).fit_predict(unit)
+    assert adjusted_rand_score(module[in_module], clusters) >= 0.8
+    assert embedding_geometry(embeddings)["median_cosine"] < 0.2
+
+    svd = SVDGeneEmbeddings(n_components=16).train({"train": corpus}).get_embeddings()
+    top, random = coexpressed_pairs(unseen, list(embeddings.obs_names), n_pairs=300, seed=0)
+    ours, baseline = pair_auc(embeddings, top, random)["auc"], pair_auc(svd, top, random)["auc"]
+    assert ours >= baseline - 0.02, (ours, baseline)
+
+
+def test_dense_completed_rows_hold_every_measured_correlation(trained, tmp_path):
+    from stinfer.coexpression.completion import dense_completed_coexpression
+    from stinfer.coexpression.graph import as_corpora, standardise_corpora
+    from stinfer.preprocess import normalize_log1p_cp10k
+
+    model, _ = trained
+    graph, genes = model.graph, model.graph.gene_names
+    corpus, _ = planted_module_corpus(n_cells=2000, n_modules=6, genes_per_module=20, seed=0)
+    missing = genes[0]  # a gene the corpus lacks: its graph edges take the completion's values
+    partial = corpus[:, [g for g in corpus.var_names if g != missing]].copy()
+    standardised = standardise_corpora(
+        as_corpora({"c": partial}), replace(CorrelationGraphConfig(), gene_join="outer"), genes
+    )
+    rows = dense_completed_coexpression(standardised, graph, model.completion, tmp_path / "r.npy")
+    assert isinstance(rows, np.memmap) and rows.dtype == np.float16
+
+    kept = genes.get_indexer(partial.var_names)
+    dense = np.asarray(normalize_log1p_cp10k(partial.X).toarray(), dtype=np.float64)
+    reference = np.corrcoef(dense, rowvar=False)
+    np.fill_diagonal(reference, 0.0)
+    np.testing.assert_allclose(rows[np.ix_(kept, kept)].astype(np.float64), reference, atol=2e-3)
+    edges = graph.gene == 0
+    np.testing.assert_allclose(
+        rows[0, graph.partner[edges]], model.completion.prediction[edges], atol=2e-3
+    )
+    others = np.setdiff1d(np.arange(1, len(genes)), graph.partner[edges])
+    assert not rows[0, others].any()  # nobody measures these pairs and they are not edges

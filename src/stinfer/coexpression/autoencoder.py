@@ -17,7 +17,15 @@ everything the decoder knows about the gene passes through the latent. A linear 
 each decoded token back to its chunk; padding is cropped before the loss.
 
 Training (Suppl. S2): Adam lr 1e-4, cosine annealing (T_max 50, eta_min 1e-6), batch 32, 200
-epochs, through :func:`stinfer.train.fit`. Sparse rows are densified per batch only.
+epochs, through :func:`stinfer.train.fit`. Sparse rows are densified per batch only; dense rows
+may be a memory map on disk, read a batch at a time.
+
+Geometry term (stinfer's option, ``geometry_weight``; 0 in the paper preset): the squared
+difference between the cosine similarities of a batch's latents and a target
+(:func:`geometry_loss`), added to the reconstruction error: by default the genes'
+co-expression itself, read off the batch's rows (``geometry_target="coexpression"``), or the
+cosine of the input rows (``"rows"``). Reconstruction alone fixes no geometry of the latent;
+with the term, cosine similarity between embeddings means co-expression.
 """
 
 from __future__ import annotations
@@ -67,6 +75,8 @@ class AutoencoderConfig:
     eta_min: float = 1e-6  # Suppl. S2
     batch_size: int = 32  # Suppl. S2
     max_epochs: int = 200  # Suppl. S2
+    geometry_weight: float = 0.0  # stinfer: weight of geometry_loss (0 = the paper's loss)
+    geometry_target: str = "coexpression"  # stinfer: "coexpression" or "rows", see geometry_loss
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -74,6 +84,12 @@ class AutoencoderConfig:
             raise InputError(
                 f"d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})."
             )
+        if self.geometry_target not in ("coexpression", "rows"):
+            raise InputError(
+                f"geometry_target must be 'coexpression' or 'rows', got {self.geometry_target!r}."
+            )
+        if self.geometry_weight < 0:
+            raise InputError(f"geometry_weight must be >= 0, got {self.geometry_weight}.")
         if min(self.latent_dim, self.n_tokens, self.d_model, self.batch_size) < 1:
             raise InputError("latent_dim, n_tokens, d_model and batch_size must be positive.")
 
@@ -153,13 +169,55 @@ class CoexpressionAutoencoder(nn.Module):
 
 
 class RowDensifier:
-    """``collate_fn``: row indices -> ``(B, n_genes)`` float32 dense rows of a CSR matrix."""
+    """``collate_fn``: row indices -> ``(B, n_genes)`` float32 dense rows (and, with
+    ``with_index``, the ``(B,)`` row indices as a second tensor).
 
-    def __init__(self, matrix: sp.csr_matrix) -> None:
-        self.matrix = sp.csr_matrix(matrix, dtype=np.float32)
+    ``matrix`` is a sparse matrix (densified per batch) or a dense array, possibly a
+    :class:`numpy.memmap` on disk (rows read per batch, so the whole matrix is never in memory).
+    """
 
-    def __call__(self, rows: list[int]) -> torch.Tensor:
-        return torch.from_numpy(self.matrix[np.asarray(rows)].toarray())
+    def __init__(self, matrix: sp.spmatrix | np.ndarray, with_index: bool = False) -> None:
+        self.with_index = with_index
+        if sp.issparse(matrix):
+            self.matrix = sp.csr_matrix(matrix, dtype=np.float32)
+        else:
+            self.matrix = matrix
+
+    def __call__(self, rows: list[int]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        rows = np.asarray(rows)
+        if sp.issparse(self.matrix):
+            block = self.matrix[rows].toarray()
+        else:
+            order = np.argsort(rows)  # sorted reads from a memmap, then back in batch order
+            block = np.empty((rows.size, self.matrix.shape[1]), dtype=np.float32)
+            block[order] = self.matrix[rows[order]]
+        if self.with_index:
+            return torch.from_numpy(block), torch.from_numpy(rows.astype(np.int64))
+        return torch.from_numpy(block)
+
+
+def geometry_loss(
+    latent: torch.Tensor, rows: torch.Tensor, index: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean squared difference between the cosine similarities of the latents and a target
+    similarity, over the batch's distinct gene pairs.
+
+    Reconstruction alone says nothing about the latent's geometry: a latent that reconstructs
+    well may put every gene on one shared direction (cosine ~1 for every pair). With
+    ``index`` (the batch's genes, so that ``rows[a, index[b]]`` is the co-expression of genes
+    ``a`` and ``b``), the target is that co-expression itself: the cosine of two embeddings
+    approximates their genes' co-expression, as the dot product of SVD gene vectors
+    approximates their correlation. Without it, the target is the cosine of the input rows.
+    """
+
+    def cosines(vectors: torch.Tensor) -> torch.Tensor:
+        unit = nn.functional.normalize(vectors.float(), dim=1)
+        return unit @ unit.T
+
+    target = cosines(rows) if index is None else rows[:, index].float()
+    off_diagonal = ~torch.eye(latent.shape[0], dtype=torch.bool, device=latent.device)
+    difference = (cosines(latent) - target)[off_diagonal]
+    return (difference**2).mean() if difference.numel() else latent.sum() * 0.0
 
 
 class AutoencoderTask(L.LightningModule):
@@ -171,9 +229,17 @@ class AutoencoderTask(L.LightningModule):
         self.config = config
 
     def training_step(self, batch: torch.Tensor, batch_index: int) -> torch.Tensor:
-        reconstruction, _ = self.module(batch)
+        batch, index = batch
+        reconstruction, latent = self.module(batch)
         loss = nn.functional.mse_loss(reconstruction.float(), batch.float())
         self.log("train/mse", loss, on_step=False, on_epoch=True, batch_size=batch.shape[0])
+        if self.config.geometry_weight > 0:
+            by_coexpression = self.config.geometry_target == "coexpression"
+            geometry = geometry_loss(latent, batch, index if by_coexpression else None)
+            self.log(
+                "train/geometry", geometry, on_step=False, on_epoch=True, batch_size=len(batch)
+            )
+            loss = loss + self.config.geometry_weight * geometry
         return loss
 
     def configure_optimizers(self):
@@ -206,7 +272,7 @@ class AutoencoderResult:
 
 
 def encode_rows(
-    module: CoexpressionAutoencoder, matrix: sp.spmatrix, batch_size: int = 256
+    module: CoexpressionAutoencoder, matrix: sp.spmatrix | np.ndarray, batch_size: int = 256
 ) -> tuple[np.ndarray, dict[str, float]]:
     """Embed every row of ``matrix`` in eval mode.
 
@@ -221,7 +287,7 @@ def encode_rows(
     densify = RowDensifier(matrix)
     device = next(module.parameters()).device
     module.eval()
-    parts, squared_error, squared_error_nonzero = [], 0.0, 0.0
+    parts, squared_error, squared_error_nonzero, n_nonzero = [], 0.0, 0.0, 0
     with torch.no_grad():
         for start in range(0, matrix.shape[0], batch_size):
             batch = densify(list(range(start, min(start + batch_size, matrix.shape[0])))).to(device)
@@ -229,12 +295,13 @@ def encode_rows(
             error = (reconstruction.float() - batch) ** 2
             squared_error += float(error.sum())
             squared_error_nonzero += float(error[batch != 0].sum())
+            n_nonzero += int((batch != 0).sum())
             parts.append(latent.float().cpu().numpy())
     embeddings = np.concatenate(parts) if parts else np.zeros((0, module.to_latent.out_features))
     n_entries = max(1, matrix.shape[0] * matrix.shape[1])
     errors = {
         "mse": squared_error / n_entries,
-        "mse_nonzero": squared_error_nonzero / max(1, densify.matrix.count_nonzero()),
+        "mse_nonzero": squared_error_nonzero / max(1, n_nonzero),
     }
     return embeddings.astype(np.float32), errors
 
@@ -249,8 +316,8 @@ def train_autoencoder(
     Parameters
     ----------
     coexpression
-        ``(n_genes, n_genes)`` completed co-expression ``C_cox`` (sparse is fine; rows are
-        densified per batch).
+        ``(n_genes, n_genes)`` completed co-expression ``C_cox``: sparse (rows densified per
+        batch), dense, or a :class:`numpy.memmap` (rows read per batch).
     config
         :class:`AutoencoderConfig` (paper defaults).
     trainer
@@ -259,7 +326,12 @@ def train_autoencoder(
         is reported instead.
     """
     config = config or AutoencoderConfig()
-    matrix = sp.csr_matrix(coexpression, dtype=np.float32)
+    if sp.issparse(coexpression):
+        matrix = sp.csr_matrix(coexpression, dtype=np.float32)
+    elif isinstance(coexpression, np.memmap):
+        matrix = coexpression
+    else:
+        matrix = np.asarray(coexpression, dtype=np.float32)
     if matrix.shape[0] < 1 or matrix.shape[1] < 1:
         raise InputError(f"the co-expression matrix is empty ({matrix.shape}).")
     torch.manual_seed(config.seed)
@@ -268,7 +340,7 @@ def train_autoencoder(
         np.arange(matrix.shape[0]),
         batch_size=config.batch_size,
         shuffle=True,
-        collate_fn=RowDensifier(matrix),
+        collate_fn=RowDensifier(matrix, with_index=True),
     )
     trainer = replace(
         trainer or TrainerConfig(), max_epochs=config.max_epochs, monitor=None, seed=config.seed

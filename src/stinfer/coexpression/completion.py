@@ -62,7 +62,7 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 from torch_geometric.nn import SAGEConv
 
-from stinfer.coexpression.graph import CorrelationGraph
+from stinfer.coexpression.graph import CorrelationGraph, StandardisedCorpora, correlation_blocks
 from stinfer.coexpression.sampling import NeighborSampler
 from stinfer.errors import InputError
 from stinfer.train import TrainerConfig, fit, with_cosine_schedule
@@ -78,6 +78,7 @@ __all__ = [
     "GraphSAGECompletion",
     "MeanAdjacency",
     "complete_coexpression",
+    "dense_completed_coexpression",
     "regression_scores",
     "split_edges",
 ]
@@ -582,3 +583,52 @@ def complete_coexpression(
         history=fitted.history,
     )
     return result, module
+
+
+def dense_completed_coexpression(
+    corpora: StandardisedCorpora,
+    graph: CorrelationGraph,
+    completion: CompletionResult,
+    path: str,
+    block_size: int = 1024,
+    device: str = "cpu",
+) -> np.memmap:
+    """``C_cox`` completed for *every* gene pair, as a float16 memory map on disk.
+
+    The top-K ``C_cox`` row of a gene holds ``K`` values among ``n_genes`` zeros, and on real
+    sections most of those values are small (a partner chosen on one half of the cells is, by
+    regression to the mean, weakly correlated on the other half), so a top-K row says little
+    beyond which partners were chosen. The dense form holds, for every pair that ``corpora``
+    measure, their combined correlation; on the graph edges they cannot measure, the
+    completion's prediction; 0 on the diagonal and on pairs nobody measures.
+
+    Filled block by block (:func:`~stinfer.coexpression.graph.correlation_blocks`): memory
+    stays at two ``cells x block`` matrices beside the map, which takes ``2 n_genes^2`` bytes
+    on disk at ``path`` (340 MB for 13,000 genes) and is read a batch of rows at a time.
+
+    Parameters
+    ----------
+    corpora
+        Standardised corpora in the graph's gene order (genes they lack are absent).
+    graph, completion
+        The correlation graph and its completion (:func:`complete_coexpression`).
+    """
+    n_genes = graph.n_genes
+    if corpora.n_genes != n_genes:
+        raise InputError(f"the corpora hold {corpora.n_genes} genes, the graph {n_genes}.")
+    rows_out = np.lib.format.open_memmap(
+        path, mode="w+", dtype=np.float16, shape=(n_genes, n_genes)
+    )
+    for rows, cols, r in correlation_blocks(corpora, block_size, device):
+        block = torch.nan_to_num(r, nan=0.0).cpu().numpy().astype(np.float16)
+        rows_out[rows, cols] = block
+        if rows != cols:
+            rows_out[cols, rows] = block.T
+    np.fill_diagonal(rows_out, 0.0)
+    present = corpora.present
+    unmeasured = ~(present[:, graph.gene] & present[:, graph.partner]).any(axis=0)
+    rows_out[graph.gene[unmeasured], graph.partner[unmeasured]] = completion.prediction[
+        unmeasured
+    ].astype(np.float16)
+    rows_out.flush()
+    return rows_out

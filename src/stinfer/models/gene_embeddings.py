@@ -9,7 +9,13 @@
    (:func:`~stinfer.coexpression.completion.complete_coexpression`);
 3. the **Transformer autoencoder** over the rows of the completed matrix ``C_cox``; its 512-d
    bottleneck is each gene's embedding
-   (:func:`~stinfer.coexpression.autoencoder.train_autoencoder`).
+   (:func:`~stinfer.coexpression.autoencoder.train_autoencoder`). ``autoencoder_input``:
+   ``"top_k"`` (the paper) feeds the top-K rows of ``C_cox``; ``"dense"`` (the ``fast``
+   preset) feeds ``C_cox`` completed for every pair, the combined correlation over every
+   cell of the corpora (graph and label parts) where measured, held on disk as a memory map
+   (:func:`~stinfer.coexpression.completion.dense_completed_coexpression`).
+
+:class:`SVDGeneEmbeddings` is the baseline: the truncated SVD of the same standardised corpus.
 
 Label corpora. The paper takes co-expression targets from a corpus other than the graph's.
 Pass ``label_corpora`` to choose it. Without it, each graph corpus is split at random (seeded)
@@ -27,8 +33,10 @@ Presets (named configs, :data:`PRESETS`): ``paper`` holds the paper's hyperparam
   training edges per epoch (all) and a fixed subset of 16,384 validation edges for model
   selection (all);
 - autoencoder: 16 tokens (64), ``d_model`` 64 (512), feed-forward 128 (2048): about 40x fewer
-  multiply-adds per step; batches of 64 genes (32) with lr 1e-3 (1e-4) for 10 epochs (200)
-  with the cosine period shortened to 10 (50).
+  multiply-adds per step; batches of 64 genes (32) with lr 1e-3 (1e-4) for 4 epochs (200)
+  with the cosine period shortened to 4 (50);
+- autoencoder input and loss: dense ``C_cox`` rows (top-K rows) and a geometry term that
+  asks the cosine of two embeddings to approximate their genes' co-expression (none).
 
 K, the fanouts, the batch sizes, learning rates, the 3 GraphSAGE layers, the 2 + 2 Transformer
 layers with 8 heads and the 512-d embedding are the same in both.
@@ -39,6 +47,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -60,6 +69,7 @@ from stinfer.coexpression.completion import (
     CompletionConfig,
     CompletionResult,
     complete_coexpression,
+    dense_completed_coexpression,
 )
 from stinfer.coexpression.graph import (
     Corpus,
@@ -86,6 +96,7 @@ __all__ = [
     "PRESETS",
     "CoxFormerEmbeddings",
     "GeneEmbeddingConfig",
+    "SVDGeneEmbeddings",
     "gene_embedding_config",
     "split_corpus_cells",
 ]
@@ -101,6 +112,7 @@ class GeneEmbeddingConfig:
     completion: CompletionConfig = field(default_factory=CompletionConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     label_fraction: float = 0.5  # stinfer: cells per corpus held out for targets (no label corpus)
+    autoencoder_input: str = "top_k"  # Suppl. S2: top-K rows of C_cox; "dense": every pair
     preset: str = "paper"
     seed: int = 0
     accelerator: str = "auto"  # stinfer.train.TrainerConfig
@@ -111,6 +123,10 @@ class GeneEmbeddingConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.label_fraction < 1.0:
             raise InputError(f"label_fraction must be in [0, 1), got {self.label_fraction}.")
+        if self.autoencoder_input not in ("top_k", "dense"):
+            raise InputError(
+                f"autoencoder_input must be 'top_k' or 'dense', got {self.autoencoder_input!r}."
+            )
 
     @classmethod
     def paper(cls, **overrides: object) -> GeneEmbeddingConfig:
@@ -131,11 +147,23 @@ class GeneEmbeddingConfig:
           the same for 512 or 2,048 edges, so larger batches with a larger step size reach the
           sampled mode's test R2 in a quarter of the steps;
         - autoencoder: ``n_tokens`` 16 (64), ``d_model`` 64 (512), ``feedforward_dim`` 128
-          (2048), ``batch_size`` 64 (32), ``learning_rate`` 1e-3 (1e-4), ``max_epochs`` 10
-          (200), ``t_max`` 10 (50). Why: the small autoencoder's cost is its epochs (about
-          15 M multiply-adds per gene and step on a CPU whatever the batch), and with the
-          paper's step size it needs tens of epochs to reach the reconstruction error a ten
-          times larger step size reaches in a few.
+          (2048), ``batch_size`` 64 (32), ``learning_rate`` 1e-3 (1e-4), ``max_epochs`` 4
+          (200), ``t_max`` 4 (50). Why: the small autoencoder's cost is its epochs, and with
+          the paper's step size it needs tens of epochs to reach the reconstruction error a
+          ten times larger step size reaches in a few;
+        - autoencoder input and loss: ``autoencoder_input`` ``"dense"`` (``"top_k"``) and
+          ``geometry_weight`` 1 (0). Why (measured in ``benchmarks/gene_embedding_quality.py``,
+          figures in ``docs/results``): the autoencoder barely learns a top-K row, whose
+          ``K`` small values sit among ``n_genes`` zeros, and its bottleneck then puts every
+          gene on one shared direction (median pairwise cosine ~1: cosine similarity says
+          nothing) and loses co-expression a 64-d SVD of the same corpus keeps. Dense rows
+          (:func:`~stinfer.coexpression.completion.dense_completed_coexpression`) carry each
+          gene's co-expression with every gene, and the geometry term
+          (:func:`~stinfer.coexpression.autoencoder.geometry_loss`) asks the cosine of two
+          embeddings to approximate their genes' co-expression. Measured alternatives that
+          did worse: centring or whitening the output, weighting the non-zero entries of
+          the top-K rows, normalising the rows, and the cosine of the input rows as the
+          geometry target.
         """
         config = cls(
             completion=CompletionConfig(
@@ -155,9 +183,11 @@ class GeneEmbeddingConfig:
                 feedforward_dim=128,
                 batch_size=64,
                 learning_rate=1e-3,
-                max_epochs=10,
-                t_max=10,
+                max_epochs=4,
+                t_max=4,
+                geometry_weight=1.0,
             ),
+            autoencoder_input="dense",
             preset="fast",
         )
         return replace(config, **overrides)
@@ -273,8 +303,10 @@ class CoxFormerEmbeddings:
         trainer = config.trainer()
         start = time.perf_counter()
         graph_corpora = as_corpora(corpora, layer)
+        every_corpus = list(graph_corpora)  # every cell, for the dense co-expression rows
         if label_corpora is not None:
             label_parts = as_corpora(label_corpora, layer)
+            every_corpus += label_parts
             label_source = "label corpora"
         elif config.label_fraction > 0:
             graph_corpora, label_parts = split_corpus_cells(
@@ -304,17 +336,38 @@ class CoxFormerEmbeddings:
             config.graph.block_size,
             config.graph.device,
         )
-        del label_standardised
         self.timings["features_and_targets_seconds"] = time.perf_counter() - tick
 
         self.completion, _ = complete_coexpression(
             self.graph, features, targets, config.completion, trainer
         )
         self.timings["completion_seconds"] = self.completion.scores["seconds"]
-        self.autoencoder_result, self.autoencoder = train_autoencoder(
-            self.completion.matrix, config.autoencoder, trainer
-        )
+        with tempfile.TemporaryDirectory(prefix="stinfer-coexpression-") as scratch:
+            if config.autoencoder_input == "dense":
+                tick = time.perf_counter()
+                del label_standardised
+                rows = dense_completed_coexpression(
+                    standardise_corpora(
+                        every_corpus,
+                        replace(config.graph, gene_join="outer"),
+                        genes=self.graph.gene_names,
+                    ),
+                    self.graph,
+                    self.completion,
+                    os.path.join(scratch, "dense_coexpression.npy"),
+                    config.graph.block_size,
+                    config.graph.device,
+                )
+                self.timings["dense_rows_seconds"] = time.perf_counter() - tick
+            else:
+                del label_standardised
+                rows = self.completion.matrix
+            self.autoencoder_result, self.autoencoder = train_autoencoder(
+                rows, config.autoencoder, trainer
+            )
+            del rows
         self.timings["autoencoder_seconds"] = self.autoencoder_result.seconds
+
         self.timings["total_seconds"] = time.perf_counter() - start
         self.provenance = {
             "method": "CoxFormer gene embeddings (Suppl. S1-S2)",
@@ -325,6 +378,7 @@ class CoxFormerEmbeddings:
             "label_corpora": [c.name for c in label_parts],
             "label_corpus_cells": [c.n_cells for c in label_parts],
             "label_source": label_source,
+            "autoencoder_input": config.autoencoder_input,
             "n_genes": self.graph.n_genes,
             "n_edges": self.graph.n_edges,
             "completion": dict(self.completion.scores),
@@ -446,3 +500,79 @@ class CoxFormerEmbeddings:
         model._embeddings = read_gene_embeddings(folder / "embeddings.h5ad")
         model.provenance = dict(model._embeddings.uns.get("gene_embeddings", {}))
         return model
+
+
+class SVDGeneEmbeddings:
+    """Baseline gene embeddings: the truncated SVD of the standardised expression corpus.
+
+    Each corpus is normalised to log1p-CP10k and each gene standardised within it, exactly as
+    for the correlation graph (:func:`~stinfer.coexpression.graph.standardise_corpora`); the
+    stacked ``(cells, genes)`` matrix ``Z`` (never formed densely) is decomposed by randomised
+    SVD and gene ``i`` gets ``V_k[i] S_k``, so ``e_i . e_j`` is the rank-``k`` approximation of
+    the correlation numerator (:func:`~stinfer.coexpression.graph.gene_svd_features`). This is
+    the linear decomposition a learned embedding must beat on the same corpus (pair AUC, gene
+    label AUC: :mod:`stinfer.evaluate.gene_level`); ``stinfer embed-genes --method svd``.
+
+    Parameters
+    ----------
+    n_components
+        Embedding width (64 by default).
+    graph
+        Normalisation settings (``method``, ``gene_join``, ``combine``, ``min_cells``).
+    n_iter
+        Power iterations of the randomised SVD (Halko et al. 2011); 10 brings the components
+        to within about 1e-4 of an exact SVD where the spectrum is not degenerate (the
+        completion's node features use 4, where exactness matters less).
+    seed
+        Seed of the randomised SVD.
+    """
+
+    def __init__(
+        self,
+        n_components: int = 64,
+        graph: CorrelationGraphConfig | None = None,
+        n_iter: int = 10,
+        seed: int = 0,
+    ) -> None:
+        if n_components < 1:
+            raise InputError(f"n_components must be at least 1, got {n_components}.")
+        self.n_components = int(n_components)
+        self.graph = graph or CorrelationGraphConfig()
+        self.n_iter = int(n_iter)
+        self.seed = int(seed)
+        self._embeddings: ad.AnnData | None = None
+
+    def train(self, corpora: CorporaLike, layer: str | None = None) -> SVDGeneEmbeddings:
+        """Standardise ``corpora`` (raw counts, as for :class:`CoxFormerEmbeddings`) and
+        decompose them; returns ``self``."""
+        start = time.perf_counter()
+        parts = as_corpora(corpora, layer)
+        standardised = standardise_corpora(parts, self.graph)
+        vectors = gene_svd_features(
+            standardised, self.n_components, n_iter=self.n_iter, seed=self.seed
+        )
+        provenance = {
+            "method": "truncated SVD of the standardised log1p-CP10k corpus (baseline)",
+            "n_components": self.n_components,
+            "corpora": [c.name for c in parts],
+            "corpus_cells": [c.n_cells for c in parts],
+            "n_genes": standardised.n_genes,
+            "seconds": time.perf_counter() - start,
+            "config": json.dumps(
+                {"graph": asdict(self.graph), "n_iter": self.n_iter, "seed": self.seed}
+            ),
+        }
+        self._embeddings = embeddings_to_anndata(
+            vectors,
+            standardised.gene_names,
+            source="SVDGeneEmbeddings",
+            format="svd",
+            provenance=provenance,
+        )
+        return self
+
+    def get_embeddings(self) -> ad.AnnData:
+        """Gene embeddings: AnnData with obs = genes, X = ``(n_genes, n_components)`` float32."""
+        if self._embeddings is None:
+            raise InputError("the model is not trained yet; call train(corpora) first.")
+        return self._embeddings.copy()
