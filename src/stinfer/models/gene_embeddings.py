@@ -336,6 +336,7 @@ class CoxFormerEmbeddings:
             config.graph.block_size,
             config.graph.device,
         )
+        del label_standardised
         self.timings["features_and_targets_seconds"] = time.perf_counter() - tick
 
         self.completion, _ = complete_coexpression(
@@ -345,7 +346,6 @@ class CoxFormerEmbeddings:
         with tempfile.TemporaryDirectory(prefix="stinfer-coexpression-") as scratch:
             if config.autoencoder_input == "dense":
                 tick = time.perf_counter()
-                del label_standardised
                 rows = dense_completed_coexpression(
                     standardise_corpora(
                         every_corpus,
@@ -360,14 +360,12 @@ class CoxFormerEmbeddings:
                 )
                 self.timings["dense_rows_seconds"] = time.perf_counter() - tick
             else:
-                del label_standardised
                 rows = self.completion.matrix
             self.autoencoder_result, self.autoencoder = train_autoencoder(
                 rows, config.autoencoder, trainer
             )
             del rows
         self.timings["autoencoder_seconds"] = self.autoencoder_result.seconds
-
         self.timings["total_seconds"] = time.perf_counter() - start
         self.provenance = {
             "method": "CoxFormer gene embeddings (Suppl. S1-S2)",
