@@ -85,6 +85,7 @@ def main() -> None:
             )
             for method, values in result["metrics"].items():
                 row = {"section": section, "modality": modality, "method": method}
+                row["seed"] = args.seed
                 row.update({k: v for k, v in values.items() if k != "cv_pcc_median"})
                 row["load_average_1min"] = os.getloadavg()[0]
                 rows.append(row)
@@ -102,6 +103,7 @@ def main() -> None:
         json.dumps(
             {
                 "embeddings": str(args.embeddings),
+                "seed": args.seed,
                 "preset": args.preset,
                 "gene_conditioning": config.gene_conditioning,
                 "rows": rows,

@@ -90,6 +90,7 @@ def test_outputs_are_never_overwritten_silently(run_folder, slide_files, tmp_pat
     pred = tmp_path / "pred.h5ad"
     args = ["predict", "--run", str(run_folder), "--slide", str(slide_files[1]), "--out", str(pred)]
     assert main(args) == 0
+    assert "mean expert weight: image 0." in capsys.readouterr().out  # fused: which it trusted
     assert main(args) == 2
     assert "exists" in capsys.readouterr().err
     assert main([*args, "--overwrite"]) == 0

@@ -107,3 +107,51 @@ def test_geometry_loss_compares_cosines_of_latents_and_rows():
         AutoencoderConfig(geometry_weight=-1.0)
     with pytest.raises(InputError, match="geometry_target"):
         AutoencoderConfig(geometry_target="distances")
+
+
+def test_partner_batches_cover_every_gene_once_and_pair_it_with_a_partner():
+    from stinfer.coexpression.autoencoder import PartnerBatchSampler
+
+    n_genes = 50
+    gene = np.repeat(np.arange(n_genes), 3)
+    partner = (gene + np.tile([1, 2, 3], n_genes)) % n_genes  # partners: the next three genes
+    partner[gene == 7] = 7  # gene 7's only stored entries point at itself (no partner used)
+    adjacency = sp.csr_matrix((np.ones(gene.size), (gene, partner)), shape=(n_genes, n_genes))
+    sampler = PartnerBatchSampler(adjacency, batch_size=10, partner_fraction=0.4, seed=3)
+    assert (sampler.n_anchors, sampler.n_partners) == (6, 4)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 9  # ceil(50 / 6)
+    n_anchors = [6] * 8 + [2]  # the last batch holds the two genes left
+    anchors = np.concatenate([batch[:n] for batch, n in zip(batches, n_anchors, strict=True)])
+    assert sorted(anchors.tolist()) == list(range(n_genes))  # every gene an anchor once
+    for batch, n in zip(batches, n_anchors, strict=True):
+        assert len(batch) == len(set(batch)) <= 10
+        # every drawn gene is a stored partner of one of the batch's first four anchors
+        for g in batch[n:]:
+            assert any(adjacency[a, g] for a in batch[: min(n, 4)])
+    # the next epoch is a new permutation; the same seed gives the same sequence
+    assert [b[:6] for b in sampler] != [b[:6] for b in batches]
+    again = PartnerBatchSampler(adjacency, batch_size=10, partner_fraction=0.4, seed=3)
+    assert list(again) == batches
+    with pytest.raises(InputError, match="partner_fraction"):
+        AutoencoderConfig(partner_fraction=1.0)
+
+
+def test_partner_batches_need_partners_for_dense_rows():
+    rows = np.eye(12, dtype=np.float32)
+    config = AutoencoderConfig(
+        n_tokens=3,
+        d_model=8,
+        n_heads=2,
+        feedforward_dim=8,
+        latent_dim=4,
+        max_epochs=1,
+        partner_fraction=0.5,
+    )
+    trainer = TrainerConfig(accelerator="cpu", progress_bar=False)
+    with pytest.raises(InputError, match="partners"):
+        train_autoencoder(rows, config, trainer)
+    with pytest.raises(InputError, match="shape"):
+        train_autoencoder(rows, config, trainer, partners=sp.eye(5, format="csr"))
+    result, _ = train_autoencoder(rows, config, trainer, partners=sp.eye(12, k=1, format="csr"))
+    assert result.embeddings.shape == (12, 4)

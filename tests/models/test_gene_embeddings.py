@@ -127,8 +127,9 @@ def test_presets_differ_only_in_the_documented_fields():
         "max_epochs",
         "t_max",
         "geometry_weight",
+        "partner_fraction",
     }
-    assert paper.autoencoder.geometry_weight == 0.0
+    assert paper.autoencoder.geometry_weight == paper.autoencoder.partner_fraction == 0.0
     assert (paper.autoencoder_input, fast.autoencoder_input) == ("top_k", "dense")
     assert set(PRESETS) == {"paper", "fast"}
     assert gene_embedding_config("fast", top_k=100).graph.top_k == 100

@@ -102,6 +102,31 @@ def test_prediction_is_deterministic_anndata_with_the_documented_layout(trained,
     assert {"train/loss", "train/rna", "val/pcc_median"} <= set(trained.fit_result.history[-1])
 
 
+def test_prediction_says_how_much_each_spot_trusted_each_expert(trained, sections):
+    """The PoE precision share of the image expert per spot, from the experts' variances,
+    in obs; logged after training as the mean over the validation spots."""
+    from stinfer.nn.fusion import image_expert_weight
+
+    section = sections[1]
+    fused = trained.predict(section)
+    image = fused.obs["stevs_image_expert_weight"].to_numpy()
+    assert image.dtype == np.float32 and ((image > 0) & (image < 1)).all()
+    np.testing.assert_allclose(image + fused.obs["stevs_spatial_expert_weight"], 1.0, atol=1e-6)
+    # recomputed from each expert's own posterior variance (single-modality predictions)
+    var_img = trained.predict(section, mode="image").obsm["stevs_posterior_var"].astype(float)
+    var_xy = trained.predict(section, mode="spatial").obsm["stevs_posterior_var"].astype(float)
+    np.testing.assert_allclose(image, (var_xy / (var_img + var_xy)).mean(1), rtol=1e-4)
+    spatial = trained.predict(section, mode="spatial")
+    assert (spatial.obs["stevs_image_expert_weight"] == 0).all()
+    assert (spatial.obs["stevs_spatial_expert_weight"] == 1).all()
+    assert 0 < trained.validation_image_expert_weight < 1
+    assert "val/image_expert_weight" in trained.fit_result.history[-1]
+    # closed form: precisions 1 (image) and 1/3 (coordinates) give the image 3/4 of the mean
+    logvar_img = torch.zeros(2, 4)
+    logvar_xy = torch.full((2, 4), float(np.log(3.0)))
+    torch.testing.assert_close(image_expert_weight(logvar_img, logvar_xy), torch.full((2,), 0.75))
+
+
 def test_spatial_mode_needs_no_image_and_image_mode_needs_one(trained, sections):
     counts_only = sections[1].copy()
     counts_only.uns["stinfer"] = {**counts_only.uns["stinfer"], "image_path": None}
@@ -324,6 +349,8 @@ def test_chunked_prediction_equals_one_shot_and_writes_the_same_h5ad(
     np.testing.assert_array_equal(written.layers["nb_theta"], one_shot.layers["nb_theta"])
     for key in ("X_stevs", "stevs_posterior_var", "spatial"):
         np.testing.assert_array_equal(written.obsm[key], one_shot.obsm[key])
+    for key in ("stevs_image_expert_weight", "stevs_spatial_expert_weight"):
+        np.testing.assert_array_equal(written.obs[key].to_numpy(), one_shot.obs[key].to_numpy())
     assert written.uns["stevs_prediction"]["mode"] == "fused"
     backed = ad.read_h5ad(path, backed="r")
     np.testing.assert_array_equal(backed.X[10:20], one_shot.X[10:20])

@@ -16,7 +16,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Predict the run's genes at every spot of a prepared slide. The output .h5ad has "
             "predicted NB means (raw-count scale) in X, the NB inverse dispersion in "
             "layers['nb_theta'], the posterior mean in obsm['X_stevs'] and its variance in "
-            "obsm['stevs_posterior_var']. The slide's counts are never read. Predictions are "
+            "obsm['stevs_posterior_var'], and how much each spot trusted each expert (image, "
+            "coordinates: their share of the fused posterior mean) in "
+            "obs['stevs_image_expert_weight'] and obs['stevs_spatial_expert_weight']. The "
+            "slide's counts are never read. Predictions are "
             "written to the file chunk by chunk and the image is read a chunk of spots at a "
             "time when the slide is large, so a Visium HD slide of 500,000 bins predicts in "
             "bounded memory (open the output with anndata.read_h5ad(path, backed='r'))."
@@ -56,4 +59,12 @@ def run(args: argparse.Namespace) -> None:
         model.config.training.test_time_augmentation = False
     slide = read_h5ad_slide(args.slide)
     model.write_prediction(slide, out, mode=args.mode, overwrite=args.overwrite)
-    print(f"wrote {out}: {slide.n_obs} spots x {len(model.genes)} genes ({args.mode})")
+    trust = ""
+    if args.mode == "fused":
+        import h5py
+
+        with h5py.File(out, "r") as file:
+            if "obs/stevs_image_expert_weight" in file:
+                weight = float(file["obs/stevs_image_expert_weight"][()].mean())
+                trust = f"; mean expert weight: image {weight:.2f}, coordinates {1 - weight:.2f}"
+    print(f"wrote {out}: {slide.n_obs} spots x {len(model.genes)} genes ({args.mode}{trust})")

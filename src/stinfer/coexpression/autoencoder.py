@@ -26,6 +26,12 @@ difference between the cosine similarities of a batch's latents and a target
 co-expression itself, read off the batch's rows (``geometry_target="coexpression"``), or the
 cosine of the input rows (``"rows"``). Reconstruction alone fixes no geometry of the latent;
 with the term, cosine similarity between embeddings means co-expression.
+
+Partner batches (stinfer's option, ``partner_fraction``; 0 in the paper preset): in shuffled
+batches two co-expressed genes almost never meet (a gene's top-K partners are ``K`` of
+``n_genes``), so the geometry term sees near-zero targets only and learns to spread genes
+apart, never to bring partners together. :class:`PartnerBatchSampler` fills that fraction of
+each batch with a top-K partner of another gene of the batch.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from dataclasses import dataclass, field, replace
 
 import lightning as L
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 import torch
 from torch import nn
@@ -52,6 +59,7 @@ __all__ = [
     "AutoencoderResult",
     "AutoencoderTask",
     "CoexpressionAutoencoder",
+    "PartnerBatchSampler",
     "RowDensifier",
     "encode_rows",
     "train_autoencoder",
@@ -77,6 +85,7 @@ class AutoencoderConfig:
     max_epochs: int = 200  # Suppl. S2
     geometry_weight: float = 0.0  # stinfer: weight of geometry_loss (0 = the paper's loss)
     geometry_target: str = "coexpression"  # stinfer: "coexpression" or "rows", see geometry_loss
+    partner_fraction: float = 0.0  # stinfer: batch share of graph partners (PartnerBatchSampler)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -90,6 +99,8 @@ class AutoencoderConfig:
             )
         if self.geometry_weight < 0:
             raise InputError(f"geometry_weight must be >= 0, got {self.geometry_weight}.")
+        if not 0.0 <= self.partner_fraction < 1.0:
+            raise InputError(f"partner_fraction must be in [0, 1), got {self.partner_fraction}.")
         if min(self.latent_dim, self.n_tokens, self.d_model, self.batch_size) < 1:
             raise InputError("latent_dim, n_tokens, d_model and batch_size must be positive.")
 
@@ -194,6 +205,57 @@ class RowDensifier:
         if self.with_index:
             return torch.from_numpy(block), torch.from_numpy(rows.astype(np.int64))
         return torch.from_numpy(block)
+
+
+class PartnerBatchSampler(torch.utils.data.Sampler):
+    """Batches of gene indices in which a share of the genes are co-expression partners.
+
+    Each epoch walks a fresh permutation of the genes as *anchors*, ``batch_size - n_partners``
+    per batch (``n_partners = round(partner_fraction * batch_size)``); the first
+    ``n_partners`` anchors of a batch each bring one partner drawn uniformly from their row of
+    ``partners`` (a gene without partners brings a uniformly random gene). A gene drawn twice
+    in one batch appears once. Every gene is an anchor once per epoch, so an epoch has
+    ``ceil(n_genes / (batch_size - n_partners))`` batches.
+
+    Parameters
+    ----------
+    partners
+        ``(n_genes, n_genes)`` sparse adjacency: the stored entries of row ``i`` are gene
+        ``i``'s partners (e.g. the top-K correlation graph); values are ignored.
+    batch_size, partner_fraction
+        As in :class:`AutoencoderConfig`.
+    seed
+        Seeds the whole sequence of epochs.
+    """
+
+    def __init__(
+        self, partners: sp.spmatrix, batch_size: int, partner_fraction: float, seed: int = 0
+    ) -> None:
+        self.partners = sp.csr_matrix(partners)
+        if self.partners.shape[0] != self.partners.shape[1]:
+            raise InputError(f"partners must be square, got shape {self.partners.shape}.")
+        self.n_genes = self.partners.shape[0]
+        self.n_partners = min(batch_size - 1, round(partner_fraction * batch_size))
+        self.n_anchors = batch_size - self.n_partners
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return math.ceil(self.n_genes / self.n_anchors)
+
+    def __iter__(self):
+        anchors = self.rng.permutation(self.n_genes)
+        counts = np.diff(self.partners.indptr)
+        offset = np.floor(self.rng.random(self.n_genes) * counts[anchors]).astype(np.int64)
+        drawn = self.partners.indices[
+            np.minimum(self.partners.indptr[anchors] + offset, self.partners.nnz - 1)
+        ]
+        drawn = np.where(
+            counts[anchors] > 0, drawn, self.rng.integers(0, self.n_genes, anchors.size)
+        )
+        for start in range(0, self.n_genes, self.n_anchors):
+            batch_anchors = anchors[start : start + self.n_anchors]
+            batch_partners = drawn[start : start + min(self.n_partners, batch_anchors.size)]
+            yield pd.unique(np.concatenate([batch_anchors, batch_partners])).tolist()
 
 
 def geometry_loss(
@@ -310,6 +372,7 @@ def train_autoencoder(
     coexpression: sp.spmatrix | np.ndarray,
     config: AutoencoderConfig | None = None,
     trainer: TrainerConfig | None = None,
+    partners: sp.spmatrix | None = None,
 ) -> tuple[AutoencoderResult, CoexpressionAutoencoder]:
     """Train the autoencoder on the rows of ``coexpression`` and embed every gene.
 
@@ -324,6 +387,10 @@ def train_autoencoder(
         Devices, precision, progress bar; ``max_epochs`` and ``seed`` come from ``config``.
         Every gene is embedded, so there is no validation split; the final reconstruction MSE
         is reported instead.
+    partners
+        Sparse ``(n_genes, n_genes)`` adjacency for :class:`PartnerBatchSampler` (used when
+        ``config.partner_fraction > 0``); default: the stored entries of a sparse
+        ``coexpression`` (its top-K partners).
     """
     config = config or AutoencoderConfig()
     if sp.issparse(coexpression):
@@ -336,12 +403,29 @@ def train_autoencoder(
         raise InputError(f"the co-expression matrix is empty ({matrix.shape}).")
     torch.manual_seed(config.seed)
     module = CoexpressionAutoencoder(matrix.shape[1], config)
-    loader = DataLoader(
-        np.arange(matrix.shape[0]),
-        batch_size=config.batch_size,
-        shuffle=True,
-        collate_fn=RowDensifier(matrix, with_index=True),
-    )
+    collate = RowDensifier(matrix, with_index=True)
+    if config.partner_fraction > 0:
+        if partners is None and not sp.issparse(matrix):
+            raise InputError(
+                "partner_fraction > 0 with dense co-expression rows needs the partners "
+                "adjacency (e.g. the top-K graph)."
+            )
+        partners = matrix if partners is None else partners
+        if partners.shape != (matrix.shape[0], matrix.shape[0]):
+            raise InputError(
+                f"partners has shape {partners.shape}; expected {(matrix.shape[0],) * 2}."
+            )
+        sampler = PartnerBatchSampler(
+            partners, config.batch_size, config.partner_fraction, config.seed
+        )
+        loader = DataLoader(np.arange(matrix.shape[0]), batch_sampler=sampler, collate_fn=collate)
+    else:
+        loader = DataLoader(
+            np.arange(matrix.shape[0]),
+            batch_size=config.batch_size,
+            shuffle=True,
+            collate_fn=collate,
+        )
     trainer = replace(
         trainer or TrainerConfig(), max_epochs=config.max_epochs, monitor=None, seed=config.seed
     )

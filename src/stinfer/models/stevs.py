@@ -48,6 +48,7 @@ from stinfer.io.atomic import atomic_output
 from stinfer.io.slide_data import prepare_for_h5ad, slide_meta
 from stinfer.models.persistence import read_model_config, read_model_weights, write_model_files
 from stinfer.nn.encoders import SlideColourNormalizer, colour_moments
+from stinfer.nn.fusion import PoEFusion
 from stinfer.nn.stevs import MODES, STEvsConfig, STEvsModule
 from stinfer.train import FitResult, TrainerConfig, fit
 
@@ -319,6 +320,9 @@ def _numbered_chunks(chunks: Iterator[np.ndarray]) -> Iterator[tuple[slice, np.n
 
 
 # --------------------------------------------------------------------------- Lightning task
+EXPERT_WEIGHT_KEYS = ("image_expert_weight", "spatial_expert_weight")
+
+
 class STEvsTask(L.LightningModule):
     """The STEvs training step (Eq. 3) and validation metric, for :func:`stinfer.train.fit`.
 
@@ -346,6 +350,7 @@ class STEvsTask(L.LightningModule):
         self.colour_transforms = colour_transforms
         self._val_predictions: list[torch.Tensor] = []
         self._val_counts: list[torch.Tensor] = []
+        self._val_expert_weights: list[torch.Tensor] = []
 
     def _prepare(self, inputs, targets, slides, augment: bool):
         """Patches as the encoder reads them and the reconstruction target (or ``None``):
@@ -424,6 +429,9 @@ class STEvsTask(L.LightningModule):
         outputs = self.module(inputs, coords, mode="fused", sample=False, decode_image=False)
         self._val_predictions.append(outputs["nb_mean"].float().cpu())
         self._val_counts.append(counts.float().cpu())
+        weights = self.module.image_expert_weight(outputs)
+        if weights is not None:
+            self._val_expert_weights.append(weights.float().cpu())
 
     def on_validation_epoch_end(self) -> None:
         if not self._val_predictions:
@@ -434,6 +442,9 @@ class STEvsTask(L.LightningModule):
         self._val_counts.clear()
         correlations, _ = per_gene_pearson(predicted, observed)
         self.log("val/pcc_median", float(np.median(correlations)))
+        if self._val_expert_weights:
+            self.log("val/image_expert_weight", float(torch.cat(self._val_expert_weights).mean()))
+            self._val_expert_weights.clear()
 
     def configure_optimizers(self):
         return self.module.configure_optimizer()
@@ -485,6 +496,7 @@ class STEvs:
             [torch.from_numpy(spot_coordinates_um(slide)) for slide in self.train_slides]
         )
         self.fit_result: FitResult | None = None
+        self.validation_image_expert_weight: float | None = None
 
     # ----------------------------------------------------------------- data
     def _require_image(self, slide: ad.AnnData) -> None:
@@ -633,14 +645,42 @@ class STEvs:
                 self.module.gene_decoder.initialise_from_totals(*dataset.count_totals())
             task = STEvsTask(self.module, self.config.training, colour_transforms=transforms)
             self.fit_result = fit(task, train_loader, val_loader, trainer_config)
-        self.module.eval()
+            self.module.eval()
+            self.validation_image_expert_weight = self._mean_image_expert_weight(task, val_loader)
         logger.info(
             "STEvs trained in %.1f s (best epoch %s, val median PCC %s)",
             self.fit_result.train_seconds,
             self.fit_result.best_epoch,
             None if self.fit_result.best_score is None else round(self.fit_result.best_score, 4),
         )
+        if self.validation_image_expert_weight is not None:
+            weight = self.validation_image_expert_weight
+            logger.info(
+                "STEvs fusion on the validation spots: image expert weight %.2f, coordinate "
+                "expert weight %.2f (mean share of the fused posterior mean)",
+                weight,
+                1.0 - weight,
+            )
         return self.fit_result
+
+    @torch.no_grad()
+    def _mean_image_expert_weight(self, task: STEvsTask, loader: DataLoader | None) -> float | None:
+        """Mean image expert weight (:meth:`STEvsModule.image_expert_weight`) over the spots of
+        ``loader`` with the trained weights; ``None`` without validation spots or PoE."""
+        if loader is None:
+            return None
+        device = next(self.module.parameters()).device
+        weights = []
+        for inputs, coords, _, targets, slides in loader:
+            inputs, _ = task._prepare(inputs.to(device), targets.to(device), slides, augment=False)
+            outputs = self.module(
+                inputs, coords.to(device), mode="fused", sample=False, decode_image=False
+            )
+            weight = self.module.image_expert_weight(outputs)
+            if weight is None:
+                return None
+            weights.append(weight.float().cpu())
+        return float(torch.cat(weights).mean()) if weights else None
 
     def adapt(self, target_slides: Sequence[ad.AnnData], epochs: int = 10) -> FitResult:
         """Test-time adaptation: keep training on unlabelled target slides without the RNA term.
@@ -766,8 +806,28 @@ class STEvs:
                     "nb_theta": torch.stack(thetas).mean(0).numpy(),
                     "mu": first["mu"].float().numpy(),
                     "logvar": first["logvar"].float().numpy(),
+                    **self._expert_weight_columns(first, mode, rows, slide.n_obs),
                 },
             )
+
+    def _expert_weight_columns(
+        self, outputs: dict[str, torch.Tensor] | None, mode: str, rows: slice, n_spots: int
+    ) -> dict[str, np.ndarray]:
+        """``image_expert_weight`` and ``spatial_expert_weight`` ``(n,)`` of a chunk: the PoE
+        share of each spot's fused mean (fused mode), 1 and 0 (image mode), 0 and 1 (spatial
+        mode); nothing for a fusion other than PoE. Without ``outputs``, zeros of the slide's
+        length (the skeleton :meth:`write_prediction` fills)."""
+        n = len(range(*rows.indices(n_spots)))
+        if mode == "fused":
+            if self.module.fusion is None or not isinstance(self.module.fusion, PoEFusion):
+                return {}
+            if outputs is None:
+                image = np.zeros(n, dtype=np.float32)
+            else:
+                image = self.module.image_expert_weight(outputs).float().numpy()
+        else:
+            image = np.full(n, 1.0 if mode == "image" else 0.0, dtype=np.float32)
+        return {"image_expert_weight": image, "spatial_expert_weight": 1.0 - image}
 
     def _posterior_outputs(
         self, slide: ad.AnnData, mode: str, patches: np.ndarray | None = None
@@ -801,8 +861,12 @@ class STEvs:
         AnnData
             ``X``: predicted NB means (raw-count scale), float32; ``layers["nb_theta"]``: NB
             inverse dispersion; ``obsm["X_stevs"]``: posterior mean of ``mode``;
-            ``obsm["stevs_posterior_var"]``: its variance; ``obsm["spatial"]`` and
-            ``uns["stinfer"]`` copied from the slide; ``uns["stevs_prediction"]`` says the mode.
+            ``obsm["stevs_posterior_var"]``: its variance; ``obs["stevs_image_expert_weight"]``
+            and ``obs["stevs_spatial_expert_weight"]``: how much each spot's prediction trusted
+            each expert (the PoE precision share, :meth:`STEvsModule.image_expert_weight`; 1/0
+            in a single-modality mode; absent for a fusion other than PoE);
+            ``obsm["spatial"]`` and ``uns["stinfer"]`` copied from the slide;
+            ``uns["stevs_prediction"]`` says the mode.
         """
         start = time.perf_counter()
         outputs = self._posterior_outputs(slide, mode, patches)
@@ -855,6 +919,9 @@ class STEvs:
                     outputs["logvar"] = np.exp(outputs["logvar"])
                     for key, dataset in datasets.items():
                         dataset[rows] = outputs[key]
+                    for key in EXPERT_WEIGHT_KEYS:
+                        if key in outputs:
+                            file[f"obs/stevs_{key}"][rows] = outputs[key]
                 file["uns/stevs_prediction/seconds"][()] = time.perf_counter() - start
         return Path(path)
 
@@ -872,6 +939,11 @@ class STEvs:
             prediction.layers["nb_theta"] = outputs["nb_theta"].astype(np.float32)
             prediction.obsm["X_stevs"] = outputs["mu"].astype(np.float32)
             prediction.obsm["stevs_posterior_var"] = np.exp(outputs["logvar"]).astype(np.float32)
+            weights = {key: outputs[key] for key in EXPERT_WEIGHT_KEYS if key in outputs}
+        else:
+            weights = self._expert_weight_columns(None, mode, slice(0, slide.n_obs), slide.n_obs)
+        for key, values in weights.items():
+            prediction.obs[f"stevs_{key}"] = np.asarray(values, dtype=np.float32)
         prediction.obsm["spatial"] = np.asarray(slide.obsm["spatial"]).copy()
         prediction.uns["stinfer"] = dict(slide.uns.get("stinfer", {}))
         prediction.uns["stevs_prediction"] = {"mode": mode, "seconds": 0.0}

@@ -34,6 +34,7 @@ __all__ = [
     "build_fusion",
     "fuse_mean",
     "fuse_poe",
+    "image_expert_weight",
     "product_of_experts",
     "reparameterize",
 ]
@@ -75,6 +76,27 @@ def product_of_experts(
     weights = torch.softmax(neg_logvars, dim=dim)
     mu = (weights * mus).sum(dim=dim)
     return mu, logvar
+
+
+def image_expert_weight(logvar_img: torch.Tensor, logvar_xy: torch.Tensor) -> torch.Tensor:
+    r"""How much a spot's fused posterior mean trusts the image expert, in ``[0, 1]``.
+
+    In the Product of Experts (Eq. 29-30) each latent dimension's fused mean weighs the image
+    expert by its share of the precision, :math:`T_{img} / (T_{img} + T_{xy}) =
+    \operatorname{sigmoid}(\log\sigma^2_{xy} - \log\sigma^2_{img})`; this is the mean of that
+    share over the ``D`` latent dimensions. The coordinate expert's weight is one minus it.
+
+    Parameters
+    ----------
+    logvar_img, logvar_xy
+        ``(N, D)`` expert log-variances.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(N,)`` image weight per spot.
+    """
+    return torch.sigmoid(logvar_xy.float() - logvar_img.float()).mean(dim=-1)
 
 
 def fuse_poe(

@@ -42,7 +42,13 @@ from stinfer.nn.encoders import (
     SlideColourNormalizer,
     build_coordinate_encoder,
 )
-from stinfer.nn.fusion import FUSIONS, build_fusion, reparameterize
+from stinfer.nn.fusion import (
+    FUSIONS,
+    PoEFusion,
+    build_fusion,
+    image_expert_weight,
+    reparameterize,
+)
 from stinfer.nn.likelihoods import NegativeBinomial, kl_standard_normal
 
 __all__ = ["MODES", "STEvsConfig", "STEvsModule", "image_reconstruction_error", "kl_weight"]
@@ -454,6 +460,17 @@ class STEvsModule(nn.Module):
                 observed = outputs["library_size"].to(outputs["log_library"].dtype)
                 terms["library"] = F.mse_loss(outputs["log_library"], observed.clamp_min(1).log())
         return terms
+
+    def image_expert_weight(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """``(N,)`` share of each spot's fused mean taken from the image expert
+        (:func:`~stinfer.nn.fusion.image_expert_weight`), from :meth:`forward`'s fused outputs;
+        ``None`` when the fusion is not the Product of Experts (its experts' variances then
+        weigh nothing) or an expert was not run."""
+        if not isinstance(self.fusion, PoEFusion):
+            return None
+        if "logvar_img" not in outputs or "logvar_xy" not in outputs:
+            return None
+        return image_expert_weight(outputs["logvar_img"], outputs["logvar_xy"])
 
     def expert_outputs(
         self,
