@@ -246,12 +246,11 @@ class PartnerBatchSampler(torch.utils.data.Sampler):
         anchors = self.rng.permutation(self.n_genes)
         counts = np.diff(self.partners.indptr)
         offset = np.floor(self.rng.random(self.n_genes) * counts[anchors]).astype(np.int64)
-        drawn = self.partners.indices[
-            np.minimum(self.partners.indptr[anchors] + offset, self.partners.nnz - 1)
+        has_partners = counts[anchors] > 0
+        drawn = self.rng.integers(0, self.n_genes, anchors.size)  # for genes without partners
+        drawn[has_partners] = self.partners.indices[
+            self.partners.indptr[anchors[has_partners]] + offset[has_partners]
         ]
-        drawn = np.where(
-            counts[anchors] > 0, drawn, self.rng.integers(0, self.n_genes, anchors.size)
-        )
         for start in range(0, self.n_genes, self.n_anchors):
             batch_anchors = anchors[start : start + self.n_anchors]
             batch_partners = drawn[start : start + min(self.n_partners, batch_anchors.size)]

@@ -819,7 +819,7 @@ class STEvs:
         length (the skeleton :meth:`write_prediction` fills)."""
         n = len(range(*rows.indices(n_spots)))
         if mode == "fused":
-            if self.module.fusion is None or not isinstance(self.module.fusion, PoEFusion):
+            if not isinstance(self.module.fusion, PoEFusion):
                 return {}
             if outputs is None:
                 image = np.zeros(n, dtype=np.float32)
