@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -12,6 +13,7 @@ from stinfer.data.synthetic import SyntheticConfig, make_synthetic_sections
 from stinfer.errors import InputError
 from stinfer.evaluate import benchmark as bench
 from stinfer.evaluate.benchmark import CELLS_DIR, parse_config, run_benchmark
+from stinfer.evaluate.robustness import ImageDegradation
 from stinfer.io.atomic import write_h5ad
 from stinfer.io.slide_data import prepare_for_h5ad
 from stinfer.models.baselines import MeanExpression
@@ -102,6 +104,70 @@ def test_the_example_configs_parse(tmp_path):
     }
     synthetic = load_config(os.path.join(root, "synthetic_ci.yaml"))
     assert any(m.group == "ablation" for m in synthetic.models)
+    degraded = load_config(os.path.join(root, "her2st_patient_c_degraded.yaml"), "/d/her2st")
+    assert [c.name for c in degraded.cohorts] == [
+        "patient_c",
+        "patient_c_lowres",
+        "patient_c_blur",
+        "patient_c_stain",
+    ]
+    assert [c.image_degradation for c in degraded.cohorts] == [
+        None,
+        ImageDegradation(pixel_size_um=12.7),
+        ImageDegradation(blur_sigma_um=8.0),
+        ImageDegradation(stain_variation=0.15),
+    ]
+    for cohort in degraded.cohorts:
+        assert [s["sample_id"] for s in cohort.slides] == ["C2", "C3", "C4"]
+        assert cohort.slides[0]["counts"] == "counts/C2.tsv.gz"
+    assert degraded.protocols == ("cross_slice",) and degraded.seeds == (0, 1, 2)
+    assert degraded.robustness is None
+
+
+def test_image_degradation_parses_and_names_a_bad_key_or_value():
+    def cohort(degradation) -> dict:
+        return {
+            "name": "syn",
+            "format": "synthetic",
+            "synthetic": TINY,
+            "image_degradation": degradation,
+        }
+
+    config = parse_config(_raw(cohorts=[cohort({"pixel_size_um": 12.7, "seed": 3})]))
+    assert config.cohorts[0].image_degradation == ImageDegradation(pixel_size_um=12.7, seed=3)
+    assert parse_config(_raw()).cohorts[0].image_degradation is None
+    with pytest.raises(
+        InputError, match=r"cohorts\[0\]\.image_degradation: unknown keys \['blur'\]"
+    ):
+        parse_config(_raw(cohorts=[cohort({"blur": 8})]))
+    with pytest.raises(InputError, match=r"image_degradation\.stain_variation must be"):
+        parse_config(_raw(cohorts=[cohort({"stain_variation": -1})]))
+    with pytest.raises(InputError, match="expected a mapping"):
+        parse_config(_raw(cohorts=[cohort(12.7)]))
+
+
+def test_a_degraded_cohort_reads_new_images_and_shares_no_cells_with_the_sharp_one(tmp_path):
+    from stinfer.data.patches import PatchSpec, patch_cache_key
+
+    config = parse_config(_raw(protocols=["cross_slice"]))
+    sharp_cohort = config.cohorts[0]
+    degraded_cohort = dataclasses.replace(
+        sharp_cohort, image_degradation=ImageDegradation(blur_sigma_um=4.0)
+    )
+    sharp = bench.load_cohort(sharp_cohort, tmp_path)
+    degraded = bench.load_cohort(degraded_cohort, tmp_path)
+    folder = tmp_path / "syn" / "degraded"
+    spec = PatchSpec(patch_size_um=160, target_pixel_size_um=8.0)
+    for before, after in zip(sharp, degraded, strict=True):
+        assert os.path.dirname(after.uns["stinfer"]["image_path"]) == str(folder.resolve())
+        assert os.path.isfile(before.uns["stinfer"]["image_path"])
+        assert patch_cache_key(before, spec) != patch_cache_key(after, spec)
+    genes = [str(g) for g in sharp[0].var_names[:12]]
+    sharp_keys = {cell.key for cell in bench.make_cells(config, sharp_cohort, sharp, genes)}
+    degraded_keys = {
+        cell.key for cell in bench.make_cells(config, degraded_cohort, degraded, genes)
+    }
+    assert sharp_keys and degraded_keys and not sharp_keys & degraded_keys
 
 
 # --------------------------------------------------------------------------- the grid

@@ -1,16 +1,30 @@
-"""Blue-shift robustness (STEvs Appendix J.1, Eq. 40)."""
+"""Blue-shift robustness (STEvs Appendix J.1, Eq. 40) and degraded H&E images (issue 14)."""
 
 from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pytest
+from PIL import Image
 
 from stinfer.data.patches import PatchSpec, spot_patches
 from stinfer.data.synthetic import SyntheticConfig, make_synthetic_sections
 from stinfer.errors import InputError
 from stinfer.evaluate.metrics import evaluate_anndata
-from stinfer.evaluate.robustness import BLUE_SHIFT_ALPHAS, blue_shift, blue_shift_sweep
+from stinfer.evaluate.robustness import (
+    BLUE_SHIFT_ALPHAS,
+    DEGRADED_JPEG_QUALITY,
+    ImageDegradation,
+    blue_shift,
+    blue_shift_sweep,
+    degrade_slide_image,
+    stain_lookup_tables,
+)
+from stinfer.io.slide_data import make_slide
 from stinfer.models.baselines import (
     MeanExpression,
     PatchFeatureRidge,
@@ -96,3 +110,172 @@ def test_sweep_degrades_an_image_model_and_leaves_the_original_patches_intact(se
     assert df.loc[0.0, "pcc_median"] == pytest.approx(
         evaluate_anndata(unshifted, sections[1][:, genes]).pcc_median
     )
+
+
+# --------------------------------------------------------------------------- degraded images
+JPEG_TOLERANCE = 3.0  # grey levels: quality-95 JPEG of a noisy image, plus interpolation
+
+
+def _image_slide(folder, pixels: np.ndarray, pixel_size_um: float | None = 0.5) -> ad.AnnData:
+    """A four-spot slide over ``pixels`` (written as PNG); its file pixels are 1 um wide.
+
+    ``image_scale`` 0.5 with 0.5 um per full-resolution pixel: the degradation must divide
+    the two to get the file's pixel size.
+    """
+    path = folder / "section.png"
+    Image.fromarray(pixels).save(path)
+    height, width = pixels.shape[:2]
+    return make_slide(
+        np.ones((4, 2)),
+        [f"spot{i}" for i in range(4)],
+        ["GENE_A", "GENE_B"],
+        np.array([[width / 2, height / 2], [width, height], [width / 2, height], [width, 0.0]]),
+        sample_id="S1",
+        source_format="synthetic",
+        source="test",
+        image_path=str(path),
+        image_scale=0.5,
+        pixel_size_um=pixel_size_um,
+    )
+
+
+def _textured_image(noise: float = 30.0, height: int = 96, width: int = 128) -> np.ndarray:
+    """Smooth per-channel gradients plus pixel noise (+-``noise`` grey levels).
+
+    The noise is detail for the resolution and blur steps to remove; pixel-exact comparisons
+    use little of it, as JPEG loses most on per-pixel noise (more than on H&E).
+    """
+    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+    smooth = np.stack([60 + 0.8 * x + 0.5 * y, 200 - 0.6 * x, 90 + 0.9 * y], axis=-1)
+    jitter = np.random.default_rng(0).uniform(-noise, noise, (height, width, 3))
+    return np.clip(np.rint(smooth + jitter), 0, 255).astype(np.uint8)
+
+
+def _pixels(slide: ad.AnnData) -> np.ndarray:
+    with Image.open(slide.uns["stinfer"]["image_path"]) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.float64)
+
+
+def _jpeg_round_trip(pixels: np.ndarray) -> np.ndarray:
+    """``pixels`` after the JPEG encoding the degraded images get, and nothing else."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(
+        buffer, format="JPEG", quality=DEGRADED_JPEG_QUALITY, subsampling=0
+    )
+    with Image.open(buffer) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.float64)
+
+
+def _blocks(pixels: np.ndarray, size: int) -> np.ndarray:
+    height, width = pixels.shape[:2]
+    return pixels.reshape(height // size, size, width // size, size, 3).astype(np.float64)
+
+
+def test_coarser_pixel_size_averages_blocks_and_keeps_the_pixel_grid(tmp_path):
+    original = _textured_image()
+    slide = _image_slide(tmp_path, original)
+    degraded = _pixels(degrade_slide_image(slide, ImageDegradation(pixel_size_um=8.0), 0, tmp_path))
+    assert degraded.shape == original.shape
+    before, after = _blocks(original, 8), _blocks(degraded, 8)
+    block_error = np.abs(after.mean(axis=(1, 3)) - before.mean(axis=(1, 3)))
+    assert block_error.mean() < 1.5 and block_error.max() < 2 * JPEG_TOLERANCE
+    within_before = before.var(axis=(1, 3)).mean()
+    within_after = after.var(axis=(1, 3)).mean()
+    assert within_before > 250  # the noise
+    assert within_after < 0.05 * within_before  # gone: one value per 8-um pixel
+
+
+def test_a_target_finer_than_the_image_changes_nothing(tmp_path):
+    original = _textured_image(noise=4.0)
+    slide = _image_slide(tmp_path, original)
+    degraded = _pixels(degrade_slide_image(slide, ImageDegradation(pixel_size_um=0.5), 0, tmp_path))
+    np.testing.assert_array_equal(degraded, _jpeg_round_trip(original))
+
+
+def test_blur_lowers_the_pixel_variance_and_keeps_the_mean(tmp_path):
+    original = _textured_image()
+    slide = _image_slide(tmp_path, original)
+    blurred = _pixels(degrade_slide_image(slide, ImageDegradation(blur_sigma_um=3.0), 0, tmp_path))
+    noise_before = np.diff(original.astype(np.float64), axis=1).var()
+    noise_after = np.diff(blurred, axis=1).var()
+    assert noise_after < 0.1 * noise_before
+    assert blurred.var() < original.var()
+    np.testing.assert_allclose(blurred.mean(axis=(0, 1)), original.mean(axis=(0, 1)), atol=1.0)
+
+
+def test_no_change_requested_gives_the_same_pixels_up_to_jpeg(tmp_path):
+    original = _textured_image(noise=4.0)
+    slide = _image_slide(tmp_path, original)
+    same = _pixels(degrade_slide_image(slide, ImageDegradation(), 0, tmp_path))
+    np.testing.assert_array_equal(same, _jpeg_round_trip(original))  # exactly the JPEG's error
+    assert np.abs(same - original).mean() < 2.0
+    identity = np.tile(np.arange(256), (3, 1))
+    np.testing.assert_array_equal(stain_lookup_tables(0.0, 0, 3), identity)
+
+
+def test_stain_variation_differs_between_sections_and_is_reproducible(tmp_path):
+    original = _textured_image()
+    slide = _image_slide(tmp_path, original)
+    stain = ImageDegradation(stain_variation=0.15, seed=7)
+    first = _pixels(degrade_slide_image(slide, stain, 0, tmp_path / "a"))
+    second = _pixels(degrade_slide_image(slide, stain, 1, tmp_path / "a"))
+    again = _pixels(degrade_slide_image(slide, stain, 0, tmp_path / "b"))
+    other_seed = ImageDegradation(stain_variation=0.15, seed=8)
+    other = _pixels(degrade_slide_image(slide, other_seed, 0, tmp_path / "c"))
+    np.testing.assert_array_equal(first, again)
+    mean_colour = first.mean(axis=(0, 1))
+    assert np.abs(mean_colour - second.mean(axis=(0, 1))).max() > 2 * JPEG_TOLERANCE
+    assert np.abs(mean_colour - other.mean(axis=(0, 1))).max() > 2 * JPEG_TOLERANCE
+    tables = stain_lookup_tables(0.15, 7, 0)
+    assert (tables[:, 255] == 255).all()  # no stain stays white
+    assert all(np.all(np.diff(row.astype(int)) >= 0) for row in tables)  # order of intensities kept
+
+
+def test_the_degraded_slide_points_to_a_new_file_and_the_original_is_untouched(tmp_path):
+    slide = _image_slide(tmp_path, _textured_image())
+    source = slide.uns["stinfer"]["image_path"]
+    source_bytes = Path(source).read_bytes()
+    out_dir = tmp_path / "degraded"
+    degraded = degrade_slide_image(slide, ImageDegradation(blur_sigma_um=2.0), 0, out_dir)
+    path = degraded.uns["stinfer"]["image_path"]
+    assert path != source and os.path.dirname(path) == str(out_dir.resolve())
+    assert os.path.basename(path).startswith("S1-") and path.endswith(".jpg")
+    assert slide.uns["stinfer"]["image_path"] == source  # the input is not modified
+    assert Path(source).read_bytes() == source_bytes
+    for key in ("sample_id", "image_scale", "pixel_size_um"):
+        assert degraded.uns["stinfer"][key] == slide.uns["stinfer"][key]
+    np.testing.assert_array_equal(degraded.obsm["spatial"], slide.obsm["spatial"])
+    mtime = os.stat(path).st_mtime_ns
+    again = degrade_slide_image(slide, ImageDegradation(blur_sigma_um=2.0), 0, out_dir)
+    assert again.uns["stinfer"]["image_path"] == path
+    assert os.stat(path).st_mtime_ns == mtime  # reused, not rewritten
+    other = degrade_slide_image(slide, ImageDegradation(blur_sigma_um=3.0), 0, out_dir)
+    assert other.uns["stinfer"]["image_path"] != path
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted(  # no temporary files left
+        os.path.basename(s.uns["stinfer"]["image_path"]) for s in (degraded, other)
+    )
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"pixel_size_um": 0}, "pixel_size_um"),
+        ({"pixel_size_um": -3.0}, "pixel_size_um"),
+        ({"blur_sigma_um": -1.0}, "blur_sigma_um"),
+        ({"blur_sigma_um": "8"}, "blur_sigma_um"),
+        ({"stain_variation": -0.1}, "stain_variation"),
+        ({"stain_variation": float("nan")}, "stain_variation"),
+        ({"seed": 1.5}, "seed"),
+    ],
+)
+def test_a_bad_degradation_value_is_refused_naming_the_field(fields, named):
+    with pytest.raises(InputError, match=f"image_degradation.{named}"):
+        ImageDegradation(**fields)
+
+
+def test_an_unknown_pixel_size_is_refused_naming_the_slide(tmp_path):
+    slide = _image_slide(tmp_path, _textured_image(), pixel_size_um=None)
+    with pytest.raises(InputError, match=r"slide 'S1'.*pixel size is unknown"):
+        degrade_slide_image(slide, ImageDegradation(pixel_size_um=12.7), 0, tmp_path)
+    stained = degrade_slide_image(slide, ImageDegradation(stain_variation=0.1), 0, tmp_path)
+    assert stained.uns["stinfer"]["image_path"].endswith(".jpg")  # stain needs no microns

@@ -115,6 +115,9 @@ def test_prediction_says_how_much_each_spot_trusted_each_expert(trained, section
     # recomputed from each expert's own posterior variance (single-modality predictions)
     var_img = trained.predict(section, mode="image").obsm["stevs_posterior_var"].astype(float)
     var_xy = trained.predict(section, mode="spatial").obsm["stevs_posterior_var"].astype(float)
+    # the fusion calibration divides each expert's precision by exp(-offset)
+    offset_img, offset_xy = trained.module.fusion.log_precision_offset.double().numpy()
+    var_img, var_xy = var_img * np.exp(-offset_img), var_xy * np.exp(-offset_xy)
     np.testing.assert_allclose(image, (var_xy / (var_img + var_xy)).mean(1), rtol=1e-4)
     spatial = trained.predict(section, mode="spatial")
     assert (spatial.obs["stevs_image_expert_weight"] == 0).all()
@@ -150,6 +153,67 @@ def test_save_then_load_gives_identical_predictions(trained, sections, tmp_path)
         trained.save(tmp_path / "run")
     with pytest.raises(InputError, match="not a saved STEvs model"):
         STEvs.load(tmp_path)
+
+
+def test_the_fusion_calibration_is_fitted_on_validation_spots_and_saved(trained, tmp_path):
+    """``fast`` chooses the PoE shift on the validation spots: never worse there than the
+    uncalibrated product, only ever lowering an expert's precision, saved with the weights."""
+    calibration = trained.fusion_calibration
+    assert calibration["validation_nll"] <= calibration["validation_nll_uncalibrated"]
+    assert calibration["validation_spots"] == round(0.1 * trained.train_slides[0].n_obs)
+    offsets = trained.module.fusion.log_precision_offset
+    assert (offsets <= 0).all() and float(offsets[0] - offsets[1]) == calibration["shift"]
+    restored = STEvs.load(trained.save(tmp_path / "run"))
+    torch.testing.assert_close(restored.module.fusion.log_precision_offset, offsets)
+
+
+def permuted_rows(array: np.ndarray, seed: int) -> np.ndarray:
+    return np.asarray(array)[np.random.default_rng(seed).permutation(len(array))]
+
+
+def scores_by_mode(model: STEvs, tests, patches) -> dict[str, float]:
+    return {
+        mode: float(
+            np.mean(
+                [
+                    median_pcc(model.predict(s, mode=mode, patches=p), s)
+                    for s, p in zip(tests, patches, strict=True)
+                ]
+            )
+        )
+        for mode in ("fused", "image", "spatial")
+    }
+
+
+def test_fused_follows_the_spatial_expert_when_the_image_carries_no_signal(sections):
+    """Patches shuffled between the spots of every section: texture independent of
+    expression. The image expert can still memorise the training spots, which is what made
+    the uncalibrated product trust it; the calibrated fusion stays with the coordinates."""
+    spec = quick_fast_config().training.patch
+    patches = [permuted_rows(spot_patches(s, spec), seed) for seed, s in enumerate(sections)]
+    model = STEvs([sections[0]], list(sections[0].var_names), quick_fast_config())
+    model.train(patches=patches[:1])
+    scores = scores_by_mode(model, sections[1:], patches[1:])
+    assert scores["fused"] >= scores["spatial"] - 0.02, scores
+    assert scores["image"] < 0.1 < scores["spatial"], scores  # the scenario is what it says
+
+
+def test_fused_follows_the_image_expert_when_the_coordinates_carry_no_signal(sections):
+    """Spot coordinates shuffled within every section (each spot keeps its own patch): the
+    coordinate expert can only memorise the training spots; the calibrated fusion stays with
+    the image."""
+    spec = quick_fast_config().training.patch
+    patches = [spot_patches(s, spec) for s in sections]
+    shuffled = []
+    for seed, section in enumerate(sections):
+        section = section.copy()
+        section.obsm["spatial"] = permuted_rows(section.obsm["spatial"], seed)
+        shuffled.append(section)
+    model = STEvs([shuffled[0]], list(sections[0].var_names), quick_fast_config())
+    model.train(patches=patches[:1])
+    scores = scores_by_mode(model, shuffled[1:], patches[1:])
+    assert scores["fused"] >= scores["image"] - 0.02, scores
+    assert scores["spatial"] < 0.1 < scores["image"], scores  # the scenario is what it says
 
 
 def test_missing_genes_are_reported_by_name(sections):

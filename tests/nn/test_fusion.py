@@ -12,9 +12,12 @@ from stinfer.errors import InputError
 from stinfer.nn.encoders import ModalityPosterior
 from stinfer.nn.fusion import (
     FUSIONS,
+    PoEFusion,
     build_fusion,
+    calibration_offsets,
     fuse_mean,
     fuse_poe,
+    image_expert_weight,
     product_of_experts,
     reparameterize,
 )
@@ -132,6 +135,34 @@ def test_poe_fusion_module_equals_fuse_poe():
     mu, logvar = build_fusion("poe", 12)(image, spatial)
     expected = fuse_poe(image.mu, image.logvar, spatial.mu, spatial.logvar)
     torch.testing.assert_close((mu, logvar), expected)
+
+
+def test_poe_log_precision_offset_rescales_each_experts_precision():
+    """An offset of -log 3 on the image expert divides its precision by 3: with equal expert
+    variances the image then takes 1/4 of the fused mean, and the fused variance is
+    1 / (1/3 + 1) of one expert's."""
+    image, spatial = _posteriors()
+    fusion = PoEFusion()
+    torch.testing.assert_close(
+        fusion(image, spatial), fuse_poe(image.mu, image.logvar, spatial.mu, spatial.logvar)
+    )
+    spatial = ModalityPosterior(spatial.features, spatial.mu, image.logvar.clone())
+    fusion.log_precision_offset.copy_(torch.tensor([-math.log(3.0), 0.0]))
+    mu, logvar = fusion(image, spatial)
+    torch.testing.assert_close(mu, 0.25 * image.mu + 0.75 * spatial.mu)
+    torch.testing.assert_close(logvar, image.logvar - math.log(4.0 / 3.0))
+    weights = image_expert_weight(*fusion.expert_logvars(image.logvar, spatial.logvar))
+    torch.testing.assert_close(weights, torch.full_like(weights, 0.25))
+    assert "log_precision_offset" in fusion.state_dict()  # saved with the model
+
+
+def test_calibration_offsets_only_ever_make_the_over_trusted_expert_less_precise():
+    assert calibration_offsets(0.0) == (0.0, 0.0)
+    assert calibration_offsets(-2.5) == (-2.5, 0.0)  # trust the image less
+    assert calibration_offsets(4.0) == (0.0, -4.0)  # trust the coordinates less
+    for shift in (-3.0, -0.5, 0.5, 3.0):
+        offset_img, offset_xy = calibration_offsets(shift)
+        assert offset_img <= 0 and offset_xy <= 0 and offset_img - offset_xy == shift
 
 
 def test_unknown_fusion_is_an_input_error():

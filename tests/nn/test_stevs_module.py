@@ -464,3 +464,23 @@ def test_subset_loss_adds_each_experts_expression_elbo_and_needs_both_experts():
     torch.testing.assert_close(total, expected)
     image_only = module(patches, coords, mode="image")
     assert float(module.subset_loss(image_only, counts)) == 0.0
+
+
+def test_fusion_shift_nll_scores_the_decoded_fused_mean_and_reaches_each_expert():
+    """Shift 0 scores the PoE as trained; a very negative shift leaves the coordinate
+    expert alone and a very positive one the image expert, each decoded at its mean."""
+    module = STEvsModule(GENES, tiny_config(expression_scale="profile")).eval()
+    patches, coords, counts = batch(n=6)
+    outputs = module(patches, coords, sample=False, decode_image=False)
+    scores = module.fusion_shift_nll(outputs, counts, [-40.0, 0.0, 40.0])
+
+    def nll(mu):
+        decoded = module.gene_decoder(mu)
+        likelihood = NegativeBinomial(decoded["nb_mean"], decoded["nb_theta"])
+        return -likelihood.log_prob(counts).sum(-1).mean()
+
+    torch.testing.assert_close(scores[0], nll(outputs["mu_xy"]))
+    torch.testing.assert_close(scores[1], nll(outputs["mu"]))
+    torch.testing.assert_close(scores[2], nll(outputs["mu_img"]))
+    with pytest.raises(InputError, match="Product-of-Experts"):
+        STEvsModule(GENES, tiny_config(fusion="concat")).fusion_shift_nll(outputs, counts, [0.0])

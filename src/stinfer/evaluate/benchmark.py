@@ -17,10 +17,11 @@ Resuming. Each finished cell is written into ``<out>/cells/<cell id>/`` in one a
 (its rows, blue-shift rows, predictions and latents, then ``done.json``), so a run killed at any
 moment leaves only whole cells behind; a rerun with the same ``--out`` skips every cell whose
 folder exists and whose id matches. The id hashes everything the result depends on (cohort
-data, gene panel, model settings and inference modes, protocol, training and test slices, seed,
-patch spec, domain and blue-shift settings), so changing a model's options recomputes that
-model's cells only. Cell order: closed-form baselines first, then the networks. ``results.csv``, ``robustness.csv``, ``summary.md`` and the
-figures are rebuilt from the cells at the end of every run (and the CSVs after every cell).
+data and image degradation, gene panel, model settings and inference modes, protocol, training
+and test slices, seed, patch spec, domain and blue-shift settings), so changing a model's
+options recomputes that model's cells only. Cell order: closed-form baselines first, then the
+networks. ``results.csv``, ``robustness.csv``, ``summary.md`` and the figures are rebuilt from
+the cells at the end of every run (and the CSVs after every cell).
 """
 
 from __future__ import annotations
@@ -53,7 +54,13 @@ from stinfer.evaluate.protocols import (
     slide_id,
     strip_counts,
 )
-from stinfer.evaluate.robustness import BLUE_SHIFT_ALPHAS, blue_shift_sweep, model_patch_spec
+from stinfer.evaluate.robustness import (
+    BLUE_SHIFT_ALPHAS,
+    ImageDegradation,
+    blue_shift_sweep,
+    degrade_slide_image,
+    model_patch_spec,
+)
 
 logger = logging.getLogger("stinfer")
 
@@ -98,6 +105,10 @@ class CohortSpec:
     ``"synthetic"`` (``synthetic`` holds :class:`~stinfer.data.synthetic.SyntheticConfig`
     fields). Relative paths are taken under ``root``, which may be ``${data_root}`` (given on
     the command line with ``--data-root``).
+
+    ``image_degradation`` (YAML: a mapping of
+    :class:`~stinfer.evaluate.robustness.ImageDegradation` fields) degrades every slide's H&E
+    image before any model reads it: lower resolution, blur, stain varying between sections.
     """
 
     name: str
@@ -107,6 +118,7 @@ class CohortSpec:
     synthetic: dict[str, Any] = field(default_factory=dict)
     patient_ids: dict[str, str] | None = None  # slide id -> patient (leave-one-patient-out)
     genes: GeneSpec = field(default_factory=GeneSpec)
+    image_degradation: ImageDegradation | None = None  # issue 14: low-res, blurred, stained
 
 
 @dataclass
@@ -302,6 +314,15 @@ def parse_config(
         entry["genes"] = _dataclass_from(
             GeneSpec, entry.get("genes"), f"{source}: cohorts[{index}].genes"
         )
+        if entry.get("image_degradation") is not None:
+            where = f"{source}: cohorts[{index}].image_degradation"
+            if not isinstance(entry["image_degradation"], Mapping):
+                raise InputError(
+                    f"{where}: expected a mapping of fields, e.g. {{blur_sigma_um: 8}}."
+                )
+            entry["image_degradation"] = _dataclass_from(
+                ImageDegradation, entry["image_degradation"], where
+            )
         cohort = _dataclass_from(CohortSpec, entry, f"{source}: cohorts[{index}]")
         if cohort.format not in COHORT_FORMATS:
             raise InputError(
@@ -370,6 +391,8 @@ def load_config(path: str | os.PathLike, data_root: str | os.PathLike | None = N
             root: ${data_root}        # --data-root on the command line
             slides: [{sample_id: C2, counts: counts/C2.tsv.gz, spots: ..., image: ...}, ...]
             genes: {method: svg, n_genes: 300}
+            image_degradation: {pixel_size_um: 12.7}  # optional: also blur_sigma_um,
+                                                      # stain_variation, seed
         protocols: [cross_slice, intra_slice]   # and/or leave_one_patient_out
         seeds: [0]
         models:                       # type: mean | coordinate_knn | feature_ridge | stnet | stevs
@@ -478,12 +501,31 @@ def _resolve(root: str | None, path: str) -> Path:
 def load_cohort(cohort: CohortSpec, data_dir: Path) -> list[ad.AnnData]:
     """The cohort's slides (raw counts, coordinates, image metadata), in config order.
 
-    Synthetic cohorts are generated once into ``data_dir`` and read back on later runs.
+    Synthetic cohorts are generated once into ``data_dir`` and read back on later runs. With
+    ``image_degradation``, each slide that has an image is replaced by a copy pointing to its
+    degraded image, written once into ``data_dir/<cohort>/degraded``.
     """
+    if cohort.format == "synthetic":
+        slides = _synthetic_cohort(cohort, data_dir)
+    else:
+        slides = _read_cohort_slides(cohort)
+    if cohort.patient_ids:
+        for slide in slides:
+            name = slide_id(slide)
+            if name in cohort.patient_ids:
+                slide.uns["stinfer"]["patient_id"] = str(cohort.patient_ids[name])
+    if cohort.image_degradation is not None:
+        degraded_dir = data_dir / _safe(cohort.name) / "degraded"
+        slides = [
+            _degraded(slide, cohort.image_degradation, index, degraded_dir)
+            for index, slide in enumerate(slides)
+        ]
+    return slides
+
+
+def _read_cohort_slides(cohort: CohortSpec) -> list[ad.AnnData]:
     from stinfer.io.h5ad import read_h5ad_slide
 
-    if cohort.format == "synthetic":
-        return _synthetic_cohort(cohort, data_dir)
     if not cohort.slides:
         raise InputError(f"cohort {cohort.name!r}: `slides` is empty.")
     slides = []
@@ -495,12 +537,19 @@ def load_cohort(cohort: CohortSpec, data_dir: Path) -> list[ad.AnnData]:
             slides.append(read_h5ad_slide(_resolve(cohort.root, path)))
         else:
             slides.append(_legacy_st_slide(cohort, entry))
-    if cohort.patient_ids:
-        for slide in slides:
-            name = slide_id(slide)
-            if name in cohort.patient_ids:
-                slide.uns["stinfer"]["patient_id"] = str(cohort.patient_ids[name])
     return slides
+
+
+def _degraded(
+    slide: ad.AnnData, degradation: ImageDegradation, index: int, folder: Path
+) -> ad.AnnData:
+    """The slide with its image degraded; a slide without an image is returned as it is."""
+    from stinfer.io.slide_data import slide_meta
+
+    if slide_meta(slide)["image_path"] is None:
+        logger.info("slide %s has no image: image_degradation skips it.", slide_id(slide))
+        return slide
+    return degrade_slide_image(slide, degradation, index, folder)
 
 
 def _legacy_st_slide(cohort: CohortSpec, entry: Any) -> ad.AnnData:
@@ -638,23 +687,25 @@ def make_cells(
             if model.protocols is not None and protocol not in model.protocols:
                 continue
             for (train_name, seed), group in groups.items():
-                key = _cell_key(
-                    {
-                        "data": fingerprint,
-                        "genes": genes,
-                        "model": {"type": model.type, "options": model.options},
-                        "modes": list(model.modes),
-                        "protocol": protocol,
-                        "train": train_name,
-                        "tests": [t.test_name for t in group],
-                        "seed": seed,
-                        "patch": dataclasses.asdict(config.patch),
-                        "domains": None
-                        if config.domains is None
-                        else dataclasses.asdict(config.domains),
-                        "robustness": _robustness_key(config, model, protocol),
-                    }
-                )
+                parts = {
+                    "data": fingerprint,
+                    "genes": genes,
+                    "model": {"type": model.type, "options": model.options},
+                    "modes": list(model.modes),
+                    "protocol": protocol,
+                    "train": train_name,
+                    "tests": [t.test_name for t in group],
+                    "seed": seed,
+                    "patch": dataclasses.asdict(config.patch),
+                    "domains": None
+                    if config.domains is None
+                    else dataclasses.asdict(config.domains),
+                    "robustness": _robustness_key(config, model, protocol),
+                }
+                if cohort.image_degradation is not None:
+                    # only when set, so the cells of sharp cohorts keep their earlier ids
+                    parts["image_degradation"] = dataclasses.asdict(cohort.image_degradation)
+                key = _cell_key(parts)
                 cells.append(
                     Cell(
                         cohort=cohort.name,

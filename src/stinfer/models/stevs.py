@@ -48,7 +48,7 @@ from stinfer.io.atomic import atomic_output
 from stinfer.io.slide_data import prepare_for_h5ad, slide_meta
 from stinfer.models.persistence import read_model_config, read_model_weights, write_model_files
 from stinfer.nn.encoders import SlideColourNormalizer, colour_moments
-from stinfer.nn.fusion import PoEFusion
+from stinfer.nn.fusion import PoEFusion, calibration_offsets
 from stinfer.nn.stevs import MODES, STEvsConfig, STEvsModule
 from stinfer.train import FitResult, TrainerConfig, fit
 
@@ -60,6 +60,10 @@ MODEL_FILES = ("config.json", "weights.safetensors", "genes.json")
 # Prediction holds a slide's patches in memory up to this size (a 4,000-spot Visium slide at
 # 160 px is ~0.3 GB); larger slides (Visium HD) are streamed from the image chunk by chunk.
 IN_MEMORY_PATCH_BYTES = 1 << 30
+# Candidate PoE shifts of the fusion calibration (log-precision units, see calibration_offsets):
+# from "coordinates only" to "image only" in steps of a factor e^0.5 in the precision ratio.
+FUSION_CALIBRATION_SHIFTS = tuple(float(v) for v in np.arange(-16.0, 16.25, 0.5))
+FUSION_CALIBRATIONS = ("none", "validation")
 # A streamed slide's colour moments are estimated from this many seeded random spots.
 COLOUR_SAMPLE_SPOTS = 4096
 
@@ -99,6 +103,7 @@ class STEvsTrainingConfig:
     modality_dropout: float = 0.0  # probability a batch trains one expert alone (MVAE subsets)
     observed_library: bool = False  # profile scale: NB term uses the observed library (scVI)
     subset_elbo: bool = False  # each expert alone also explains the counts (MVAE subsets)
+    fusion_calibration: str = "none"  # "validation": PoE weights chosen on the validation spots
     initialise_decoder: bool = True  # gene decoder output biases start at the training means
     cache_features: bool = True  # frozen encoder: compute backbone features once per slide
     predict_batch_size: int = 256
@@ -121,6 +126,11 @@ class STEvsTrainingConfig:
             raise InputError(f"val_fraction must be in [0, 1); got {self.val_fraction}")
         if not 0 <= self.modality_dropout <= 1:
             raise InputError(f"modality_dropout must be in [0, 1]; got {self.modality_dropout}")
+        if self.fusion_calibration not in FUSION_CALIBRATIONS:
+            raise InputError(
+                f"fusion_calibration must be one of {FUSION_CALIBRATIONS}; "
+                f"got {self.fusion_calibration!r}"
+            )
 
 
 @dataclass
@@ -196,6 +206,11 @@ def fast_preset() -> STEvsModelConfig:
     - augmentation (flips, 90-degree rotations), test-time augmentation, and modality dropout
       0.3 so the image expert alone must explain expression (the coordinates of a new section
       are not registered to the training section's);
+    - ``fusion_calibration="validation"``: after training, the PoE's relative expert
+      precision is shifted to the value that best predicts the validation spots
+      (:meth:`STEvs._calibrate_fusion`): an encoder trained from scratch can memorise the
+      training spots, so its learned variance there says little about what it knows on
+      spots it has not seen;
     - ``colour_normalization="slide"``: each slide's patches are standardised to the training
       slides' colour moments (Reinhard-style, per RGB channel), so a section stained or
       scanned differently as a whole is read like the training one;
@@ -233,6 +248,7 @@ def fast_preset() -> STEvsModelConfig:
         test_time_augmentation=True,
         modality_dropout=0.3,
         observed_library=True,
+        fusion_calibration="validation",
         trainer=TrainerConfig(max_epochs=30, monitor=None, swa_epoch_start=0.5),
     )
     return STEvsModelConfig(module=module, training=training)
@@ -497,6 +513,7 @@ class STEvs:
         )
         self.fit_result: FitResult | None = None
         self.validation_image_expert_weight: float | None = None
+        self.fusion_calibration: dict[str, float] | None = None
 
     # ----------------------------------------------------------------- data
     def _require_image(self, slide: ad.AnnData) -> None:
@@ -643,10 +660,18 @@ class STEvs:
             train_loader, val_loader = self._loaders(dataset, trainer_config.seed)
             if self.config.training.initialise_decoder:
                 self.module.gene_decoder.initialise_from_totals(*dataset.count_totals())
+            if isinstance(self.module.fusion, PoEFusion):
+                self.module.fusion.log_precision_offset.zero_()
             task = STEvsTask(self.module, self.config.training, colour_transforms=transforms)
             self.fit_result = fit(task, train_loader, val_loader, trainer_config)
             self.module.eval()
-            self.validation_image_expert_weight = self._mean_image_expert_weight(task, val_loader)
+            experts = self._validation_experts(task, val_loader)
+            if experts is not None and self.config.training.fusion_calibration == "validation":
+                self._calibrate_fusion(*experts)
+            if experts is not None:
+                self.validation_image_expert_weight = float(
+                    self.module.image_expert_weight(experts[0]).mean()
+                )
         logger.info(
             "STEvs trained in %.1f s (best epoch %s, val median PCC %s)",
             self.fit_result.train_seconds,
@@ -664,23 +689,60 @@ class STEvs:
         return self.fit_result
 
     @torch.no_grad()
-    def _mean_image_expert_weight(self, task: STEvsTask, loader: DataLoader | None) -> float | None:
-        """Mean image expert weight (:meth:`STEvsModule.image_expert_weight`) over the spots of
-        ``loader`` with the trained weights; ``None`` without validation spots or PoE."""
-        if loader is None:
+    def _validation_experts(
+        self, task: STEvsTask, loader: DataLoader | None
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor] | None:
+        """Both experts' posteriors (``mu_img``, ``logvar_img``, ``mu_xy``, ``logvar_xy``) and
+        the counts of the validation spots, with the trained weights; ``None`` without
+        validation spots or without the Product of Experts."""
+        if loader is None or not isinstance(self.module.fusion, PoEFusion):
             return None
         device = next(self.module.parameters()).device
-        weights = []
-        for inputs, coords, _, targets, slides in loader:
+        keys = ("mu_img", "logvar_img", "mu_xy", "logvar_xy")
+        parts: dict[str, list[torch.Tensor]] = {key: [] for key in keys}
+        counts = []
+        for inputs, coords, batch_counts, targets, slides in loader:
             inputs, _ = task._prepare(inputs.to(device), targets.to(device), slides, augment=False)
             outputs = self.module(
                 inputs, coords.to(device), mode="fused", sample=False, decode_image=False
             )
-            weight = self.module.image_expert_weight(outputs)
-            if weight is None:
-                return None
-            weights.append(weight.float().cpu())
-        return float(torch.cat(weights).mean()) if weights else None
+            for key in keys:
+                parts[key].append(outputs[key].float())
+            counts.append(batch_counts.to(device).float())
+        if not counts:
+            return None
+        return {key: torch.cat(values) for key, values in parts.items()}, torch.cat(counts)
+
+    def _calibrate_fusion(self, experts: dict[str, torch.Tensor], counts: torch.Tensor) -> None:
+        """Set the PoE log-precision offset that predicts the validation spots best.
+
+        The experts' variances are learned on the training spots, where a flexible image
+        encoder can memorise each spot: there its posterior is precise even when the image says
+        little about expression elsewhere, and the product then trusts it beyond what it knows.
+        On the held-out validation spots each expert shows what it knows; the shift of the
+        experts' relative precision (:data:`FUSION_CALIBRATION_SHIFTS`) with the lowest NB
+        negative log-likelihood of the fused prediction is kept (only ever making the
+        over-trusted expert less precise, :func:`~stinfer.nn.fusion.calibration_offsets`).
+        """
+        scores = self.module.fusion_shift_nll(experts, counts, FUSION_CALIBRATION_SHIFTS)
+        best = int(torch.argmin(scores))
+        shift = FUSION_CALIBRATION_SHIFTS[best]
+        offsets = torch.tensor(calibration_offsets(shift))
+        self.module.fusion.log_precision_offset.copy_(offsets)
+        self.fusion_calibration = {
+            "shift": shift,
+            "validation_nll": float(scores[best]),
+            "validation_nll_uncalibrated": float(scores[FUSION_CALIBRATION_SHIFTS.index(0.0)]),
+            "validation_spots": len(counts),
+        }
+        logger.info(
+            "STEvs fusion calibrated on %d validation spots: image log-precision shift %+.1f "
+            "(validation NB NLL %.1f, %.1f without)",
+            len(counts),
+            shift,
+            self.fusion_calibration["validation_nll"],
+            self.fusion_calibration["validation_nll_uncalibrated"],
+        )
 
     def adapt(self, target_slides: Sequence[ad.AnnData], epochs: int = 10) -> FitResult:
         """Test-time adaptation: keep training on unlabelled target slides without the RNA term.
@@ -978,7 +1040,12 @@ class STEvs:
         model.train_slides = []
         model.fit_result = None
         config.module.pretrained = None  # the saved weights replace any initial weights
+        model.validation_image_expert_weight = None
+        model.fusion_calibration = None
         model.module = STEvsModule(num_genes=len(genes), config=config.module)
-        model.module.load_state_dict(read_model_weights(directory))
+        weights = read_model_weights(directory)
+        if isinstance(model.module.fusion, PoEFusion):  # saved before the fusion calibration
+            weights.setdefault("fusion.log_precision_offset", torch.zeros(2))
+        model.module.load_state_dict(weights)
         model.module.eval()
         return model

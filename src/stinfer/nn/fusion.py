@@ -32,6 +32,7 @@ __all__ = [
     "MeanFusion",
     "PoEFusion",
     "build_fusion",
+    "calibration_offsets",
     "fuse_mean",
     "fuse_poe",
     "image_expert_weight",
@@ -151,12 +152,41 @@ def reparameterize(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 
 
 class PoEFusion(nn.Module):
-    """Product-of-Experts fusion of the two expert posteriors (STEvs Eq. 1); no parameters."""
+    """Product-of-Experts fusion of the two expert posteriors (STEvs Eq. 1); no trained parameters.
+
+    ``log_precision_offset`` ``(2,)`` (image, coordinates) is added to each expert's
+    log-precision before the product, i.e. subtracted from its log-variance: zero (the paper's
+    PoE) unless :func:`calibrate_log_precision_offset` set it from held-out spots. It is a
+    buffer, so it is saved with the weights.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("log_precision_offset", torch.zeros(2))
+
+    def expert_logvars(
+        self, logvar_img: torch.Tensor, logvar_xy: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The experts' log-variances as the product uses them (after the calibration offset)."""
+        offset = self.log_precision_offset.to(logvar_img.dtype)
+        return logvar_img - offset[0], logvar_xy - offset[1]
 
     def forward(
         self, image: ModalityPosterior, spatial: ModalityPosterior
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return fuse_poe(image.mu, image.logvar, spatial.mu, spatial.logvar)
+        logvar_img, logvar_xy = self.expert_logvars(image.logvar, spatial.logvar)
+        return fuse_poe(image.mu, logvar_img, spatial.mu, logvar_xy)
+
+
+def calibration_offsets(shift: float) -> tuple[float, float]:
+    """``(image, coordinates)`` log-precision offsets that move the PoE weights by ``shift``.
+
+    ``shift`` is added to the image expert's log-precision relative to the coordinate
+    expert's (positive: trust the image more). Only the over-trusted expert is changed, and only
+    made less precise (its variance grows), so the fused posterior never becomes more certain
+    than the trained experts say.
+    """
+    return (min(0.0, shift), min(0.0, -shift))
 
 
 class MeanFusion(nn.Module):

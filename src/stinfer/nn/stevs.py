@@ -25,6 +25,7 @@ with; each term is per spot, averaged over the batch):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
@@ -46,6 +47,8 @@ from stinfer.nn.fusion import (
     FUSIONS,
     PoEFusion,
     build_fusion,
+    calibration_offsets,
+    fuse_poe,
     image_expert_weight,
     reparameterize,
 )
@@ -470,7 +473,39 @@ class STEvsModule(nn.Module):
             return None
         if "logvar_img" not in outputs or "logvar_xy" not in outputs:
             return None
-        return image_expert_weight(outputs["logvar_img"], outputs["logvar_xy"])
+        return image_expert_weight(
+            *self.fusion.expert_logvars(outputs["logvar_img"], outputs["logvar_xy"])
+        )
+
+    @torch.no_grad()
+    def fusion_shift_nll(
+        self, outputs: dict[str, torch.Tensor], counts: torch.Tensor, shifts: Sequence[float]
+    ) -> torch.Tensor:
+        """NB negative log-likelihood of ``counts`` under the fused prediction, per PoE shift.
+
+        For each ``shift`` (:func:`~stinfer.nn.fusion.calibration_offsets`: added to the image
+        expert's log-precision relative to the coordinate expert's) the experts of ``outputs``
+        (``mu_img``, ``logvar_img``, ``mu_xy``, ``logvar_xy`` as :meth:`forward` returns them,
+        ``(N, D)``) are fused again, the fused mean is decoded as prediction decodes it (no
+        sampling, predicted library size) and scored on ``counts`` ``(N, M)``: the NLL summed
+        over genes, mean over spots (``L_rna`` of Eq. 3). Returns ``(len(shifts),)``. Call it
+        in eval mode, on spots the model was not trained on.
+        """
+        if not isinstance(self.fusion, PoEFusion):
+            raise InputError("fusion calibration needs the Product-of-Experts fusion")
+        scores = []
+        for shift in shifts:  # a handful of candidate values, each one batched decoder pass
+            offset_img, offset_xy = calibration_offsets(float(shift))
+            mu, _ = fuse_poe(
+                outputs["mu_img"],
+                outputs["logvar_img"] - offset_img,
+                outputs["mu_xy"],
+                outputs["logvar_xy"] - offset_xy,
+            )
+            decoded = self.gene_decoder(mu)
+            likelihood = NegativeBinomial(decoded["nb_mean"], decoded["nb_theta"])
+            scores.append(-likelihood.log_prob(counts).sum(-1).mean())
+        return torch.stack(scores)
 
     def expert_outputs(
         self,
