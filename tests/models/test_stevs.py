@@ -44,7 +44,10 @@ def quick_fast_config(epochs: int = EPOCHS):
 
 @pytest.fixture(scope="module")
 def trained(sections) -> STEvs:
-    model = STEvs([sections[0]], genes=list(sections[0].var_names), config=quick_fast_config())
+    """The quick ``fast`` model, with the (optional) fusion calibration switched on."""
+    config = quick_fast_config()
+    config.training.fusion_calibration = "validation"
+    model = STEvs([sections[0]], genes=list(sections[0].var_names), config=config)
     model.train()
     return model
 
@@ -156,7 +159,7 @@ def test_save_then_load_gives_identical_predictions(trained, sections, tmp_path)
 
 
 def test_the_fusion_calibration_is_fitted_on_validation_spots_and_saved(trained, tmp_path):
-    """``fast`` chooses the PoE shift on the validation spots: never worse there than the
+    """The calibration chooses the PoE shift on the validation spots: never worse there than the
     uncalibrated product, only ever lowering an expert's precision, saved with the weights."""
     calibration = trained.fusion_calibration
     assert calibration["validation_nll"] <= calibration["validation_nll_uncalibrated"]

@@ -83,6 +83,12 @@ class STEvsTrainingConfig:
     differs as a whole, and the encoder should read differences between spots, not the
     section's overall colour.
 
+    ``fusion_calibration="validation"`` shifts the PoE experts' relative precision after
+    training to what predicts the validation spots best (:meth:`STEvs._calibrate_fusion`).
+    It is off in both presets: random validation spots of the training section reward the
+    coordinate expert for interpolating between neighbours, which it cannot do on another
+    section (``benchmarks/her2st_fusion_calibration.yaml`` measures it).
+
     ``observed_library`` (``expression_scale="profile"`` only): the NB term of a training spot
     uses its observed total over the panel as library size (scVI), so the composition head
     never has to explain depth; the library head is then trained by its own term
@@ -206,11 +212,6 @@ def fast_preset() -> STEvsModelConfig:
     - augmentation (flips, 90-degree rotations), test-time augmentation, and modality dropout
       0.3 so the image expert alone must explain expression (the coordinates of a new section
       are not registered to the training section's);
-    - ``fusion_calibration="validation"``: after training, the PoE's relative expert
-      precision is shifted to the value that best predicts the validation spots
-      (:meth:`STEvs._calibrate_fusion`): an encoder trained from scratch can memorise the
-      training spots, so its learned variance there says little about what it knows on
-      spots it has not seen;
     - ``colour_normalization="slide"``: each slide's patches are standardised to the training
       slides' colour moments (Reinhard-style, per RGB channel), so a section stained or
       scanned differently as a whole is read like the training one;
@@ -248,7 +249,6 @@ def fast_preset() -> STEvsModelConfig:
         test_time_augmentation=True,
         modality_dropout=0.3,
         observed_library=True,
-        fusion_calibration="validation",
         trainer=TrainerConfig(max_epochs=30, monitor=None, swa_epoch_start=0.5),
     )
     return STEvsModelConfig(module=module, training=training)
