@@ -110,18 +110,23 @@ def test_the_example_configs_parse(tmp_path):
         "patient_c_lowres",
         "patient_c_blur",
         "patient_c_stain",
+        "patient_c_heavy",
     ]
     assert [c.image_degradation for c in degraded.cohorts] == [
         None,
         ImageDegradation(pixel_size_um=12.7),
         ImageDegradation(blur_sigma_um=8.0),
         ImageDegradation(stain_variation=0.15),
+        ImageDegradation(pixel_size_um=60.0, stain_variation=0.3),
     ]
     for cohort in degraded.cohorts:
         assert [s["sample_id"] for s in cohort.slides] == ["C2", "C3", "C4"]
         assert cohort.slides[0]["counts"] == "counts/C2.tsv.gz"
     assert degraded.protocols == ("cross_slice",) and degraded.seeds == (0, 1, 2)
     assert degraded.robustness is None
+    calibration = load_config(os.path.join(root, "her2st_fusion_calibration.yaml"), "/d/her2st")
+    calibrated = [m for m in calibration.models if m.name == "STEvs calibrated"]
+    assert calibrated[0].options["training"] == {"fusion_calibration": "validation"}
 
 
 def test_image_degradation_parses_and_names_a_bad_key_or_value():
