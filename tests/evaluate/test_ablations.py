@@ -14,6 +14,15 @@ from stinfer.evaluate.ablations import (
 from stinfer.models.stevs import fast_preset
 
 
+def test_a_variant_equal_to_the_base_is_flagged(caplog):
+    with caplog.at_level("WARNING", logger="stinfer"):
+        configs = ablation_configs(["mlp w/ fourier", "mlp"], base="fast")
+    assert configs["mlp"].module.coord_encoder == "mlp"
+    assert configs["mlp w/ fourier"].to_dict() == configs["full"].to_dict()
+    assert "'mlp w/ fourier' changes nothing" in caplog.text
+    assert "'mlp' changes" not in caplog.text
+
+
 def test_each_paper_variant_changes_only_its_own_fields():
     base = fast_preset().to_dict()
     configs = ablation_configs(list(PAPER_VARIANTS), base="fast")

@@ -22,10 +22,13 @@ overrides, nested as the config is::
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from stinfer.errors import InputError
+
+logger = logging.getLogger("stinfer")
 
 __all__ = [
     "PAPER_VARIANTS",
@@ -46,6 +49,8 @@ PAPER_VARIANTS: dict[str, dict[str, Any]] = {
     "deterministic": {"module": {"fusion": "mean"}},  # Table 3-4, fusion
     "cross-attention": {"module": {"fusion": "cross_attention"}},  # Table 3-4, fusion
     "mlp w/ fourier": {"module": {"coord_encoder": "fourier"}},  # Table 3-4, spatial encoder
+    # the paper's own MLP coordinate encoder, the ablation of the ``fast`` preset's Fourier one
+    "mlp": {"module": {"coord_encoder": "mlp"}},
     "convolutional": {"module": {"backbone": "resnet18"}},  # Table 3-4, architecture (a CNN)
     "vit": {  # Table 3-4, architecture: a ViT sized for the 160-px patch
         "module": {
@@ -165,12 +170,13 @@ def ablation_configs(
         On an unknown variant name, a misspelt config field, or two variants with one name.
     """
     common = dict(common or {})
-    configs: dict[str, Any] = {}
-    if include_base:
-        configs["full"] = stevs_variant_config(base, common)
+    base_config = stevs_variant_config(base, common)
+    configs: dict[str, Any] = {"full": base_config} if include_base else {}
     for entry in variants:
         name, overrides = variant_overrides(entry)
         if name in configs:
             raise InputError(f"two ablation variants are named {name!r}.")
         configs[name] = stevs_variant_config(base, deep_merge_loose(common, overrides))
+        if configs[name].to_dict() == base_config.to_dict():
+            logger.warning("ablation %r changes nothing in base %r: it repeats the base.", name, base)
     return configs

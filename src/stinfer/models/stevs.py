@@ -224,7 +224,17 @@ def fast_preset() -> STEvsModelConfig:
       validation split of ~20 spots of the same section chases noise (on HER2ST patient C it
       cost 0.07 cross-slice median PCC against the last epoch). The last epoch alone varied
       by up to 0.05 cross-slice median PCC between training seeds, the average by ~0.02.
-      30 epochs fit the 5-minute CPU budget with room to spare.
+      30 epochs fit the 5-minute CPU budget with room to spare;
+    - ``coord_encoder="fourier"`` (random Gaussian Fourier features, ``fourier_scale=1`` in units
+      of the tissue radius that :class:`~stinfer.nn.encoders.CoordinateNormalizer` divides by,
+      as the public STEvs code) instead of the plain MLP of Sec. 3.1: an MLP on two raw
+      numbers learns only smooth, nearly linear maps of position from a few hundred spots, so
+      the coordinate expert was weaker than a k-nearest-neighbour regression on coordinates
+      and the fusion had little to add to the image. Larger scales (more, finer frequencies)
+      memorise the training section's layout and transfer worse to a serial section;
+    - ``subset_elbo=True``: besides the fused ELBO, each expert alone also decodes the counts
+      (MVAE sub-sampled ELBOs, Wu & Goodman 2018), so each expert's Gaussian is a calibrated
+      estimate on its own, which is what the product of experts assumes when it weighs them.
     """
     module = STEvsConfig(
         backbone="stinfer_histology_cnn",
@@ -240,6 +250,8 @@ def fast_preset() -> STEvsModelConfig:
         batch_size=32,
         kl_anneal_epochs=20,
         epochs=30,
+        coord_encoder="fourier",
+        fourier_scale=1.0,
     )
     training = STEvsTrainingConfig(
         patch_normalization="fixed",
@@ -249,6 +261,7 @@ def fast_preset() -> STEvsModelConfig:
         test_time_augmentation=True,
         modality_dropout=0.3,
         observed_library=True,
+        subset_elbo=True,
         trainer=TrainerConfig(max_epochs=30, monitor=None, swa_epoch_start=0.5),
     )
     return STEvsModelConfig(module=module, training=training)
