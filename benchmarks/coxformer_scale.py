@@ -165,7 +165,7 @@ def _held_out_protocol(timer: StageTimer, slide, table, args: argparse.Namespace
     timer.spots, timer.genes = slide.n_obs, slide.n_vars
     config = coxformer_spatial_config(args.preset, progress_bar=False, accelerator="cpu")
     wall, cpu = time.perf_counter(), time.process_time()
-    result = held_out_genes_evaluation(slide, table, "location", config, 0.2, args.seed)
+    result = held_out_genes_evaluation(slide, table, "spatial", config, 0.2, args.seed)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     metrics = result["metrics"]
     for method, stage in (

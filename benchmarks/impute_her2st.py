@@ -1,13 +1,14 @@
 """Held-out genes on HER2ST sections C2, C3, C4: CoxFormer spatial model vs the baselines.
 
-For every section and modality (``location``, ``image``, ``both``) runs
+For every section and modality (``spatial``, ``image``, ``fused``; the older ``location`` and
+``both`` are accepted and written under the new names) runs
 :func:`stinfer.evaluate.held_out_genes.held_out_genes_evaluation` (seeded 80/20 split of the
 measured genes; mean profile, k-NN with k chosen by CV over the training genes, the model with
 shuffled embeddings) and writes one row per (section, modality, method) with median/mean PCC
 and SCC on log1p CP10k, log1p MSE, genes, seconds, and the machine's load average.
 
 Inputs: prepared slides (``stinfer prepare --format legacy-st ... --out DIR/C2.h5ad``, with the
-image for ``image``/``both``) and a gene embedding table, e.g. from
+image for ``image``/``fused``) and a gene embedding table, e.g. from
 ``stinfer embed-genes --corpus DIR/A1.h5ad ... DIR/D6.h5ad --preset fast --out genes.h5ad``.
 
 Example::
@@ -31,10 +32,10 @@ import pandas as pd
 from stinfer.evaluate.held_out_genes import held_out_genes_evaluation
 from stinfer.io.atomic import check_writable, write_text
 from stinfer.io.h5ad import read_h5ad_slide
+from stinfer.modalities import MODALITIES, canonical_modality
 from stinfer.models.coxformer_spatial import coxformer_spatial_config, embedding_table
 
 SECTIONS = ("C2", "C3", "C4")
-MODALITIES = ("location", "image", "both")
 
 
 def main() -> None:
@@ -72,7 +73,7 @@ def main() -> None:
     rows = []
     for section in args.sections:
         slide = read_h5ad_slide(args.slides / f"{section}.h5ad")
-        for modality in args.modalities:
+        for modality in map(canonical_modality, args.modalities):
             start = time.perf_counter()
             result = held_out_genes_evaluation(
                 slide,

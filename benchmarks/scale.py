@@ -124,7 +124,7 @@ def synthetic_visium(folder: Path, n_sections: int, n_spots: int, n_genes: int, 
 
 # --------------------------------------------------------------------------- cases
 def case_stevs_fast_visium(args, timer: StageTimer) -> None:
-    from stinfer.evaluate.metrics import evaluate_anndata
+    from stinfer.metrics import evaluate_anndata
     from stinfer.models.stevs import STEvs, fast_preset
     from stinfer.preprocess import select_genes
 
@@ -177,7 +177,7 @@ def case_stevs_paper_epoch(args, timer: StageTimer) -> None:
                 dataset, transforms = model._dataset([slide], sources, with_counts=True)
                 task = STEvsTask(model.module, config.training, colour_transforms=transforms)
                 task.log = lambda *a, **k: None
-                optimizer = model.module.configure_optimizer()
+                optimizer = task.configure_optimizers()
                 model.module.train()
                 batch_size = config.training.batch_size
                 batches = [
@@ -232,8 +232,8 @@ def case_visium_hd_predict(args, timer: StageTimer) -> None:
 
 
 def case_her2st_fast(args, timer: StageTimer) -> None:
-    from stinfer.evaluate.metrics import evaluate_anndata
     from stinfer.io import read_legacy_st
+    from stinfer.metrics import evaluate_anndata
     from stinfer.models.stevs import STEvs, fast_preset
     from stinfer.preprocess import select_genes
 

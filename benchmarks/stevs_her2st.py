@@ -9,11 +9,11 @@ the two other sections (fused and image-only), beside
 - ridges on frozen, randomly initialised encoder features (the `fast` preset's CNN and, unless
   ``--skip-swin``, the paper's Swin-T): what a frozen encoder without pretrained weights knows.
 
-Metrics are those of :mod:`stinfer.evaluate.metrics` (DESIGN.md): MSE of log1p counts, median
-PCC / SCC per gene on raw counts and after depth normalisation over the panel. The gene panel
-is the group's (:func:`stinfer.preprocess.select_genes` over the three sections: Moran's I SVGs
-in at least two sections, as DESIGN.md defines it). Training seconds and the process's peak RSS
-after each model are recorded.
+Metrics are those of :mod:`stinfer.metrics` (``docs/DESIGN.md`` "Metrics"): MSE of log1p
+counts, median PCC / SCC per gene on raw counts and after depth normalisation over the panel.
+The gene panel is the group's (:func:`stinfer.preprocess.select_genes` over the three sections:
+Moran's I SVGs in at least two sections, as ``docs/DESIGN.md`` "Genes" defines it). Training
+seconds and the process's peak RSS after each model are recorded.
 
 STEvs is trained once per ``--seeds`` value (training seed; the baselines are deterministic),
 so the summary's mean +/- sd runs over pairs and seeds.
@@ -118,8 +118,7 @@ def baseline_models(train, genes, patch_cache: str, skip_swin: bool) -> dict:
 
 def cross_slice_from(train_name: str, slides: dict, genes: list[str], args) -> list[dict]:
     """Rows of the table for one training section: every model on every other section."""
-    import stinfer.nn.backbones  # noqa: F401  (registers the fast preset's CNN with timm)
-    from stinfer.evaluate.metrics import evaluate_anndata
+    from stinfer.metrics import evaluate_anndata
     from stinfer.models.stevs import STEvs
 
     torch.set_num_threads(args.threads)

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from stinfer.modalities import canonical_modality
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gene_embedding_quality import markdown_table
 
@@ -35,6 +37,7 @@ EMBEDDING_FREE = ("mean_profile", "knn")
 def read_run(label: str, path: Path) -> pd.DataFrame:
     """The rows of one run, with ``seed`` and the method renamed by the embedding label."""
     frame = pd.read_csv(path)
+    frame["modality"] = frame["modality"].map(canonical_modality)  # older runs: location/both
     if "seed" not in frame:
         seed = json.loads(path.with_suffix(".json").read_text()).get("seed")
         if seed is None:

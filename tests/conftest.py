@@ -32,8 +32,13 @@ def visium_dir() -> Path:
 
 @pytest.fixture(scope="module")
 def one_torch_thread():
-    """Small models on a shared 2-core CPU run far faster single-threaded than oversubscribed
-    (use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``)."""
+    """Small models on a shared 2-core CPU run far faster single-threaded than oversubscribed.
+
+    The one thread-limit fixture of the suite: use it with ``pytestmark =
+    pytest.mark.usefixtures("one_torch_thread")`` for a whole module, or by name for one test
+    (module-scoped: the module's later tests stay on one thread). The previous thread count is
+    restored when the module ends.
+    """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

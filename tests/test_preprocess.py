@@ -16,7 +16,7 @@ from stinfer.preprocess import (
     align_genes,
     highly_variable_genes,
     morans_i,
-    normalize_log1p_cp10k,
+    normalise_log1p_cp10k,
     select_genes,
     spatial_weights,
     spatially_variable_genes,
@@ -54,20 +54,26 @@ def _slide(counts: np.ndarray, coords: np.ndarray, genes: list[str], sample_id: 
     return slide
 
 
-def test_normalize_log1p_cp10k_matches_formula_and_leaves_input_untouched():
+def test_normalise_log1p_cp10k_matches_formula_and_leaves_input_untouched():
     rng = np.random.default_rng(0)
     counts = rng.poisson(3, (10, 6)).astype(float)
     counts[2] = 0
     original = counts.copy()
     totals = counts.sum(axis=1, keepdims=True)
     expected = np.where(totals > 0, np.log1p(counts / np.where(totals > 0, totals, 1) * 1e4), 0)
-    np.testing.assert_allclose(normalize_log1p_cp10k(counts), expected, rtol=1e-12)
+    np.testing.assert_allclose(normalise_log1p_cp10k(counts), expected, rtol=1e-12)
     sparse = sp.csr_matrix(counts)
-    result = normalize_log1p_cp10k(sparse)
+    result = normalise_log1p_cp10k(sparse)
     assert sp.issparse(result)
     np.testing.assert_allclose(result.toarray(), expected, rtol=1e-12)
     np.testing.assert_array_equal(counts, original)
     np.testing.assert_array_equal(sparse.toarray(), original)
+
+
+def test_the_earlier_spelling_normalize_log1p_cp10k_still_works():
+    from stinfer.preprocess import normalize_log1p_cp10k
+
+    assert normalize_log1p_cp10k is normalise_log1p_cp10k
 
 
 def test_spatial_weights_are_row_standardised_knn_without_self():
@@ -84,7 +90,7 @@ def test_morans_i_equals_loop_reference_and_fdr_equals_scipy():
     counts[:, 2] += np.round(coords[:, 0] / 100)  # a spatial trend
     result = morans_i(counts, coords, n_neighbors=5, gene_names=list("abcdefg"))
     weights = spatial_weights(coords, n_neighbors=5).toarray()
-    normalised = normalize_log1p_cp10k(counts)
+    normalised = normalise_log1p_cp10k(counts)
     for gene, name in enumerate("abcdefg"):
         statistic, pval = _reference_morans_i(normalised[:, gene], weights)
         assert result.loc[name, "I"] == pytest.approx(statistic, abs=1e-10)

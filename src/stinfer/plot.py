@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from stinfer.io.atomic import atomic_output
-from stinfer.io.slide_data import slide_meta
+from stinfer.io.slide_data import slide_id, slide_meta
 from stinfer.io.slide_image import open_slide
 
 
@@ -87,7 +87,7 @@ def plot_slide_overview(
 ) -> matplotlib.figure.Figure:
     """Three panels: the H&E image, spots coloured by domain, and one gene's counts."""
     thumbnail = slide_thumbnail(slide)
-    sample = slide_meta(slide)["sample_id"]
+    sample = slide_id(slide)
     fig, axes = plt.subplots(1, 3, figsize=(13, 4.2))
     if thumbnail is not None:
         axes[0].imshow(thumbnail[0])

@@ -3,10 +3,10 @@
 Everything here takes slides in the layout of :mod:`stinfer.io.slide_data` (raw counts in
 ``X``, spot centres in ``obsm["spatial"]``) and never modifies its input.
 
-Gene selection follows STEvs D.1.4 as pinned in ``docs/DESIGN.md``: spatially variable genes
-(SVGs) by Moran's I with a Benjamini-Hochberg adjusted p-value below 0.05, called SVG in at
-least two slices of the group, restricted to genes every slice measures; highly variable
-genes (HVGs) fill the panel when too few SVGs pass.
+Gene selection follows STEvs D.1.4 as pinned in ``docs/DESIGN.md`` "Genes": spatially
+variable genes (SVGs) by Moran's I with a Benjamini-Hochberg adjusted p-value below 0.05,
+called SVG in at least two slices of the group, restricted to genes every slice measures;
+highly variable genes (HVGs) fill the panel when too few SVGs pass.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from scipy import stats
 from sklearn.neighbors import NearestNeighbors
 
 from stinfer.errors import InputError
+from stinfer.io.slide_data import as_dense, slide_id
 
 logger = logging.getLogger("stinfer")
 
@@ -35,6 +36,7 @@ __all__ = [
     "align_genes",
     "highly_variable_genes",
     "morans_i",
+    "normalise_log1p_cp10k",
     "normalize_log1p_cp10k",
     "select_genes",
     "spatial_weights",
@@ -43,7 +45,7 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------- normalisation
-def normalize_log1p_cp10k(
+def normalise_log1p_cp10k(
     counts: np.ndarray | sp.spmatrix,
     target_sum: float = CP10K_TARGET_SUM,
     spot_totals: np.ndarray | None = None,
@@ -94,6 +96,10 @@ def normalize_log1p_cp10k(
     matrix *= scale[:, None].astype(dtype)
     np.log1p(matrix, out=matrix)
     return matrix
+
+
+normalize_log1p_cp10k = normalise_log1p_cp10k
+"""The earlier, American spelling of :func:`normalise_log1p_cp10k`, kept for existing code."""
 
 
 def _spot_totals(matrix: np.ndarray | sp.csr_matrix, spot_totals: np.ndarray | None) -> np.ndarray:
@@ -227,7 +233,7 @@ def morans_i(
     gene_names
         Names of the matrix columns when ``data`` is a matrix (default ``"0"``, ``"1"``, ...).
     normalise
-        Apply :func:`normalize_log1p_cp10k` first (set False for already normalised data).
+        Apply :func:`normalise_log1p_cp10k` first (set False for already normalised data).
 
     Returns
     -------
@@ -247,7 +253,7 @@ def morans_i(
     else:
         position = np.arange(len(names))
     if normalise:
-        matrix = normalize_log1p_cp10k(matrix)
+        matrix = normalise_log1p_cp10k(matrix)
     weights = spatial_weights(coords, n_neighbors=n_neighbors, radius=radius)
     if matrix.shape[0] != weights.shape[0]:
         raise InputError(
@@ -302,7 +308,7 @@ def _morans_i_columns(
     for start in range(0, len(position), _GENE_CHUNK):
         columns = position[start : start + _GENE_CHUNK]
         block = matrix[:, columns]
-        block = block.toarray() if sp.issparse(block) else block
+        block = as_dense(block)
         centred = np.asarray(block, dtype=np.float64) - block.mean(axis=0, dtype=np.float64)
         numerator = np.einsum("ij,ij->j", centred, weights @ centred)
         denominator = np.einsum("ij,ij->j", centred, centred)
@@ -334,10 +340,8 @@ def _moran_pvalues(
 
 # --------------------------------------------------------------------------- gene selection
 def _slide_name(slide: ad.AnnData, index: int) -> str:
-    meta = slide.uns.get("stinfer") if hasattr(slide, "uns") else None
-    if isinstance(meta, dict) and meta.get("sample_id"):
-        return str(meta["sample_id"])
-    return f"slide {index}"
+    """The slide's id, or its position in the list for an AnnData without one."""
+    return slide_id(slide, default=f"slide {index}")
 
 
 def _check_slides(slides: Sequence[ad.AnnData]) -> list[ad.AnnData]:
@@ -468,7 +472,7 @@ def highly_variable_genes(slides: Sequence[ad.AnnData], genes: Sequence[str]) ->
     slides = _check_slides(slides)
     genes = list(genes)
     blocks = [
-        normalize_log1p_cp10k(sp.csr_matrix(slide.X))[:, slide.var_names.get_indexer(genes)]
+        normalise_log1p_cp10k(sp.csr_matrix(slide.X))[:, slide.var_names.get_indexer(genes)]
         for slide in slides
     ]
     stacked = ad.AnnData(X=sp.vstack(blocks).tocsr(), var=pd.DataFrame(index=pd.Index(genes)))

@@ -47,7 +47,7 @@ class TrainerConfig:
     # are the mean of the weights at the end of epochs int(f * max_epochs) - 1 to max_epochs - 1
     # (1-based), BatchNorm statistics recomputed with one extra pass over the training data.
     swa_epoch_start: float | None = None
-    swa_lr: float | None = None  # learning rate during averaging (None: the optimizer's)
+    swa_lr: float | None = None  # learning rate during averaging (None: the optimiser's)
 
 
 @dataclass

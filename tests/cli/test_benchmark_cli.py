@@ -59,6 +59,23 @@ def test_benchmark_writes_results_summary_and_figures_then_resumes(tmp_path, con
     assert second.count("done earlier, skipped") == 4 and "0 computed, 4 reused" in second
 
 
+def test_publish_copies_the_tables_and_keeps_a_users_file(tmp_path, config_path, capsys):
+    out, docs = tmp_path / "results", tmp_path / "docs"
+    args = ["benchmark", "--config", str(config_path), "--out", str(out), "--no-figures"]
+    assert main([*args, "--publish", str(docs)]) == 0
+    published = docs / "cli_tiny"
+    assert (published / "summary.md").read_text() == (out / "summary.md").read_text()
+    assert (published / "results.csv").read_bytes() == (out / "results.csv").read_bytes()
+    assert "--publish" in (published / "summary.md").read_text()  # the reproduce line says so
+    assert main([*args, "--publish", str(docs)]) == 0  # its own earlier output is replaced
+
+    (published / "summary.md").write_text("my notes\n")
+    capsys.readouterr()
+    assert main([*args, "--publish", str(docs)]) == 2
+    assert "not written by `stinfer benchmark`" in capsys.readouterr().err
+    assert (published / "summary.md").read_text() == "my notes\n"
+
+
 def test_user_errors_exit_2_with_one_line_and_no_traceback(tmp_path, capsys):
     needs_root = tmp_path / "root.yaml"
     needs_root.write_text(

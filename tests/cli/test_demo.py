@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import pandas as pd
-import torch
+import pytest
 
 from stinfer.cli import main
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_demo_trains_predicts_prints_metrics_beside_the_baseline_and_draws_figures(
     tmp_path, capsys
 ):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        out = tmp_path / "demo"
-        command = f"demo --out {out} --spots 120 --epochs 2 --no-progress"
-        assert main(command.split()) == 0
-    finally:
-        torch.set_num_threads(threads)
+    out = tmp_path / "demo"
+    command = f"demo --out {out} --spots 120 --epochs 2 --no-progress"
+    assert main(command.split()) == 0
     printed = capsys.readouterr().out
     assert "pcc_median" in printed and "STEvs" in printed and "mean" in printed
     for name in ("overview.png", "spatial_maps.png", "latent_umap.png", "metrics.csv"):

@@ -11,6 +11,7 @@ import pytest
 
 from stinfer import cli
 from stinfer.coexpression.synthetic import planted_module_corpus
+from stinfer.evaluate.gene_level import gene_level_auc, read_gene_labels
 
 COMMANDS = ("embed_genes", "gene_eval")
 
@@ -77,7 +78,14 @@ def test_embed_genes_then_gene_eval_as_documented(stinfer, corpora, capsys, monk
     assert status == 0
     result = json.loads((folder / "auc.json").read_text())
     assert result["n_genes"] == 60 and result["n_positive"] == 20
-    assert 0.0 <= result["lr"]["auc_mean"] <= 1.0 and len(result["svm"]["auc_folds"]) == 5
+    # the command reports the API's AUCs of the table it wrote, fold by fold (same seed)
+    expected = gene_level_auc(genes, read_gene_labels(folder / "labels.csv"), seed=0)
+    for classifier in ("lr", "svm"):
+        assert len(result[classifier]["auc_folds"]) == 5
+        np.testing.assert_allclose(
+            result[classifier]["auc_folds"], expected[classifier]["auc_folds"], rtol=1e-6
+        )
+        assert result[classifier]["auc_mean"] == pytest.approx(expected[classifier]["auc_mean"])
 
     # both commands refuse to overwrite without --overwrite, and leave the outputs untouched
     before = (folder / "auc.json").read_bytes()
@@ -119,7 +127,7 @@ def test_embed_genes_writes_tables_and_saves_the_model(stinfer, corpora, capsys)
     assert status == 0, capsys.readouterr().err
     table = pd.read_parquet(folder / "genes.parquet")
     assert table.shape == (60, 513) and table.columns[0] == "gene"
-    assert (folder / "model" / "autoencoder.pt").is_file()
+    assert (folder / "model" / "weights.safetensors").is_file()
 
 
 def test_user_errors_exit_2_with_one_line(stinfer, corpora, capsys):

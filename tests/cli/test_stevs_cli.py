@@ -11,9 +11,9 @@ import pytest
 
 from stinfer.cli import main
 from stinfer.data.synthetic import SyntheticConfig, make_synthetic_sections
-from stinfer.evaluate.metrics import evaluate_anndata
 from stinfer.io.atomic import write_h5ad
 from stinfer.io.slide_data import prepare_for_h5ad
+from stinfer.metrics import evaluate_anndata
 
 ISSUE_KEYS = {
     "mse",
@@ -62,10 +62,11 @@ def run_folder(slide_files, tmp_path_factory) -> Path:
 
 def test_train_writes_a_loadable_run_with_its_history(run_folder):
     names = {p.name for p in run_folder.iterdir()}
-    assert {"config.json", "weights.safetensors", "genes.json", "train_history.json"} <= names
+    assert {"config.json", "weights.safetensors", "train_history.json"} <= names
     history = json.loads((run_folder / "train_history.json").read_text())
     assert len(history["history"]) == 2 and history["train_seconds"] > 0
-    assert len(json.loads((run_folder / "genes.json").read_text())) == 20
+    saved = json.loads((run_folder / "config.json").read_text())
+    assert saved["model_type"] == "stevs" and len(saved["state"]["genes"]) == 20
 
 
 def test_train_predict_evaluate_round_trip_gives_the_issue_keys(run_folder, slide_files, tmp_path):
@@ -104,12 +105,12 @@ def test_user_errors_exit_2_with_one_line_and_no_traceback(slide_files, tmp_path
     status = stinfer(f"train --train {slide_files[0]} --genes {genes} --out {tmp_path / 'run'}")
     assert status == 2
     err = capsys.readouterr().err
-    assert "absent" in err and "Traceback" not in err
+    assert "lacks" in err and "Traceback" not in err
     assert (
         stinfer(f"predict --run {tmp_path} --slide {slide_files[1]} --out {tmp_path / 'p.h5ad'}")
         == 2
     )
-    assert "not a saved STEvs model" in capsys.readouterr().err
+    assert "not a saved model; missing config.json" in capsys.readouterr().err
 
 
 def test_visium_hd_prepare_train_predict_streams_every_bin_to_the_output(tmp_path, monkeypatch):

@@ -13,11 +13,11 @@ from stinfer.data.features import (
     backbone_features,
     backbone_input,
     color_statistics,
-    create_backbone,
     handcrafted_features,
     rgb_to_hed,
 )
 from stinfer.errors import InputError
+from stinfer.nn.encoders import create_backbone
 
 TINY_BACKBONE = "resnet10t"  # smallest timm ResNet: keeps these tests at a few seconds on CPU
 
@@ -25,15 +25,6 @@ TINY_BACKBONE = "resnet10t"  # smallest timm ResNet: keeps these tests at a few 
 @pytest.fixture
 def patches() -> np.ndarray:
     return np.random.default_rng(0).integers(0, 256, (7, 3, 12, 10), dtype=np.uint8)
-
-
-@pytest.fixture
-def one_thread():
-    """Run torch on one thread: the CI machines are shared, and threads thrash under load."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def test_color_statistics_equal_numpy_channel_mean_and_sd(patches):
@@ -111,7 +102,7 @@ def test_backbone_input_scales_by_the_data_config_and_resizes_only_when_asked():
     assert backbone_input(patches, (0.5,) * 3, (0.25,) * 3, size=(16, 16)).shape == (2, 3, 16, 16)
 
 
-def test_backbone_features_are_batch_independent_and_frozen(patches, one_thread):
+def test_backbone_features_are_batch_independent_and_frozen(patches, one_torch_thread):
     torch.manual_seed(0)
     model = create_backbone(TINY_BACKBONE)
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -124,7 +115,7 @@ def test_backbone_features_are_batch_independent_and_frozen(patches, one_thread)
         torch.testing.assert_close(value, state[name])  # BatchNorm statistics untouched (eval)
 
 
-def test_backbone_features_load_a_local_weights_file(tmp_path, patches, one_thread):
+def test_backbone_features_load_a_local_weights_file(tmp_path, patches, one_torch_thread):
     from safetensors.torch import save_file
 
     torch.manual_seed(1)

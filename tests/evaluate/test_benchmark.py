@@ -12,7 +12,8 @@ import pytest
 from stinfer.data.synthetic import SyntheticConfig, make_synthetic_sections
 from stinfer.errors import InputError
 from stinfer.evaluate import benchmark as bench
-from stinfer.evaluate.benchmark import CELLS_DIR, parse_config, run_benchmark
+from stinfer.evaluate.benchmark import parse_config, run_benchmark
+from stinfer.evaluate.benchmark_layout import CELLS_DIR
 from stinfer.evaluate.robustness import ImageDegradation
 from stinfer.io.atomic import write_h5ad
 from stinfer.io.slide_data import prepare_for_h5ad
@@ -263,14 +264,14 @@ def test_a_killed_run_resumes_without_recomputing_finished_cells(tmp_path, monke
     out = tmp_path / "results"
     trained: list[tuple[str, ...]] = []
 
-    def counting_mean(slides, genes, seed, options, patches):
+    def counting_mean(kind, slides, genes, seed, options, patches):
         names = (*(s.uns["stinfer"]["sample_id"] for s in slides), str(len(slides[0])))
         if len(trained) == 4 and os.environ.get("STINFER_TEST_KILL") == "1":
             raise _Interrupt("killed")  # dies mid-cell, after 4 finished cells
         trained.append(names)
         return MeanExpression(slides, genes)
 
-    monkeypatch.setitem(bench.MODEL_BUILDERS, "mean", counting_mean)
+    monkeypatch.setattr(bench, "build_model", counting_mean)
     config = parse_config(_raw(models=[{"name": "Mean", "type": "mean"}]))
     monkeypatch.setenv("STINFER_TEST_KILL", "1")
     with pytest.raises(_Interrupt):

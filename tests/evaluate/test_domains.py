@@ -10,7 +10,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from stinfer.errors import InputError
 from stinfer.evaluate.domains import domain_labels, domain_recovery
-from stinfer.evaluate.metrics import cluster_domains
+from stinfer.metrics import cluster_domains
 
 
 def _slide(n_per_domain: int = 40, n_genes: int = 12, seed: int = 0) -> ad.AnnData:

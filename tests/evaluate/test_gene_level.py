@@ -131,12 +131,12 @@ def _module_corpus(seed: int):
 
 
 def test_coexpressed_pairs_are_the_top_correlations_of_the_corpus():
-    from stinfer.preprocess import normalize_log1p_cp10k
+    from stinfer.preprocess import normalise_log1p_cp10k
 
     corpus, module = _module_corpus(seed=1)
     genes = list(corpus.var_names)
     top, random = coexpressed_pairs(corpus, genes, n_pairs=30, seed=0)
-    dense = np.asarray(normalize_log1p_cp10k(corpus.X).toarray(), dtype=np.float64)
+    dense = np.asarray(normalise_log1p_cp10k(corpus.X).toarray(), dtype=np.float64)
     reference = np.corrcoef(dense, rowvar=False)
     upper = np.sort(reference[np.triu_indices(len(genes), k=1)])[::-1][:30]
     np.testing.assert_allclose(top["correlation"], upper, atol=1e-5)

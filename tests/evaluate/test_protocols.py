@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -11,7 +13,6 @@ import scipy.sparse as sp
 from stinfer.data.patches import PatchSpec
 from stinfer.data.synthetic import SyntheticConfig, make_synthetic_sections
 from stinfer.errors import InputError
-from stinfer.evaluate.metrics import ExpressionMetrics
 from stinfer.evaluate.protocols import (
     SPLIT_KEY,
     aggregate,
@@ -21,6 +22,7 @@ from stinfer.evaluate.protocols import (
     run_protocol,
     strip_counts,
 )
+from stinfer.metrics import ExpressionMetrics
 from stinfer.models.baselines import (
     CoordinateKNN,
     MeanExpression,
@@ -164,19 +166,53 @@ def test_cross_slice_predictions_do_not_change_when_the_test_slide_counts_are_po
 
 def test_run_protocol_cross_slice_rows_and_aggregate(sections):
     genes = list(sections[0].var_names)
+    start = time.perf_counter()
     df = run_protocol(FACTORIES["knn"], sections, genes, "cross_slice", seeds=(0, 1))
+    elapsed = time.perf_counter() - start
     assert len(df) == 3 * 2 * 2
     assert set(df["model"]) == {"CoordinateKNN"}
     assert not (df["train_slice"] == df["test_slice"]).any()
     metric_columns = set(ExpressionMetrics.__dataclass_fields__) - {"per_gene"}
     assert metric_columns <= set(df.columns)
-    assert (df["train_seconds"] >= 0).all() and (df["predict_seconds"] > 0).all()
+    # each run's own clock readings: positive, and together within the wall time of the call
+    assert (df["train_seconds"] > 0).all() and (df["predict_seconds"] > 0).all()
+    assert df["train_seconds"].sum() + df["predict_seconds"].sum() <= elapsed
     assert (df["peak_rss_mb"] > 50).all()  # MiB: at least the Python process itself
     assert (df["n_genes"] == len(genes)).all()
     summary = aggregate(df)
     assert len(summary) == 1 and summary.loc[0, "n_runs"] == 12
     assert summary.loc[0, "pcc_median_mean"] == pytest.approx(df["pcc_median"].mean())
     assert summary.loc[0, "pcc_median_sd"] == pytest.approx(df["pcc_median"].std(ddof=1))
+
+
+@pytest.mark.parametrize("reported", [None, 123.0])
+def test_train_and_predict_seconds_are_the_runs_own_times(sections, reported):
+    """``train_seconds`` is what the model's ``train()`` reports, else the measured time of
+    building and training it; ``predict_seconds`` is the time of ``predict``. A model that
+    sleeps 50 ms in each shows it."""
+
+    class Sleepy(MeanExpression):
+        def train(self):
+            time.sleep(0.05)
+            super().train()
+            return {} if reported is None else {"train_seconds": reported}
+
+        def predict(self, slide, patches=None):
+            time.sleep(0.05)
+            return super().predict(slide, patches)
+
+    genes = list(sections[0].var_names)
+    start = time.perf_counter()
+    df = run_protocol(lambda s, g, seed: Sleepy(s, g), sections[:2], genes, "cross_slice")
+    elapsed = time.perf_counter() - start
+    assert len(df) == 2
+    assert (df["predict_seconds"] >= 0.05).all()
+    if reported is None:
+        assert (df["train_seconds"] >= 0.05).all()
+        assert df["train_seconds"].sum() + df["predict_seconds"].sum() <= elapsed
+    else:
+        assert (df["train_seconds"] == reported).all()
+        assert df["predict_seconds"].sum() <= elapsed
 
 
 def test_intra_slice_trains_on_train_and_val_spots_and_tests_on_the_rest(sections):

@@ -14,7 +14,6 @@ from PIL import Image
 from stinfer.data.patches import PatchSpec, spot_patches
 from stinfer.data.synthetic import SyntheticConfig, make_synthetic_sections
 from stinfer.errors import InputError
-from stinfer.evaluate.metrics import evaluate_anndata
 from stinfer.evaluate.robustness import (
     BLUE_SHIFT_ALPHAS,
     DEGRADED_JPEG_QUALITY,
@@ -25,6 +24,7 @@ from stinfer.evaluate.robustness import (
     stain_lookup_tables,
 )
 from stinfer.io.slide_data import make_slide
+from stinfer.metrics import evaluate_anndata
 from stinfer.models.baselines import (
     MeanExpression,
     PatchFeatureRidge,

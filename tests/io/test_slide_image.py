@@ -187,13 +187,13 @@ def test_ome_tiff_pixel_size_and_planar_channels(tmp_path):
         np.testing.assert_array_equal(slide.read_region(10, 20, 50, 60), image[20:80, 10:60])
 
 
-def test_grayscale_and_16_bit_tiff_become_rgb(tmp_path):
-    gray = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) % 65536).astype(np.uint16) * 16
-    path = tmp_path / "gray16.tif"
-    tifffile.imwrite(path, gray)
+def test_greyscale_and_16_bit_tiff_become_rgb(tmp_path):
+    grey = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) % 65536).astype(np.uint16) * 16
+    path = tmp_path / "grey16.tif"
+    tifffile.imwrite(path, grey)
     with open_slide(path) as slide:
         region = slide.read_region(0, 0, 64, 64)
-    expected = np.round(gray.astype(np.float64) * 255 / 65535).astype(np.uint8)
+    expected = np.round(grey.astype(np.float64) * 255 / 65535).astype(np.uint8)
     assert region.shape == (64, 64, 3)
     for channel in range(3):
         np.testing.assert_array_equal(region[:, :, channel], expected)
@@ -233,7 +233,7 @@ def test_jpeg_region_equals_pillow_crop(tmp_path):
 
 @pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
 def test_every_jpeg_mode_decodes_to_pillows_rgb(tmp_path, mode, monkeypatch):
-    """RGB and gray JPEGs go through imagecodecs, CMYK through Pillow: all equal Pillow's RGB."""
+    """RGB and grey JPEGs go through imagecodecs, CMYK through Pillow: all equal Pillow's RGB."""
     path = tmp_path / f"slide_{mode}.jpg"
     Image.fromarray(smooth_texture(90, 120, 2)).convert(mode).save(path, quality=85)
     with Image.open(path) as reference:
@@ -250,15 +250,15 @@ def test_every_jpeg_mode_decodes_to_pillows_rgb(tmp_path, mode, monkeypatch):
     assert bool(used_pillow) == (mode == "CMYK")
 
 
-def test_rgba_drops_alpha_and_gray_png_repeats(tmp_path):
+def test_rgba_drops_alpha_and_grey_png_repeats(tmp_path):
     rgba = np.random.default_rng(1).integers(0, 256, (20, 30, 4), dtype=np.uint8)
     Image.fromarray(rgba, mode="RGBA").save(tmp_path / "rgba.png")
-    gray = np.random.default_rng(2).integers(0, 256, (20, 30), dtype=np.uint8)
-    Image.fromarray(gray, mode="L").save(tmp_path / "gray.png")
+    grey = np.random.default_rng(2).integers(0, 256, (20, 30), dtype=np.uint8)
+    Image.fromarray(grey, mode="L").save(tmp_path / "grey.png")
     with open_slide(tmp_path / "rgba.png") as slide:
         np.testing.assert_array_equal(slide.read_region(0, 0, 30, 20), rgba[:, :, :3])
-    with open_slide(tmp_path / "gray.png") as slide:
-        np.testing.assert_array_equal(slide.read_region(0, 0, 30, 20), np.stack([gray] * 3, -1))
+    with open_slide(tmp_path / "grey.png") as slide:
+        np.testing.assert_array_equal(slide.read_region(0, 0, 30, 20), np.stack([grey] * 3, -1))
 
 
 def test_pillow_decompression_bomb_limit_does_not_block_large_slides(tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ import scipy.sparse as sp
 import torch
 
 from stinfer.errors import InputError
-from stinfer.evaluate.metrics import per_gene_pearson
+from stinfer.metrics import per_gene_pearson
 from stinfer.models.coxformer_spatial import (
     CoxFormerSpatial,
     CoxFormerSpatialConfig,
@@ -37,13 +37,7 @@ TINY = dict(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models train faster on one thread (and do not fight other processes for cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 # --------------------------------------------------------------------------- EMA early stopping
@@ -226,10 +220,18 @@ def test_prediction_on_a_new_slide_uses_its_own_coordinates(planted):
 
 
 def test_region_detection_clusters_imputed_expression_and_scores_ari(planted):
+    """The ARI returned is sklearn's ARI of the returned regions against the labels, so the
+    regions reproduce a labelling they were derived from exactly (ARI 1)."""
+    from sklearn.metrics import adjusted_rand_score
+
     model, slide, _ = planted
-    regions, ari = model.detect_regions(2, labels=slide.obs["domain"])
+    imputed = model.impute()
+    regions, ari = model.detect_regions(2, labels=slide.obs["domain"], imputed=imputed)
     assert regions.shape == (slide.n_obs,) and len(np.unique(regions)) == 2
-    assert -1.0 <= ari <= 1.0
+    assert ari == pytest.approx(adjusted_rand_score(slide.obs["domain"].astype(str), regions))
+    relabelled = np.where(regions == regions[0], "first", "second")  # other names, same sets
+    assert model.detect_regions(2, labels=relabelled, imputed=imputed)[1] == pytest.approx(1.0)
+    assert model.detect_regions(2, imputed=imputed)[1] is None
 
 
 def test_save_load_round_trip_gives_identical_predictions(planted, tmp_path):

@@ -146,14 +146,14 @@ def test_svd_baseline_equals_scikit_learn_on_a_small_case():
     from sklearn.decomposition import TruncatedSVD
 
     from stinfer.models.gene_embeddings import SVDGeneEmbeddings
-    from stinfer.preprocess import normalize_log1p_cp10k
+    from stinfer.preprocess import normalise_log1p_cp10k
 
     corpus, _ = planted_module_corpus(n_cells=300, n_modules=4, genes_per_module=8, seed=2)
     # 4 components of 4 modules: a well separated spectrum, so the randomised SVD is exact
     embeddings = SVDGeneEmbeddings(n_components=4).train({"c": corpus}).get_embeddings()
     assert embeddings.shape == (32, 4)
     assert embeddings.uns["gene_embeddings"]["format"] == "svd"
-    dense = np.asarray(normalize_log1p_cp10k(corpus.X).toarray(), dtype=np.float64)
+    dense = np.asarray(normalise_log1p_cp10k(corpus.X).toarray(), dtype=np.float64)
     z = (dense - dense.mean(0)) / dense.std(0) / np.sqrt(dense.shape[0])  # z . z = correlation
     reference = TruncatedSVD(4, algorithm="arpack").fit(z)
     expected = reference.components_.T * reference.singular_values_
@@ -192,7 +192,7 @@ def test_dense_rows_with_the_geometry_term_give_cosine_usable_embeddings():
 def test_dense_completed_rows_hold_every_measured_correlation(trained, tmp_path):
     from stinfer.coexpression.completion import dense_completed_coexpression
     from stinfer.coexpression.graph import as_corpora, standardise_corpora
-    from stinfer.preprocess import normalize_log1p_cp10k
+    from stinfer.preprocess import normalise_log1p_cp10k
 
     model, _ = trained
     graph, genes = model.graph, model.graph.gene_names
@@ -206,7 +206,7 @@ def test_dense_completed_rows_hold_every_measured_correlation(trained, tmp_path)
     assert isinstance(rows, np.memmap) and rows.dtype == np.float16
 
     kept = genes.get_indexer(partial.var_names)
-    dense = np.asarray(normalize_log1p_cp10k(partial.X).toarray(), dtype=np.float64)
+    dense = np.asarray(normalise_log1p_cp10k(partial.X).toarray(), dtype=np.float64)
     reference = np.corrcoef(dense, rowvar=False)
     np.fill_diagonal(reference, 0.0)
     np.testing.assert_allclose(rows[np.ix_(kept, kept)].astype(np.float64), reference, atol=2e-3)

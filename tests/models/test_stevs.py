@@ -14,7 +14,7 @@ from stinfer.data.patches import spot_patches
 from stinfer.data.spot_dataset import PatchSource
 from stinfer.data.synthetic import SyntheticConfig, make_synthetic_sections
 from stinfer.errors import InputError
-from stinfer.evaluate.metrics import evaluate_anndata
+from stinfer.metrics import evaluate_anndata
 from stinfer.models.baselines import MeanExpression
 from stinfer.models.stevs import STEvs, STEvsTask, fast_preset, paper_preset, resolve_config
 from stinfer.train import TrainerConfig
@@ -140,7 +140,7 @@ def test_spatial_mode_needs_no_image_and_image_mode_needs_one(trained, sections)
     with pytest.raises(InputError, match="has no image"):
         trained.predict(counts_only, mode="image")
     with pytest.raises(InputError, match="mode must be one of"):
-        trained.predict(sections[1], mode="both")
+        trained.predict(sections[1], mode="sound")  # "both" is an alias of "fused" now
 
 
 def test_save_then_load_gives_identical_predictions(trained, sections, tmp_path):
@@ -154,7 +154,7 @@ def test_save_then_load_gives_identical_predictions(trained, sections, tmp_path)
         )
     with pytest.raises(InputError, match="already exists"):
         trained.save(tmp_path / "run")
-    with pytest.raises(InputError, match="not a saved STEvs model"):
+    with pytest.raises(InputError, match=r"not a saved stevs model; missing config\.json"):
         STEvs.load(tmp_path)
 
 
@@ -222,7 +222,7 @@ def test_fused_follows_the_image_expert_when_the_coordinates_carry_no_signal(sec
 
 
 def test_missing_genes_are_reported_by_name(sections):
-    with pytest.raises(InputError, match="absent"):
+    with pytest.raises(InputError, match=r"lacks 1 of the 1 genes.*not_a_gene"):
         STEvs([sections[0]], genes=["not_a_gene"], config=quick_fast_config())
 
 

@@ -147,7 +147,7 @@ def test_attention_readout_starts_as_a_cosine_softmax_over_the_memory_genes():
 
 
 def test_top_k_attention_equals_the_knn_baseline_weights_and_masks_the_own_slot():
-    from stinfer.evaluate.held_out_genes import knn_profiles
+    from stinfer.models.gene_baselines import knn_profiles
 
     module = small_attention_module(embedding_dim=6, n_memory=12, top_k=4)
     rng = np.random.default_rng(5)

@@ -11,9 +11,9 @@ import torch
 from stinfer.errors import InputError
 from stinfer.nn.decoders import GeneDecoder, ImageDecoder
 from stinfer.nn.encoders import (
-    CoordinateNormalizer,
+    CoordinateNormaliser,
     ImageEncoder,
-    SlideColourNormalizer,
+    SlideColourNormaliser,
     colour_moments,
     create_backbone,
 )
@@ -284,7 +284,7 @@ def test_profile_scale_uses_the_observed_library_and_fits_the_predicted_one():
 
 
 # ---------------------------------------------------------------- coordinates
-def test_coordinate_normalizer_centres_each_slide_and_is_saved_with_the_module():
+def test_coordinate_normaliser_centres_each_slide_and_is_saved_with_the_module():
     slide = torch.rand(100, 2) * torch.tensor([3000.0, 2000.0])
     shifted = slide + torch.tensor([500.0, -800.0])  # a serial section scanned with an offset
     module = STEvsModule(GENES, tiny_config())
@@ -298,8 +298,9 @@ def test_coordinate_normalizer_centres_each_slide_and_is_saved_with_the_module()
     restored = STEvsModule(GENES, tiny_config())
     restored.load_state_dict(module.state_dict())
     torch.testing.assert_close(restored.coord_normalizer(slide), normalised)
+    assert "coord_normalizer.scale" in module.state_dict()  # saved models rely on the key
     with pytest.raises(RuntimeError, match="not fitted"):
-        CoordinateNormalizer()(slide)
+        CoordinateNormaliser()(slide)
 
 
 # ---------------------------------------------------------------- colour
@@ -323,16 +324,16 @@ def test_colour_moments_equal_numpy_over_all_pixels_of_each_channel():
 
 def test_colour_transform_applied_per_batch_equals_the_whole_slide_normalisation():
     generator = torch.Generator().manual_seed(2)
-    normalizer = SlideColourNormalizer().fit(
+    normaliser = SlideColourNormaliser().fit(
         [colour_moments(random_slide_patches(generator, [1.0, 1.0, 1.0], [0, 0, 0]))]
     )
     stained = random_slide_patches(generator, [0.7, 0.85, 1.2], [30, -20, 10])
-    transform = normalizer.transform(colour_moments(stained))
-    batch = SlideColourNormalizer.apply(stained[5:17], transform.expand(12, -1, -1))
-    torch.testing.assert_close(batch, normalizer(stained)[5:17].float())
+    transform = normaliser.transform(colour_moments(stained))
+    batch = SlideColourNormaliser.apply(stained[5:17], transform.expand(12, -1, -1))
+    torch.testing.assert_close(batch, normaliser(stained)[5:17].float())
 
 
-def test_slide_colour_normalizer_maps_each_slide_to_the_training_moments_and_is_saved():
+def test_slide_colour_normaliser_maps_each_slide_to_the_training_moments_and_is_saved():
     generator = torch.Generator().manual_seed(1)
     train_a = random_slide_patches(generator, [1.0, 1.0, 1.0], [0, 0, 0])
     train_b = random_slide_patches(generator, [0.9, 1.0, 1.05], [5, 0, -5])
@@ -354,7 +355,7 @@ def test_slide_colour_normalizer_maps_each_slide_to_the_training_moments_and_is_
     restored.load_state_dict(module.state_dict())
     torch.testing.assert_close(restored.colour_normalizer(stained), normalised)
     with pytest.raises(RuntimeError, match="not fitted"):
-        SlideColourNormalizer()(stained)
+        SlideColourNormaliser()(stained)
 
 
 # ---------------------------------------------------------------- learning
@@ -378,7 +379,8 @@ def test_module_learns_counts_that_depend_on_coordinates():
     )
     module = STEvsModule(genes, config)
     features = torch.randn(n, module.image_encoder.num_features)  # uninformative image
-    optimizer = module.configure_optimizer()
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
 
     module.train()
     history = []

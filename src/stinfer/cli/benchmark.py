@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import shlex
 import signal
 from pathlib import Path
+
+from stinfer.errors import InputError
+
+logger = logging.getLogger("stinfer")
 
 EXAMPLES = """\
 examples:
@@ -22,6 +27,9 @@ Writes into --out:
   figures/         metric bars with error bars, true vs predicted maps of a gene for every
                    model, STEvs latent UMAPs by slice and by domain, blue-shift curves
   cells/           one folder per finished training (the unit of resuming)
+
+--publish DIR copies summary.md and results.csv to DIR/<config name>/ (docs/results for the
+tables the docs show).
 
 Rerunning the same command resumes: finished cells are skipped, a cell that was interrupted
 is recomputed. --overwrite discards the earlier run.
@@ -57,11 +65,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--no-figures", action="store_true", help="skip drawing the figures")
     parser.add_argument(
+        "--publish",
+        type=Path,
+        metavar="DIR",
+        help="also copy summary.md and results.csv to DIR/<config name>/ (e.g. docs/results), "
+        "so the tables in the docs are the ones this command measured",
+    )
+    parser.add_argument(
         "--overwrite",
         action="store_true",
         help="discard an earlier run in --out and start again (default: resume it)",
     )
     parser.set_defaults(func=run)
+
+
+SUMMARY_HEADER = "# Benchmark: "  # the first line of every summary.md the report writes
 
 
 def _interrupt_on_sigterm() -> None:
@@ -85,6 +103,8 @@ def run(args: argparse.Namespace) -> None:
     if args.data_root:
         command += f" --data-root {shlex.quote(str(args.data_root))}"
     command += f" --out {shlex.quote(str(args.out))}"
+    if args.publish:
+        command += f" --publish {shlex.quote(str(args.publish))}"
     _interrupt_on_sigterm()
     run_benchmark(
         config,
@@ -95,3 +115,25 @@ def run(args: argparse.Namespace) -> None:
         only_models=args.only,
         figures=not args.no_figures,
     )
+    if args.publish:
+        publish(args.out, args.publish / config.name)
+
+
+def publish(run_folder: Path, destination: Path) -> None:
+    """Copy a finished run's ``summary.md`` and ``results.csv`` into ``destination``, atomically.
+
+    Files of the same names there are replaced only when they are an earlier published run (the
+    summary starts with the benchmark header); anything else is a user's file and is kept.
+    """
+    from stinfer.io.atomic import atomic_output
+
+    earlier = destination / "summary.md"
+    if earlier.exists() and not earlier.read_text().startswith(SUMMARY_HEADER):
+        raise InputError(
+            f"{earlier}: exists and was not written by `stinfer benchmark`; not replaced."
+        )
+    destination.mkdir(parents=True, exist_ok=True)
+    for name in ("summary.md", "results.csv"):
+        with atomic_output(destination / name, overwrite=True) as tmp:
+            tmp.write_bytes((run_folder / name).read_bytes())
+    logger.info("published %s and %s to %s", "summary.md", "results.csv", destination)

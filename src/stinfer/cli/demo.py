@@ -10,7 +10,7 @@ from stinfer.errors import InputError
 
 logger = logging.getLogger("stinfer")
 
-DEMO_EPOCHS = 15  # enough for the fast preset to learn the planted programs in ~1-2 min
+DEMO_EPOCHS = 15  # enough for the fast preset to learn the planted programs on a laptop CPU
 METRIC_COLUMNS = ("mse", "pcc_median", "scc_median", "pcc_median_depthnorm")
 
 
@@ -69,9 +69,9 @@ def run(args: argparse.Namespace) -> None:
 
     from stinfer.data.patches import PatchSpec, spot_patches
     from stinfer.data.synthetic import SyntheticConfig, make_synthetic_sections
-    from stinfer.evaluate.metrics import evaluate_anndata
     from stinfer.io.atomic import write_h5ad, write_text
     from stinfer.io.slide_data import prepare_for_h5ad
+    from stinfer.metrics import evaluate_anndata
     from stinfer.models.baselines import MeanExpression
     from stinfer.models.stevs import STEvs, fast_preset
     from stinfer.plot import plot_latent_umap, plot_slide_overview, plot_spatial_maps, save_figure

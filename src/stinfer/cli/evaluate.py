@@ -30,8 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> None:
     import anndata as ad
 
-    from stinfer.evaluate.metrics import evaluate_anndata
     from stinfer.io.atomic import write_text
+    from stinfer.metrics import evaluate_anndata
 
     out = checked_output(args)
     per_gene_path = out.with_suffix(".per_gene.csv")

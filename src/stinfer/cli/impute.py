@@ -10,13 +10,14 @@ from pathlib import Path
 
 from stinfer.cli.options import add_output_arguments, checked_output
 from stinfer.errors import InputError
+from stinfer.modalities import MODALITY_ALIASES, canonical_modality
 
 logger = logging.getLogger("stinfer")
 
 EXAMPLES = """\
 examples:
   stinfer impute --slide C2.h5ad --embeddings genes.h5ad --test-fraction 0.2 \\
-      --modality location --preset fast --out C2_imputed.h5ad
+      --modality spatial --preset fast --out C2_imputed.h5ad
   stinfer impute --slide C2.h5ad --embeddings genes.h5ad --genes ERBB2,GRB7 --out C2_genes.h5ad
 
 Held-out genes (--test-fraction): a seeded split of the slide's measured genes (with an
@@ -55,9 +56,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     task.add_argument("--genes", help="genes to predict: comma-separated, or a file of names")
     parser.add_argument(
         "--modality",
-        choices=["location", "image", "both"],
-        default="location",
-        help="spot features: coordinates, H&E image features, or both (default location)",
+        choices=["spatial", "image", "fused", *MODALITY_ALIASES],
+        metavar="{spatial,image,fused}",
+        default="spatial",
+        help="spot features: coordinates (spatial, the default), H&E image features (image), or "
+        "both (fused); the older names location and both are accepted",
     )
     parser.add_argument(
         "--preset",
@@ -162,6 +165,7 @@ def run(args: argparse.Namespace) -> None:
     for path, what in ((args.slide, "slide"), (args.embeddings, "embeddings")):
         if not path.is_file():
             raise FileNotFoundError(2, f"no such {what}", str(path))
+    args.modality = canonical_modality(args.modality)
     config = build_config(args)
     slide = read_h5ad_slide(args.slide)
     table = embedding_table(args.embeddings)

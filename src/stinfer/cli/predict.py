@@ -1,4 +1,4 @@
-"""`stinfer predict`: predict expression on a slide with a trained run."""
+"""`stinfer predict`: predict expression on a slide with a trained run (any expression model)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from stinfer.cli.options import add_output_arguments, checked_output
+from stinfer.modalities import MODALITY_ALIASES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -13,8 +14,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "predict",
         help="predict expression on a slide from its H&E image and/or coordinates",
         description=(
-            "Predict the run's genes at every spot of a prepared slide. The output .h5ad has "
-            "predicted NB means (raw-count scale) in X, the NB inverse dispersion in "
+            "Predict the run's genes at every spot of a prepared slide with the model the run "
+            "folder holds (any expression model `stinfer train` saves: its config.json names "
+            "the type). The output .h5ad has predicted counts (raw-count scale) in X. A STEvs "
+            "run also writes the NB inverse dispersion in "
             "layers['nb_theta'], the posterior mean in obsm['X_stevs'] and its variance in "
             "obsm['stevs_posterior_var'], and how much each spot trusted each expert (image, "
             "coordinates: their share of the fused posterior mean) in "
@@ -35,29 +38,48 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--slide", required=True, help="prepared slide (.h5ad)")
     parser.add_argument(
         "--mode",
-        choices=["fused", "image", "spatial"],
+        choices=["fused", "image", "spatial", *MODALITY_ALIASES],
+        metavar="{fused,image,spatial}",
         default="fused",
-        help="both modalities (PoE), the image alone, or the coordinates alone (fused)",
+        help="STEvs: both modalities (PoE), the image alone, or the coordinates alone (fused); "
+        "the older names both and location are accepted",
     )
     parser.add_argument(
         "--no-tta",
         action="store_true",
-        help="skip test-time augmentation (the mean over 8 flips/rotations of each patch) even "
-        "when the run's preset uses it: 8x less image work, e.g. for Visium HD bins",
+        help="STEvs: skip test-time augmentation (the mean over 8 flips/rotations of each "
+        "patch) even when the run's preset uses it: 8x less image work, e.g. for Visium HD bins",
     )
     add_output_arguments(parser, "output .h5ad of predictions")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
+    from stinfer.errors import InputError
+    from stinfer.io.atomic import write_h5ad
     from stinfer.io.h5ad import read_h5ad_slide
-    from stinfer.models.stevs import STEvs
+    from stinfer.io.slide_data import prepare_for_h5ad
+    from stinfer.models import MODEL_TYPES, load
+    from stinfer.models.persistence import read_model_header
 
     out = checked_output(args)
-    model = STEvs.load(args.run)
+    kind = read_model_header(args.run).model_type
+    if kind in MODEL_TYPES and not MODEL_TYPES[kind].expression:
+        raise InputError(
+            f"{args.run}: holds a {kind} model, not an expression model; impute genes with "
+            "`stinfer impute` or load it with stinfer.models.load."
+        )
+    if kind != "stevs" and (args.mode != "fused" or args.no_tta):
+        flag = "--no-tta" if args.no_tta else f"--mode {args.mode}"
+        raise InputError(f"{flag}: only STEvs runs have modes and test-time augmentation.")
+    model = load(args.run)
+    slide = read_h5ad_slide(args.slide)
+    if kind != "stevs":
+        write_h5ad(prepare_for_h5ad(model.predict(slide)), out, overwrite=args.overwrite)
+        print(f"wrote {out}: {slide.n_obs} spots x {len(model.genes)} genes ({kind})")
+        return
     if args.no_tta:
         model.config.training.test_time_augmentation = False
-    slide = read_h5ad_slide(args.slide)
     model.write_prediction(slide, out, mode=args.mode, overwrite=args.overwrite)
     trust = ""
     if args.mode == "fused":

@@ -6,31 +6,52 @@ import argparse
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 from stinfer.errors import InputError
+from stinfer.models import list_models, model_type
 
 logger = logging.getLogger("stinfer")
 
-EXAMPLES = """\
+EXAMPLES = (
+    """\
 examples:
   stinfer train --model stevs --train C2.h5ad --genes svg --n-genes 300 --preset fast --out runs/c2
   stinfer train --model stevs --train C2.h5ad C3.h5ad --genes genes.txt --preset paper \\
       --epochs 100 --devices 4 --strategy ddp --out runs/c23
+  stinfer train --model stnet --train C2.h5ad --preset fast --epochs 5 --out runs/stnet
+  stinfer train --model coordinate_knn --train C2.h5ad --option n_neighbors=5 --out runs/knn
+  stinfer train --model feature_ridge --train C2.h5ad --option features=handcrafted --out runs/ridge
 
-The run folder holds the model (config.json, weights.safetensors, genes.json) and
-train_history.json (per-epoch losses and validation median PCC, training seconds).
+models:
 """
+    + "\n".join(f"  {name:<16}{model_type(name).summary}" for name in list_models("expression"))
+    + """
+
+Flags that a model has no setting for are refused (e.g. --epochs for the closed-form
+baselines, --freeze-encoder for anything but STEvs); --option FIELD=VALUE sets any field of the
+model's config (dotted for nested fields, e.g. training.augment=false for STEvs; the value is
+read as YAML). The run folder holds the model (config.json naming the model type,
+weights.safetensors; `stinfer predict --run` and stinfer.models.load read it) and
+train_history.json (per-epoch losses and validation metrics, training seconds).
+"""
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "train",
-        help="train STEvs on prepared slides and save the run folder",
+        help="train an expression model (STEvs, ST-Net, baselines) and save the run folder",
         description="Train a histology-to-expression model on one or more prepared slides.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", choices=["stevs"], default="stevs", help="model (default stevs)")
+    parser.add_argument(
+        "--model",
+        choices=list_models("expression"),
+        default="stevs",
+        help="registered expression model type (default stevs; see the list below)",
+    )
     parser.add_argument(
         "--train", nargs="+", required=True, metavar="H5AD", help="prepared training slides"
     )
@@ -41,27 +62,42 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "with one gene per line (default svg)",
     )
     parser.add_argument("--n-genes", type=int, default=300, help="panel size for svg/hvg (300)")
-    parser.add_argument("--preset", choices=["paper", "fast"], default="fast", help="preset (fast)")
+    parser.add_argument(
+        "--preset",
+        choices=["paper", "fast"],
+        help="named config of models that have presets (stevs, stnet; default fast)",
+    )
     parser.add_argument("--epochs", type=int, help="override the preset's number of epochs")
     parser.add_argument("--seed", type=int, default=0, help="random seed (0)")
-    parser.add_argument("--pretrained", help="'hub' (downloads) or a local backbone weights file")
+    parser.add_argument(
+        "--pretrained",
+        help="'hub' (downloads) or a local backbone weights file (stevs, stnet, feature_ridge)",
+    )
     parser.add_argument(
         "--freeze-encoder",
         action="store_true",
-        help="freeze the image backbone and cache its features",
+        help="STEvs: freeze the image backbone and cache its features",
     )
-    parser.add_argument("--patch-cache", help="folder to cache spot patches across runs")
-    parser.add_argument("--accelerator", default="auto", help="auto | cpu | gpu | mps (auto)")
-    parser.add_argument("--devices", default="auto", help="number of devices, e.g. 4 (auto)")
-    parser.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp (auto)")
+    parser.add_argument(
+        "--patch-cache", help="folder to cache spot patches across runs (image models)"
+    )
+    parser.add_argument("--accelerator", help="auto | cpu | gpu | mps (auto; stevs, stnet)")
+    parser.add_argument("--devices", help="number of devices, e.g. 4 (auto; stevs, stnet)")
+    parser.add_argument("--strategy", help="STEvs: Lightning strategy, e.g. ddp (auto)")
     parser.add_argument(
         "--precision",
         choices=["auto", "32-true", "bf16-mixed"],
-        default="auto",
         help="'auto': the preset's (bf16 autocast on GPUs; on CPUs with native bf16 where the "
         "preset allows it, as `paper` does; else fp32); or force fp32 / bf16 autocast",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="set a field of the model's config (repeatable; dotted for nested fields)",
+    )
     parser.add_argument("--out", required=True, type=Path, help="run folder to create")
     parser.add_argument("--overwrite", action="store_true", help="replace files of an existing run")
     parser.set_defaults(func=run)
@@ -79,14 +115,103 @@ def read_gene_list(path: str) -> list[str]:
     return genes
 
 
-def run(args: argparse.Namespace) -> None:
-    import dataclasses
+def parse_options(items: list[str]) -> dict[str, Any]:
+    """``["a.b=1", "c=x"]`` -> ``{"a": {"b": 1}, "c": "x"}`` (values read as YAML scalars)."""
+    import yaml
 
+    options: dict[str, Any] = {}
+    for item in items:
+        field, sep, text = item.partition("=")
+        if not sep or not field.strip():
+            raise InputError(f"--option {item!r}: write FIELD=VALUE, e.g. n_neighbors=5.")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise InputError(
+                f"--option {item!r}: the value is not valid YAML ({error})."
+            ) from error
+        *parents, leaf = field.strip().split(".")
+        target = options
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[leaf] = value
+    return options
+
+
+def flag_overrides(kind: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The config overrides of the model-specific flags, or an :class:`InputError` naming a
+    flag that ``kind`` has no setting for."""
+    devices = None
+    if args.devices is not None:
+        devices = int(args.devices) if str(args.devices).isdigit() else args.devices
+    precision = None if args.precision in (None, "auto") else args.precision
+    given = {
+        "--epochs": args.epochs,
+        "--pretrained": args.pretrained,
+        "--freeze-encoder": args.freeze_encoder or None,
+        "--patch-cache": args.patch_cache,
+        "--accelerator": args.accelerator,
+        "--devices": devices,
+        "--strategy": args.strategy,
+        "--precision": args.precision,
+    }
+    if kind == "stevs":
+        trainer = {"progress_bar": not args.no_progress, "precision": precision}
+        trainer.update(
+            {
+                key: value
+                for key, value in (
+                    ("max_epochs", args.epochs),
+                    ("accelerator", args.accelerator),
+                    ("devices", devices),
+                    ("strategy", args.strategy),
+                )
+                if value is not None
+            }
+        )
+        training: dict[str, Any] = {"trainer": trainer, "patch_cache_dir": args.patch_cache}
+        module = {"pretrained": args.pretrained} if args.pretrained else {}
+        if args.freeze_encoder:
+            module["freeze_encoder"] = True
+        return {"training": training, **({"module": module} if module else {})}
+    fields = {
+        "stnet": {
+            "--epochs": "epochs",
+            "--pretrained": "pretrained",
+            "--patch-cache": "patch_cache_dir",
+            "--accelerator": "accelerator",
+            "--devices": "devices",
+            "--precision": "precision",
+        },
+        "feature_ridge": {"--pretrained": "pretrained", "--patch-cache": "patch_cache_dir"},
+    }.get(kind, {})
+    refused = [flag for flag, value in given.items() if value is not None and flag not in fields]
+    if refused:
+        raise InputError(
+            f"{', '.join(refused)}: model {kind!r} has no such setting (flags it takes: "
+            f"{', '.join(fields) or 'none besides --seed and --option'})."
+        )
+    overrides = {fields[flag]: value for flag, value in given.items() if value is not None}
+    if "precision" in overrides:
+        overrides["precision"] = precision
+    if kind == "stnet":
+        overrides["progress_bar"] = not args.no_progress
+    return overrides
+
+
+def run(args: argparse.Namespace) -> None:
+    from stinfer.evaluate.ablations import deep_merge_loose
     from stinfer.io.atomic import write_text
     from stinfer.io.h5ad import read_h5ad_slide
-    from stinfer.models.stevs import STEvs, resolve_config
+    from stinfer.models import create_model, model_config
     from stinfer.preprocess import select_genes
 
+    entry = model_type(args.model)
+    if args.preset is not None and not entry.presets:
+        raise InputError(f"--preset {args.preset}: model {args.model!r} has no presets.")
+    preset = (args.preset or "fast") if entry.presets else None
+    overrides = deep_merge_loose(flag_overrides(args.model, args), parse_options(args.option))
+    config = model_config(args.model, preset, args.seed, **overrides)  # checked before reading
     if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
         raise InputError(f"{args.out}: run folder exists and is not empty; pass --overwrite.")
     slides = [read_h5ad_slide(path) for path in args.train]
@@ -94,36 +219,26 @@ def run(args: argparse.Namespace) -> None:
         genes = select_genes(slides, method=args.genes, n_genes=args.n_genes)
     else:
         genes = read_gene_list(args.genes)
-    config = resolve_config(args.preset)
-    trainer = dataclasses.replace(
-        config.training.trainer,
-        seed=args.seed,
-        accelerator=args.accelerator,
-        devices=int(args.devices) if str(args.devices).isdigit() else args.devices,
-        strategy=args.strategy,
-        precision=None if args.precision == "auto" else args.precision,
-        progress_bar=not args.no_progress,
-        max_epochs=args.epochs or config.training.trainer.max_epochs,
-    )
-    config.training.trainer = trainer
-    config.training.patch_cache_dir = args.patch_cache
-    if args.pretrained:
-        config.module.pretrained = args.pretrained
-    if args.freeze_encoder:
-        config.module.freeze_encoder = True
-    print(f"training STEvs ({args.preset}) on {len(slides)} slide(s), {len(genes)} genes")
-    model = STEvs(slides, genes, config)
+    label = f"{args.model} ({preset})" if preset else args.model
+    print(f"training {label} on {len(slides)} slide(s), {len(genes)} genes")
+    model = create_model(args.model, slides, genes, config=config)
     result = model.train()
     model.save(args.out, overwrite=args.overwrite)
+    best_score = getattr(result, "best_score", None)
+    score_name = {"stevs": "val median PCC", "stnet": "val MSE"}.get(args.model, "val score")
     history = {
+        "model_type": args.model,
         "train_seconds": result.train_seconds,
-        "best_epoch": result.best_epoch,
-        "best_val_pcc_median": result.best_score,
+        "best_epoch": getattr(result, "best_epoch", None),
+        "best_score": best_score,  # the monitored validation metric (score_name), if any
+        "best_score_name": score_name if best_score is not None else None,
         "train_slides": [str(Path(p).resolve()) for p in args.train],
-        "history": result.history,
+        "history": getattr(result, "history", []),
     }
+    if args.model == "stevs":
+        history["best_val_pcc_median"] = best_score
     write_text(json.dumps(history, indent=2), args.out / "train_history.json", args.overwrite)
-    print(
-        f"wrote {args.out}: {result.train_seconds:.1f} s, best epoch {result.best_epoch}, "
-        f"val median PCC {result.best_score if result.best_score is None else round(result.best_score, 4)}"
-    )
+    summary = f"wrote {args.out}: {result.train_seconds:.1f} s"
+    if best_score is not None:
+        summary += f", best epoch {history['best_epoch']}, {score_name} {round(best_score, 4)}"
+    print(summary)

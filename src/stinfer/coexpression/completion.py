@@ -144,9 +144,9 @@ class MeanAdjacency:
     ``A`` is the ``(n_nodes, n_nodes)`` row-normalised adjacency, ``A[t, s] = 1 / in_degree(t)``
     for every edge ``s -> t`` (duplicate edges count once), so ``A @ x`` is each node's mean
     over its in-neighbours: PyG's ``SAGEConv(aggr="mean")`` aggregation (0 for a node without
-    in-edges). ``A`` and ``A^T`` are kept as CSR, the backward pass is ``A^T @ grad``: about
-    ten times faster on a CPU than PyG's gather-scatter over an edge list, and than
-    ``torch.sparse.mm(..., reduce="mean")``'s backward.
+    in-edges). ``A`` and ``A^T`` are kept as CSR, the backward pass is ``A^T @ grad``: much
+    faster on a CPU than PyG's gather-scatter over an edge list, and than
+    ``torch.sparse.mm(..., reduce="mean")``'s backward (``docs/results.md``).
 
     Parameters
     ----------

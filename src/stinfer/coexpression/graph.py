@@ -6,7 +6,7 @@ edges ``(i, j)`` carrying the correlation. This module computes that graph exact
 scale, without ever holding a dense genes x genes matrix:
 
 1. **Normalise** each corpus (cells x genes raw counts) to log1p-CP10k
-   (:func:`stinfer.preprocess.normalize_log1p_cp10k`); for Spearman, replace each gene's values
+   (:func:`stinfer.preprocess.normalise_log1p_cp10k`); for Spearman, replace each gene's values
    by their ranks within the corpus (zeros share the lowest rank and are shifted to stay 0, so
    the matrix stays sparse).
 2. **Align genes by name** across corpora: ``gene_join="inner"`` keeps genes every corpus
@@ -29,9 +29,10 @@ scale, without ever holding a dense genes x genes matrix:
    (BLAS, all cores; or a GPU with ``device="cuda"``).
 
 Why dense blocks rather than sparse products: at the 5-10 % density of single-cell and ST
-matrices, a sparse x dense product does ``density`` times fewer multiply-adds but runs 20-50
-times slower per multiply-add than a float32 GEMM on the same cores (measured in
-``benchmarks/coexpression.py``), so densifying one block at a time is the faster exact kernel.
+matrices, a sparse x dense product does ``density`` times fewer multiply-adds but runs many
+times slower per multiply-add than a float32 GEMM on the same cores, more than the density
+saves (``python benchmarks/coexpression.py --kernel-check``; figures in ``docs/results.md``),
+so densifying one block at a time is the faster exact kernel.
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ import scipy.sparse as sp
 import torch
 
 from stinfer.errors import InputError
-from stinfer.io.slide_data import check_counts
-from stinfer.preprocess import normalize_log1p_cp10k
+from stinfer.io.slide_data import check_counts, slide_id
+from stinfer.preprocess import normalise_log1p_cp10k
 
 logger = logging.getLogger("stinfer")
 
@@ -140,8 +141,7 @@ def as_corpus(
     if not isinstance(data, ad.AnnData):
         raise InputError(f"a corpus must be an AnnData (cells x genes), got {type(data).__name__}.")
     if name is None:
-        meta = data.uns.get("stinfer", {})
-        name = str(meta.get("sample_id", "corpus")) if isinstance(meta, Mapping) else "corpus"
+        name = slide_id(data, default="corpus")
     if layer is not None and layer not in data.layers:
         raise InputError(f"{name}: no layer {layer!r}; layers are {list(data.layers)}.")
     matrix = data.layers[layer] if layer is not None else data.X
@@ -380,7 +380,7 @@ def standardise_corpora(
     columns, sources = [], []
     detected = np.zeros(len(gene_names), dtype=np.int64)
     for corpus in corpora:
-        normalised = normalize_log1p_cp10k(corpus.counts, target_sum=config.target_sum).tocsc()
+        normalised = normalise_log1p_cp10k(corpus.counts, target_sum=config.target_sum).tocsc()
         normalised.sort_indices()
         source = corpus.gene_names.get_indexer(gene_names)
         detected += np.where(source >= 0, np.diff(normalised.indptr)[np.maximum(source, 0)], 0)

@@ -7,10 +7,12 @@ float32. Work is vectorised over a chunk of patches and chunks are processed one
 memory is bounded by ``chunk_size`` patches whatever the slide size.
 
 - :func:`color_statistics`: per-channel mean and standard deviation (6 features), the cheap
-  probe that reached cross-slice median PCC 0.545 on HER2ST patient C (issue 3);
+  probe whose ridge regression any learned image encoder must beat (issue 3; its scores on
+  HER2ST patient C are in ``docs/results.md`` "Colour-statistics probe");
 - :func:`handcrafted_features`: colour percentiles, grey-level gradient (texture) statistics and
   hematoxylin/eosin channel statistics by colour deconvolution (:func:`rgb_to_hed`);
-- :func:`backbone_features`: pooled features of a frozen timm backbone (``num_classes=0``),
+- :func:`backbone_features`: pooled features of a frozen timm backbone (``num_classes=0``,
+  built by :func:`stinfer.nn.encoders.create_backbone`, the project's one backbone factory),
   inputs scaled as the backbone's timm data config says.
 """
 
@@ -34,7 +36,6 @@ __all__ = [
     "backbone_features",
     "backbone_input",
     "color_statistics",
-    "create_backbone",
     "handcrafted_features",
     "rgb_to_hed",
 ]
@@ -103,8 +104,8 @@ def _stack(parts: list[np.ndarray], n_features: int) -> np.ndarray:
 def color_statistics(patches: Patches, chunk_size: int = 512) -> np.ndarray:
     """Per-channel mean and standard deviation of each patch, on the 0-255 scale.
 
-    The six-number "colour-statistics" probe of issue 3 / DESIGN.md: a ridge regression on these
-    is the floor any learned image encoder must beat.
+    The six-number "colour-statistics" probe of issue 3 (``docs/DESIGN.md`` "Metrics"): a
+    ridge regression on these is the floor any learned image encoder must beat.
 
     Parameters
     ----------
@@ -263,34 +264,6 @@ def handcrafted_features(patches: Patches, chunk_size: int = 256) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- timm backbones
-def create_backbone(
-    model_name: str, pretrained: str | os.PathLike | None = None
-) -> torch.nn.Module:
-    """A timm backbone without classifier (``num_classes=0``: returns pooled features).
-
-    Parameters
-    ----------
-    model_name
-        Any ``timm.create_model`` name (e.g. ``"resnet18"``, ``"densenet121"``).
-    pretrained
-        ``None`` for random initialisation (nothing is downloaded), ``"hub"`` for timm's hub
-        weights (downloads; only when online and asked for), or a local ``.safetensors``/``.pth``
-        file whose tensors are copied where name and shape match
-        (:func:`stinfer.nn.pretrained.load_matching_weights`, the project's one loader).
-    """
-    import timm
-
-    from stinfer.nn.pretrained import load_matching_weights, timm_checkpoint_filter
-
-    try:
-        model = timm.create_model(model_name, pretrained=pretrained == "hub", num_classes=0)
-    except RuntimeError as error:
-        raise InputError(f"timm cannot create backbone {model_name!r}: {error}") from error
-    if pretrained not in (None, "hub"):
-        load_matching_weights(model, pretrained, transform=timm_checkpoint_filter(model))
-    return model
-
-
 def backbone_input(
     patches: torch.Tensor,
     mean: tuple[float, ...],
@@ -353,8 +326,9 @@ def backbone_features(
     patches
         ``(n_spots, 3, H, W)`` uint8 RGB, or an iterable of such chunks.
     model_name
-        A timm name (built by :func:`create_backbone` with ``pretrained``) or an existing module
-        whose ``forward`` returns ``(n, n_features)`` (e.g. a trained model's encoder).
+        A timm name (built by :func:`stinfer.nn.encoders.create_backbone` with ``pretrained``, at
+        the model's own input size) or an existing module whose ``forward`` returns
+        ``(n, n_features)`` (e.g. a trained model's encoder).
     pretrained
         ``None`` (random weights, nothing downloaded), ``"hub"`` or a local weights file.
     batch_size
@@ -367,6 +341,8 @@ def backbone_features(
     numpy.ndarray
         ``(n_spots, n_features)`` float32.
     """
+    from stinfer.nn.encoders import create_backbone
+
     model = create_backbone(model_name, pretrained) if isinstance(model_name, str) else model_name
     device = torch.device(device) if device is not None else default_device()
     config = backbone_data_config(model)

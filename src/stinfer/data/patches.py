@@ -46,7 +46,7 @@ import numpy as np
 
 from stinfer.errors import InputError
 from stinfer.io.atomic import atomic_output
-from stinfer.io.slide_data import slide_meta
+from stinfer.io.slide_data import image_pixel_size_um, slide_meta, spot_coordinates_px
 from stinfer.io.slide_image import SlideImage, open_slide, round_half_up
 
 logger = logging.getLogger("stinfer")
@@ -150,12 +150,7 @@ def spot_centres_file_px(slide: ad.AnnData) -> np.ndarray:
 
     ``obsm["spatial"]`` (full-resolution pixels) times ``uns["stinfer"]["image_scale"]``.
     """
-    if "spatial" not in slide.obsm:
-        raise InputError("slide has no obsm['spatial'] spot coordinates; read it with stinfer.io.")
-    spatial = np.asarray(slide.obsm["spatial"], dtype=np.float64)
-    if spatial.ndim != 2 or spatial.shape[1] != 2:
-        raise InputError(f"obsm['spatial'] has shape {spatial.shape}; expected (n_spots, 2).")
-    return spatial * float(slide_meta(slide)["image_scale"])
+    return spot_coordinates_px(slide) * float(slide_meta(slide)["image_scale"])
 
 
 def _image_path(meta: dict) -> Path:
@@ -165,13 +160,6 @@ def _image_path(meta: dict) -> Path:
             "is empty); patches need the H&E image."
         )
     return Path(meta["image_path"])
-
-
-def _file_pixel_size_override(meta: dict) -> float | None:
-    """Microns per file pixel from the slide's metadata (``None``: use the image's own)."""
-    if meta["pixel_size_um"] is None:
-        return None
-    return float(meta["pixel_size_um"]) / float(meta["image_scale"])
 
 
 def gather_windows(image: np.ndarray, lefts: np.ndarray, tops: np.ndarray, size: int) -> np.ndarray:
@@ -326,7 +314,8 @@ def _iter_patch_chunks(
         raise InputError(f"chunk_size must be positive, got {chunk_size}.")
     meta = slide_meta(slide)
     centres = spot_centres_file_px(slide)
-    with open_slide(_image_path(meta), _file_pixel_size_override(meta)) as slide_image:
+    # the slide's own pixel size, when it has one, overrides the image file's
+    with open_slide(_image_path(meta), image_pixel_size_um(slide)) as slide_image:
         plan = plan_patch_reads(
             slide_image, centres, patch_geometry(spec, slide_image.pixel_size_um)
         )

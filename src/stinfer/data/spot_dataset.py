@@ -198,13 +198,6 @@ def _dense_rows(counts: sp.csr_matrix, rows: np.ndarray) -> np.ndarray:
     return counts[rows].toarray().astype(np.float32, copy=False)
 
 
-def as_csr(counts: sp.spmatrix | np.ndarray) -> sp.csr_matrix:
-    """Counts as float32 CSR (a dense array is converted once; sparse input is not densified)."""
-    if sp.issparse(counts):
-        return sp.csr_matrix(counts, dtype=np.float32)
-    return sp.csr_matrix(np.asarray(counts, dtype=np.float32))
-
-
 def stacked_batch(batch: list[torch.Tensor]) -> list[torch.Tensor]:
     """DataLoader ``collate_fn`` for :class:`SpotDataset`: its batches come stacked already."""
     return batch

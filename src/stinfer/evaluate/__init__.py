@@ -1,9 +1,11 @@
-"""Evaluation: the papers' expression metrics, domain recovery and (later) their protocols.
+"""Evaluation: the papers' protocols, benchmarks, domain recovery and reports.
 
-See :mod:`stinfer.evaluate.metrics` for the metric definitions pinned in ``docs/DESIGN.md``.
+The metrics themselves live one layer down, in :mod:`stinfer.metrics` (the definitions pinned
+in ``docs/DESIGN.md`` "Metrics"), so that models can use them too; they are re-exported here
+for users who look for them under ``stinfer.evaluate``.
 """
 
-from stinfer.evaluate.metrics import (
+from stinfer.metrics import (
     ExpressionMetrics,
     cluster_ari,
     cluster_domains,

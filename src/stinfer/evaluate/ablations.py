@@ -15,8 +15,8 @@ overrides, nested as the config is::
           training: {test_time_augmentation: false}
 
 :func:`ablation_configs` turns such a list into ``{name: STEvsModelConfig}``, each built by
-:func:`stevs_variant_config` (a deep merge of the overrides into the base's plain dict, then
-:meth:`STEvsModelConfig.from_dict`, so a misspelt field is an :class:`InputError` naming it).
+:func:`stevs_variant_config`, the registry's STEvs config (:func:`stinfer.models.model_config`:
+the overrides applied field by field, so a misspelt field is an :class:`InputError` naming it).
 """
 
 from __future__ import annotations
@@ -80,21 +80,6 @@ def deep_merge(base: Mapping[str, Any], overrides: Mapping[str, Any], where: str
     return merged
 
 
-def _epoch_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """Expand the shorthand ``epochs: N`` into the module and trainer fields that hold it."""
-    overrides = dict(overrides)
-    epochs = overrides.pop("epochs", None)
-    if epochs is None:
-        return overrides
-    module = dict(overrides.get("module", {}))
-    training = dict(overrides.get("training", {}))
-    trainer = dict(training.get("trainer", {}))
-    module.setdefault("epochs", int(epochs))
-    trainer.setdefault("max_epochs", int(epochs))
-    training["trainer"] = trainer
-    return {**overrides, "module": module, "training": training}
-
-
 def stevs_variant_config(base: Any = "fast", overrides: Mapping[str, Any] | None = None):
     """A :class:`~stinfer.models.stevs.STEvsModelConfig`: ``base`` with nested ``overrides``.
 
@@ -105,12 +90,13 @@ def stevs_variant_config(base: Any = "fast", overrides: Mapping[str, Any] | None
     overrides
         ``{"module": {...}, "training": {...}}`` in the config's own field names, plus the
         shorthand ``epochs`` (sets ``module.epochs`` and ``training.trainer.max_epochs``).
-    """
-    from stinfer.models.stevs import STEvsModelConfig, resolve_config
 
-    values = resolve_config(base).to_dict()
-    merged = deep_merge(values, _epoch_overrides(overrides or {}))
-    return STEvsModelConfig.from_dict(merged)
+    The registry's STEvs config (:func:`stinfer.models.model_config`), so an ablation and a
+    ``type: stevs`` model with the same overrides are the same run.
+    """
+    from stinfer.models import model_config
+
+    return model_config("stevs", base, **dict(overrides or {}))
 
 
 def variant_overrides(entry: str | Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -178,5 +164,7 @@ def ablation_configs(
             raise InputError(f"two ablation variants are named {name!r}.")
         configs[name] = stevs_variant_config(base, deep_merge_loose(common, overrides))
         if configs[name].to_dict() == base_config.to_dict():
-            logger.warning("ablation %r changes nothing in base %r: it repeats the base.", name, base)
+            logger.warning(
+                "ablation %r changes nothing in base %r: it repeats the base.", name, base
+            )
     return configs

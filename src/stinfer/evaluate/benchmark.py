@@ -7,13 +7,14 @@ runs every *cell*: one model trained on one training set (a slide, a slide's 7:1
 leave-one-patient-out fold) with one seed, then predicted on each of that training set's test
 slides (so a cross-slice model trained on C2 is trained once and tested on C3 and C4). Each
 test prediction is one row of ``results.csv`` with every metric of
-:func:`stinfer.evaluate.metrics.evaluate_expression`, the domain ARI (:mod:`.domains`) when the
+:func:`stinfer.metrics.evaluate_expression`, the domain ARI (:mod:`.domains`) when the
 slide is annotated, the training and prediction seconds and the peak memory.
 
 Leakage rules are those of :mod:`stinfer.evaluate.protocols`: models receive test slides only
 through :func:`~stinfer.evaluate.protocols.strip_counts`.
 
-Resuming. Each finished cell is written into ``<out>/cells/<cell id>/`` in one atomic rename
+Resuming. Each finished cell is written into ``<out>/cells/<cell id>/`` (the folder layout is
+:mod:`stinfer.evaluate.benchmark_layout`, which the report reads too) in one atomic rename
 (its rows, blue-shift rows, predictions and latents, then ``done.json``), so a run killed at any
 moment leaves only whole cells behind; a rerun with the same ``--out`` skips every cell whose
 folder exists and whose id matches. The id hashes everything the result depends on (cohort
@@ -32,7 +33,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -46,12 +46,22 @@ import pandas as pd
 
 from stinfer.data.patches import PatchSpec, spot_patches
 from stinfer.errors import InputError
+from stinfer.evaluate.benchmark_layout import (
+    CELL_DONE,
+    CELLS_DIR,
+    LATENTS_FILE,
+    MANIFEST,
+    cell_folder,
+    model_label,
+    per_gene_path,
+    prediction_path,
+    safe_name,
+)
 from stinfer.evaluate.protocols import (
     PROTOCOLS,
     EvaluationTask,
     PeakMemory,
     protocol_tasks,
-    slide_id,
     strip_counts,
 )
 from stinfer.evaluate.robustness import (
@@ -61,11 +71,13 @@ from stinfer.evaluate.robustness import (
     degrade_slide_image,
     model_patch_spec,
 )
+from stinfer.io.slide_data import slide_id
+from stinfer.modalities import MODALITIES, MODALITY_ALIASES, canonical_modality
+from stinfer.models import create_model, list_models, model_config, model_type
 
 logger = logging.getLogger("stinfer")
 
 __all__ = [
-    "MODEL_BUILDERS",
     "BenchmarkConfig",
     "CohortSpec",
     "DomainSpec",
@@ -73,23 +85,23 @@ __all__ = [
     "GeneSpec",
     "ModelSpec",
     "RobustnessSpec",
+    "build_model",
     "load_config",
     "parse_config",
     "run_benchmark",
 ]
 
-MANIFEST = "benchmark.json"  # marks a folder as a stinfer benchmark output
-CELLS_DIR = "cells"
-CELL_DONE = "done.json"
 COHORT_FORMATS = ("h5ad", "legacy-st", "synthetic")
 DATA_ROOT = "${data_root}"
-MODE_SUFFIX = {"fused": "", "image": " (image only)", "spatial": " (spatial only)"}
 
 
 # --------------------------------------------------------------------------- configuration
 @dataclass
 class GeneSpec:
-    """The gene panel of a cohort (DESIGN.md "Genes"; :func:`stinfer.preprocess.select_genes`)."""
+    """The gene panel of a cohort.
+
+    Chosen by :func:`stinfer.preprocess.select_genes` as ``docs/DESIGN.md`` "Genes" defines it.
+    """
 
     method: str = "svg"  # STEvs D.1.4: Moran's I SVGs in >= 2 slides; "hvg"; or "list"
     n_genes: int = 300  # STEvs D.1.4 (the paper's panel size)
@@ -123,7 +135,8 @@ class CohortSpec:
 
 @dataclass
 class ModelSpec:
-    """One model of the grid: a registered ``type`` (:data:`MODEL_BUILDERS`) and its options.
+    """One model of the grid: a registered ``type`` (:data:`stinfer.models.MODEL_TYPES`, an
+    expression model) and its options (config overrides, ``preset``; see :func:`build_model`).
 
     ``modes`` (STEvs only) are the inference modes evaluated from one training: ``fused`` and
     the single-modality rows of STEvs Table 5, ``image`` and ``spatial``.
@@ -225,15 +238,16 @@ def _parse_models(raw: Any, source: str) -> list[ModelSpec]:
             raise InputError(f"{source}: models[{index}] needs a `type` (one of {_types()}).")
         entry = dict(entry)
         kind = str(entry.pop("type"))
-        if kind not in MODEL_BUILDERS:
+        if kind not in _types():
             raise InputError(f"{source}: models[{index}].type {kind!r} is not one of {_types()}.")
         name = str(entry.pop("name", kind))
-        modes = tuple(entry.pop("modes", ("fused",)))
-        bad = [mode for mode in modes if mode not in MODE_SUFFIX]
-        if bad or (kind != "stevs" and modes != ("fused",)):
+        given = tuple(entry.pop("modes", ("fused",)))
+        known = [mode for mode in given if mode in MODALITIES or mode in MODALITY_ALIASES]
+        modes = tuple(canonical_modality(mode) for mode in known)
+        if len(known) < len(given) or (kind != "stevs" and modes != ("fused",)):
             raise InputError(
-                f"{source}: models[{index}].modes {list(modes)}: only STEvs has modes, "
-                f"one or more of {list(MODE_SUFFIX)}."
+                f"{source}: models[{index}].modes {list(given)}: only STEvs has modes, "
+                f"one or more of {list(MODALITIES)}."
             )
         protocols = entry.pop("protocols", None)
         models.append(
@@ -282,7 +296,8 @@ def _parse_ablations(raw: Mapping[str, Any], source: str) -> list[ModelSpec]:
 
 
 def _types() -> list[str]:
-    return sorted(MODEL_BUILDERS)
+    """The model types a benchmark runs: every registered expression model."""
+    return sorted(list_models("expression"))
 
 
 def parse_config(
@@ -395,7 +410,7 @@ def load_config(path: str | os.PathLike, data_root: str | os.PathLike | None = N
                                                       # stain_variation, seed
         protocols: [cross_slice, intra_slice]   # and/or leave_one_patient_out
         seeds: [0]
-        models:                       # type: mean | coordinate_knn | feature_ridge | stnet | stevs
+        models:                       # type: an expression model of stinfer.models.list_models()
           - {name: Mean, type: mean}
           - {name: "Ridge (colour)", type: feature_ridge, features: color}
           - {name: STEvs, type: stevs, preset: fast, modes: [fused, image, spatial]}
@@ -417,77 +432,30 @@ def load_config(path: str | os.PathLike, data_root: str | os.PathLike | None = N
 
 
 # --------------------------------------------------------------------------- models
-ModelBuilder = Callable[[list[ad.AnnData], list[str], int, dict[str, Any], list | None], Any]
+def build_model(
+    kind: str,
+    slides: list[ad.AnnData],
+    genes: list[str],
+    seed: int,
+    options: Mapping[str, Any],
+    patches: list | None,
+) -> Any:
+    """A cell's model, created through the registry (:func:`stinfer.models.create_model`).
 
-
-def _build_mean(slides, genes, seed, options, patches):
-    from stinfer.models.baselines import MeanExpression
-
-    _no_options("mean", options)
-    return MeanExpression(slides, genes)
-
-
-def _build_knn(slides, genes, seed, options, patches):
-    from stinfer.models.baselines import CoordinateKNN, CoordinateKNNConfig
-
-    return CoordinateKNN(slides, genes, _dataclass_from(CoordinateKNNConfig, options, "knn"))
-
-
-def _build_ridge(slides, genes, seed, options, patches):
-    from stinfer.models.baselines import PatchFeatureRidge, PatchFeatureRidgeConfig
-
-    options = {"seed": seed, **options}
-    if "alphas" in options:
-        options["alphas"] = tuple(float(a) for a in options["alphas"])
-    config = _dataclass_from(PatchFeatureRidgeConfig, options, "feature_ridge")
-    return PatchFeatureRidge(slides, genes, config, patches=patches)
-
-
-def _build_stnet(slides, genes, seed, options, patches):
-    from stinfer.models.baselines import STNet, stnet_config
-
+    ``kind`` is a registered expression model type; ``options`` the YAML entry's config
+    overrides plus ``preset`` (``fast`` when omitted, for models with presets: the harness
+    runs on CPUs); ``patches`` the training slides' patches (one array each) in the model's
+    patch spec, or ``None``, passed to the models that take them
+    (:attr:`~stinfer.models.ModelType.accepts_patches`). STEvs trains without a progress bar.
+    """
+    entry = model_type(kind)
     options = dict(options)
-    preset = options.pop("preset", "fast")
-    known = {f.name for f in dataclasses.fields(stnet_config(preset))}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise InputError(f"stnet: unknown options {unknown}; valid: {sorted(known)}.")
-    return STNet(slides, genes, stnet_config(preset, seed=seed, **options), patches=patches)
-
-
-def _build_stevs(slides, genes, seed, options, patches):
-    from stinfer.evaluate.ablations import stevs_variant_config
-    from stinfer.models.stevs import STEvs
-
-    options = dict(options)
-    preset = options.pop("preset", "fast")
-    config = stevs_variant_config(preset, options)
-    config.training.trainer.seed = seed
-    config.training.trainer.progress_bar = False
-    return STEvs(slides, genes, config)
-
-
-def _no_options(kind: str, options: Mapping[str, Any]) -> None:
-    if options:
-        raise InputError(f"{kind} takes no options; got {sorted(options)}.")
-
-
-MODEL_BUILDERS: dict[str, ModelBuilder] = {
-    "mean": _build_mean,
-    "coordinate_knn": _build_knn,
-    "feature_ridge": _build_ridge,
-    "stnet": _build_stnet,
-    "stevs": _build_stevs,
-}
-"""``type`` -> ``builder(train_slides, genes, seed, options, train_patches) -> model``.
-
-Every model follows :class:`stinfer.evaluate.protocols.ExpressionModel`. ``train_patches`` are
-the training slides' patches (one array each) in the model's patch spec, or ``None``.
-"""
-
-IMAGE_MODEL_TYPES = {"feature_ridge", "stnet", "stevs"}  # models that read the patch
-QUICK_MODEL_TYPES = {"mean", "coordinate_knn", "feature_ridge"}  # no gradient training
-PATCH_AWARE_BUILDERS = {"feature_ridge", "stnet"}  # builders that accept train_patches
+    preset = options.pop("preset", "fast" if entry.presets else None)
+    config = model_config(kind, preset, seed, **options)
+    if kind == "stevs":
+        config.training.trainer.progress_bar = False
+    extra = {"patches": patches} if entry.accepts_patches else {}
+    return create_model(kind, slides, genes, config=config, **extra)
 
 
 # --------------------------------------------------------------------------- cohorts
@@ -515,7 +483,7 @@ def load_cohort(cohort: CohortSpec, data_dir: Path) -> list[ad.AnnData]:
             if name in cohort.patient_ids:
                 slide.uns["stinfer"]["patient_id"] = str(cohort.patient_ids[name])
     if cohort.image_degradation is not None:
-        degraded_dir = data_dir / _safe(cohort.name) / "degraded"
+        degraded_dir = data_dir / safe_name(cohort.name) / "degraded"
         slides = [
             _degraded(slide, cohort.image_degradation, index, degraded_dir)
             for index, slide in enumerate(slides)
@@ -577,7 +545,7 @@ def _synthetic_cohort(cohort: CohortSpec, data_dir: Path) -> list[ad.AnnData]:
     from stinfer.io.slide_data import prepare_for_h5ad
 
     config = _dataclass_from(SyntheticConfig, cohort.synthetic, f"cohort {cohort.name!r}")
-    folder = data_dir / _safe(cohort.name)
+    folder = data_dir / safe_name(cohort.name)
     marker = folder / "slides.json"
     wanted = json.dumps(dataclasses.asdict(config), sort_keys=True)
     if marker.is_file() and json.loads(marker.read_text()).get("config") == wanted:
@@ -633,13 +601,10 @@ class Cell:
     @property
     def cell_id(self) -> str:
         readable = "__".join(
-            _safe(part) for part in (self.cohort, self.model.name, self.protocol, self.train_name)
+            safe_name(part)
+            for part in (self.cohort, self.model.name, self.protocol, self.train_name)
         )
         return f"{readable}__seed{self.seed}__{self.key[:10]}"
-
-
-def _safe(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._+-]+", "-", str(text)).strip("-") or "x"
 
 
 def _fingerprint(slides: Sequence[ad.AnnData]) -> str:
@@ -667,7 +632,7 @@ def make_cells(
 
     Test tasks of :func:`~stinfer.evaluate.protocols.protocol_tasks` that share a training set
     and seed are merged into one cell (train once, test on each). Cells of the closed-form
-    models (:data:`QUICK_MODEL_TYPES`) come first, then the networks; within each, protocol,
+    models (:attr:`~stinfer.models.ModelType.closed_form`) come first, then the networks; within each, protocol,
     model, training set and seed in config order: every baseline's table fills within minutes,
     and a run stopped early has finished the cheap rows.
     """
@@ -719,7 +684,7 @@ def make_cells(
                         key=key,
                     )
                 )
-    return sorted(cells, key=lambda cell: cell.model.type not in QUICK_MODEL_TYPES)
+    return sorted(cells, key=lambda cell: not model_type(cell.model.type).closed_form)
 
 
 def _robustness_key(config: BenchmarkConfig, model: ModelSpec, protocol: str):
@@ -731,7 +696,7 @@ def _sweeps(config: BenchmarkConfig, model: ModelSpec, protocol: str) -> bool:
     if spec is None or protocol not in spec.protocols:
         return False
     if spec.models is None:
-        return model.type in IMAGE_MODEL_TYPES
+        return model_type(model.type).reads_images
     return model.name in spec.models
 
 
@@ -777,7 +742,7 @@ def _model_options(
 ) -> dict[str, Any]:
     """The model's options with the benchmark's patch spec (and STEvs' patch cache) filled in."""
     options = copy.deepcopy(model_spec.options)
-    if model_spec.type in PATCH_AWARE_BUILDERS and "patch" not in options:
+    if model_type(model_spec.type).accepts_patches and "patch" not in options:
         options["patch"] = config.patch
     elif isinstance(options.get("patch"), Mapping):
         options["patch"] = PatchSpec(**options["patch"])
@@ -822,32 +787,34 @@ def run_cell(
 ) -> None:
     """Train and evaluate one cell; write its outputs into ``folder`` (a fresh directory)."""
     from stinfer.evaluate.domains import domain_labels, domain_recovery
-    from stinfer.evaluate.metrics import evaluate_anndata
+    from stinfer.metrics import evaluate_anndata
 
-    builder = MODEL_BUILDERS[cell.model.type]
+    entry = model_type(cell.model.type)
     options = _model_options(cell.model, config, store.cache_dir)
     rows, sweep_rows, predictions, per_gene = [], [], {}, {}
     cpu_start = time.process_time()
     with PeakMemory() as memory:
         start = time.perf_counter()
         train_patches = None
-        if cell.model.type in PATCH_AWARE_BUILDERS:
+        if entry.accepts_patches:
             spec = options.get("patch", config.patch)
             train_patches = [store.of(slide, spec) for slide in cell.train_slides]
             if any(p is None for p in train_patches):
                 train_patches = None
-        model = builder(cell.train_slides, list(genes), cell.seed, options, train_patches)
+        model = build_model(
+            cell.model.type, cell.train_slides, list(genes), cell.seed, options, train_patches
+        )
         fit_info = model.train()
         train_seconds = float(getattr(fit_info, "train_seconds", 0.0) or 0.0)
         train_seconds = train_seconds or time.perf_counter() - start
         spec = model_patch_spec(model)
         for test_name, test_slide in cell.tests:
-            patches = store.of(test_slide, spec) if cell.model.type in IMAGE_MODEL_TYPES else None
+            patches = store.of(test_slide, spec) if entry.reads_images else None
             for mode in cell.model.modes:
                 start = time.perf_counter()
                 prediction = _predict(model, test_slide, mode, patches)
                 predict_seconds = time.perf_counter() - start
-                name = cell.model.name + MODE_SUFFIX[mode]
+                name = model_label(cell.model.name, mode)
                 predictions[(name, test_name)] = prediction
                 evaluation = evaluate_anndata(prediction, test_slide[:, genes])
                 per_gene[(name, test_name)] = evaluation.per_gene
@@ -880,6 +847,7 @@ def run_cell(
                         "train_seconds": train_seconds,
                         "predict_seconds": predict_seconds,
                         "n_train_spots": int(sum(s.n_obs for s in cell.train_slides)),
+                        **_expert_weights(prediction, mode),
                         **cell.extra,
                     }
                 )
@@ -915,7 +883,7 @@ def run_cell(
     pd.DataFrame(rows).to_csv(folder / "rows.csv", index=False)
     (folder / "per_gene").mkdir()
     for (name, test_name), table in per_gene.items():
-        table.to_csv(folder / "per_gene" / f"{_safe(name)}__{_safe(test_name)}.csv")
+        table.to_csv(per_gene_path(folder, name, test_name))
     if sweep_rows:
         pd.concat(sweep_rows, ignore_index=True).to_csv(folder / "robustness.csv", index=False)
     if config.save_predictions:
@@ -923,10 +891,9 @@ def run_cell(
 
         (folder / "predictions").mkdir()
         for (name, test_name), prediction in predictions.items():
-            path = folder / "predictions" / f"{_safe(name)}__{_safe(test_name)}.h5ad"
-            prepare_for_h5ad(prediction).write_h5ad(path)
+            prepare_for_h5ad(prediction).write_h5ad(prediction_path(folder, name, test_name))
     if latents:
-        np.savez_compressed(folder / "latents.npz", **latents)
+        np.savez_compressed(folder / LATENTS_FILE, **latents)
 
 
 # --------------------------------------------------------------------------- the run
@@ -971,8 +938,8 @@ def _prepare_out(out: Path, config: BenchmarkConfig, overwrite: bool, config_tex
 def _collect(out: Path, cells: Sequence[Cell], filename: str) -> pd.DataFrame:
     frames = []
     for cell in cells:
-        path = out / CELLS_DIR / cell.cell_id / filename
-        if (out / CELLS_DIR / cell.cell_id / CELL_DONE).is_file() and path.is_file():
+        path = cell_folder(out, cell.cell_id) / filename
+        if (cell_folder(out, cell.cell_id) / CELL_DONE).is_file() and path.is_file():
             frames.append(pd.read_csv(path, keep_default_na=True))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
@@ -986,6 +953,16 @@ def _write_tables(out: Path, cells: Sequence[Cell]) -> tuple[pd.DataFrame, pd.Da
     if not robustness.empty:
         write_text(robustness.to_csv(index=False), out / "robustness.csv", overwrite=True)
     return results, robustness
+
+
+def _expert_weights(prediction: ad.AnnData, mode: str) -> dict[str, float]:
+    """Mean per-spot precision weight of each expert of a fused STEvs prediction (issue 14:
+    which modality the model trusted on this slide); empty for other models and modes."""
+    from stinfer.models.stevs import EXPERT_WEIGHT_KEYS
+
+    if mode != "fused" or not all(key in prediction.obs for key in EXPERT_WEIGHT_KEYS):
+        return {}
+    return {key: float(prediction.obs[key].mean()) for key in EXPERT_WEIGHT_KEYS}
 
 
 def run_benchmark(
@@ -1040,14 +1017,14 @@ def run_benchmark(
     for cohort in config.cohorts:
         slides = load_cohort(cohort, out / "data")
         genes = cohort_genes(cohort, slides)
-        write_text("\n".join(genes) + "\n", out / f"genes_{_safe(cohort.name)}.txt", True)
+        write_text("\n".join(genes) + "\n", out / f"genes_{safe_name(cohort.name)}.txt", True)
         cohort_data[cohort.name] = (slides, genes)
         say(f"cohort {cohort.name}: {len(slides)} slides, {len(genes)} genes")
         cells = make_cells(config, cohort, slides, genes)
         all_cells += cells
         store = PatchStore(slides, out / "patch_cache")
         for index, cell in enumerate(cells, start=1):
-            folder = out / CELLS_DIR / cell.cell_id
+            folder = cell_folder(out, cell.cell_id)
             label = (
                 f"[{cohort.name} {index}/{len(cells)}] {cell.model.name} | {cell.protocol} | "
                 f"train {cell.train_name} | seed {cell.seed}"
@@ -1087,8 +1064,3 @@ def run_benchmark(
         f"{out / 'results.csv'}, {out / 'summary.md'} and {out / 'figures'}"
     )
     return BenchmarkResult(out, results, robustness, len(all_cells), n_computed, n_reused, files)
-
-
-def cell_folder(out: Path, cell: Cell) -> Path:
-    """Where a cell's outputs live (``out/cells/<cell id>``)."""
-    return Path(out) / CELLS_DIR / cell.cell_id

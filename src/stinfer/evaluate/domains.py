@@ -6,7 +6,7 @@ score the clusters against the annotation with the adjusted Rand index (ARI); cl
 *true* expression of the same spots the same way beside it (the paper's "RNA Counts" row), so a
 model's ARI can be read against what the measured counts themselves give.
 
-The clustering is :func:`stinfer.evaluate.metrics.cluster_domains` (log1p-CP10k over the gene
+The clustering is :func:`stinfer.metrics.cluster_domains` (log1p-CP10k over the gene
 panel -> PCA -> k-means, or a Gaussian mixture), the one implementation the project has; spots
 without an annotation are left out of both sides.
 """
@@ -20,7 +20,8 @@ import numpy as np
 import pandas as pd
 
 from stinfer.errors import InputError
-from stinfer.evaluate.metrics import cluster_ari
+from stinfer.io.slide_data import as_dense
+from stinfer.metrics import cluster_ari
 
 __all__ = ["DOMAIN_METHODS", "domain_labels", "domain_recovery"]
 
@@ -99,5 +100,4 @@ def domain_recovery(
 
 
 def _dense(matrix) -> np.ndarray:
-    array = matrix.toarray() if hasattr(matrix, "toarray") else np.asarray(matrix)
-    return np.clip(np.asarray(array, dtype=np.float64), 0.0, None)
+    return np.clip(as_dense(matrix, np.float64), 0.0, None)

@@ -59,6 +59,7 @@ from stinfer.coexpression.graph import (
     standardise_corpora,
 )
 from stinfer.errors import InputError
+from stinfer.io.slide_data import as_dense
 
 logger = logging.getLogger("stinfer")
 
@@ -121,8 +122,7 @@ def _binary_labels(labels: pd.Series, source: str) -> pd.Series:
 
 def _embedding_frame(embeddings: ad.AnnData | pd.DataFrame) -> pd.DataFrame:
     if isinstance(embeddings, ad.AnnData):
-        matrix = embeddings.X.toarray() if hasattr(embeddings.X, "toarray") else embeddings.X
-        return pd.DataFrame(np.asarray(matrix), index=embeddings.obs_names.astype(str))
+        return pd.DataFrame(as_dense(embeddings.X), index=embeddings.obs_names.astype(str))
     if isinstance(embeddings, pd.DataFrame):
         return embeddings.set_axis(embeddings.index.astype(str), axis=0)
     raise InputError(

@@ -8,16 +8,18 @@ remaining genes) carry nothing of them; the test truth is normalised by the same
 Methods, all through one interface (training-gene targets and embeddings in, test-gene
 predictions in log1p CP10k out):
 
-- ``mean_profile``: every test gene gets the per-spot mean of the training genes' profiles;
-- ``knn``: a test gene's profile is the similarity-weighted mean of the profiles of its ``k``
-  nearest training genes (cosine similarity of standardised embeddings, weights = similarity
-  clipped at 0); ``k`` is chosen by 5-fold cross-validation over the *training* genes only
-  (median PCC), never on the test genes;
+- ``mean_profile``: every test gene gets the per-spot mean of the training genes' profiles
+  (:func:`stinfer.models.gene_baselines.mean_profile`);
+- ``knn`` (:func:`stinfer.models.gene_baselines.knn_profiles`): a test gene's profile is the
+  similarity-weighted mean of the profiles of its ``k`` nearest training genes (cosine
+  similarity of standardised embeddings, weights = similarity clipped at 0); ``k`` is chosen
+  by 5-fold cross-validation over the *training* genes only (median PCC,
+  :func:`~stinfer.models.gene_baselines.choose_knn_k`), never on the test genes;
 - ``coxformer``: :class:`stinfer.models.coxformer_spatial.CoxFormerSpatial`;
 - ``coxformer_shuffled``: the same model with the embedding table's rows permuted among genes
   (seeded): if the embeddings carry the signal, this must be worse.
 
-Metrics (:func:`held_out_metrics`, from :mod:`stinfer.evaluate.metrics`): per-gene PCC and SCC
+Metrics (:func:`held_out_metrics`, from :mod:`stinfer.metrics`): per-gene PCC and SCC
 on log1p CP10k (median, mean; constant genes count 0) and MSE = mean of
 ``(log1p(pred) - log1p(truth))^2`` in CP10k, i.e. the squared error in log1p CP10k.
 """
@@ -35,22 +37,20 @@ import numpy as np
 import pandas as pd
 
 from stinfer.errors import InputError
-from stinfer.evaluate.metrics import mse_log1p, per_gene_pearson, per_gene_spearman
+from stinfer.io.slide_data import panel_counts, spot_coordinates_px
+from stinfer.metrics import mse_log1p, per_gene_pearson, per_gene_spearman
+from stinfer.modalities import canonical_modality
+from stinfer.models.gene_baselines import KNN_CANDIDATES, choose_knn_k, knn_profiles, mean_profile
+from stinfer.preprocess import normalise_log1p_cp10k
 
 logger = logging.getLogger("stinfer")
 
 __all__ = [
-    "KNN_CANDIDATES",
-    "choose_knn_k",
     "held_out_genes_evaluation",
     "held_out_metrics",
-    "knn_profiles",
-    "mean_profile",
     "shuffle_embeddings",
     "split_genes",
 ]
-
-KNN_CANDIDATES = (5, 10, 20, 50, 100, 200, 500)
 
 
 def split_genes(
@@ -90,88 +90,7 @@ def held_out_metrics(pred_log1p: np.ndarray, truth_log1p: np.ndarray) -> dict[st
     }
 
 
-# --------------------------------------------------------------------------- baselines
-def mean_profile(train_targets: np.ndarray, n_test: int) -> np.ndarray:
-    """``(S, n_test)``: the per-spot mean of the training genes' profiles, for every test gene."""
-    profile = np.asarray(train_targets, dtype=np.float64).mean(axis=1, keepdims=True)
-    return np.repeat(profile, n_test, axis=1)
-
-
-def _unit_rows(vectors: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return vectors / np.where(norms > 0, norms, 1.0)
-
-
-def _nearest(similarity: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's ``k`` most similar columns, most similar first: ``(index, similarity)``,
-    both ``(n_rows, k)``; one partial sort serves every smaller ``k`` (take the first ones)."""
-    k = min(k, similarity.shape[1])
-    top = np.argpartition(-similarity, k - 1, axis=1)[:, :k]
-    values = np.take_along_axis(similarity, top, axis=1)
-    order = np.argsort(-values, axis=1, kind="stable")
-    return np.take_along_axis(top, order, axis=1), np.take_along_axis(values, order, axis=1)
-
-
-def _knn_weights(index: np.ndarray, similarity: np.ndarray, k: int, n_columns: int) -> np.ndarray:
-    """``(n_rows, n_columns)`` row-normalised weights on the first ``k`` of ``index`` (the
-    similarity clipped at 0, plus 1e-12 so a row of non-positive similarities averages), in
-    the similarity's dtype. Dense: a BLAS product with it beats a sparse one down to about 1
-    weight in 40."""
-    k = min(k, index.shape[1])
-    weights = np.clip(similarity[:, :k], 0.0, None) + 1e-12
-    weights /= weights.sum(axis=1, keepdims=True)
-    dense = np.zeros((index.shape[0], n_columns), dtype=weights.dtype)
-    np.put_along_axis(dense, index[:, :k], weights, axis=1)
-    return dense
-
-
-def knn_profiles(
-    train_targets: np.ndarray,
-    train_embeddings: np.ndarray,
-    query_embeddings: np.ndarray,
-    k: int,
-) -> np.ndarray:
-    """``(S, n_query)``: similarity-weighted mean profile of each query's ``k`` nearest genes."""
-    similarity = _unit_rows(query_embeddings) @ _unit_rows(train_embeddings).T
-    index, values = _nearest(similarity, k)
-    weights = _knn_weights(index, values, k, similarity.shape[1])
-    return np.asarray(train_targets, dtype=np.float64) @ weights.T
-
-
-def choose_knn_k(
-    train_targets: np.ndarray,
-    train_embeddings: np.ndarray,
-    candidates: Sequence[int] = KNN_CANDIDATES,
-    n_folds: int = 5,
-    seed: int = 0,
-) -> tuple[int, dict[int, float]]:
-    """``k`` with the best median PCC in ``n_folds``-fold CV over the training genes only.
-
-    Returns ``(best k, {k: mean over folds of the median PCC})``; candidates larger than a
-    fold's training genes are capped. Each fold sorts its queries' neighbours once, for the
-    largest ``k``; the products run in ``train_targets``' dtype (float32 targets: float32
-    products, half the time of float64 on a CPU).
-    """
-    train_targets = np.asarray(train_targets)
-    if train_targets.dtype not in (np.float32, np.float64):
-        train_targets = train_targets.astype(np.float64)
-    n_genes = train_targets.shape[1]
-    folds = np.array_split(np.random.default_rng([seed, 7]).permutation(n_genes), n_folds)
-    unit = _unit_rows(train_embeddings).astype(train_targets.dtype)
-    scores: dict[int, list[float]] = {int(k): [] for k in candidates}
-    for fold in folds:
-        inner = np.setdiff1d(np.arange(n_genes), fold)
-        index, values = _nearest(unit[fold] @ unit[inner].T, max(scores))
-        inner_targets, fold_targets = train_targets[:, inner], train_targets[:, fold]
-        for k in scores:
-            pred = inner_targets @ _knn_weights(index, values, k, len(inner)).T
-            pcc, _ = per_gene_pearson(pred, fold_targets)
-            scores[k].append(float(np.median(pcc)))
-    means = {k: float(np.mean(v)) for k, v in scores.items()}
-    best = max(means, key=lambda k: (means[k], -k))
-    return best, means
-
-
+# --------------------------------------------------------------------------- the control
 def shuffle_embeddings(table: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
     """The embedding table with its rows permuted among genes (same genes, wrong vectors)."""
     order = np.random.default_rng([seed, 11]).permutation(len(table))
@@ -182,7 +101,7 @@ def shuffle_embeddings(table: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
 def held_out_genes_evaluation(
     slide: ad.AnnData,
     gene_embeddings: Any,
-    modality: str = "location",
+    modality: str = "spatial",
     config: Any = None,
     test_fraction: float = 0.2,
     seed: int = 0,
@@ -197,11 +116,13 @@ def held_out_genes_evaluation(
     Parameters
     ----------
     slide
-        A slide with raw counts (``X``) and ``obsm["spatial"]`` (an image for ``image``/``both``).
+        A slide with raw counts (``X``) and ``obsm["spatial"]`` (an image for ``image``/``fused``).
     gene_embeddings
         Anything :class:`~stinfer.models.coxformer_spatial.CoxFormerSpatial` accepts.
     modality, config
-        Passed to the model (``config``: a preset name or a config).
+        Passed to the model (``modality``: ``spatial``, ``image`` or ``fused``, or an older name
+        that :func:`stinfer.modalities.canonical_modality` accepts; ``config``: a preset name or
+        a config).
     test_fraction, seed
         The seeded split of the measured genes (:func:`split_genes`); ``seed`` also seeds the
         models and the shuffled control.
@@ -228,6 +149,7 @@ def held_out_genes_evaluation(
         standardise_embeddings,
     )
 
+    modality = canonical_modality(modality)
     config = replace(coxformer_spatial_config(config), seed=seed)
     table = embedding_table(gene_embeddings)
     if genes is None:
@@ -301,7 +223,7 @@ def held_out_genes_evaluation(
     result.layers["truth"] = truth.astype(np.float32)
     for name, values in layers.items():
         result.layers[name] = np.asarray(values, dtype=np.float32)
-    result.obsm["spatial"] = np.asarray(slide.obsm["spatial"], dtype=np.float64)
+    result.obsm["spatial"] = spot_coordinates_px(slide)
     if "stinfer" in slide.uns:
         result.uns["stinfer"] = dict(slide.uns["stinfer"])
     result.uns["coxformer_spatial"] = {
@@ -324,10 +246,5 @@ def held_out_genes_evaluation(
 
 def _test_truth(slide: ad.AnnData, genes: Sequence[str], totals: np.ndarray) -> np.ndarray:
     """log1p CP10k of the test ``genes``, divided by the visible genes' spot ``totals``."""
-    import scipy.sparse as sp
-
-    from stinfer.preprocess import normalize_log1p_cp10k
-
-    block = slide[:, list(genes)].X
-    block = block.toarray() if sp.issparse(block) else np.asarray(block)
-    return normalize_log1p_cp10k(block.astype(np.float64), spot_totals=totals)
+    block = panel_counts(slide, genes, dtype=np.float64)
+    return normalise_log1p_cp10k(block, spot_totals=totals)

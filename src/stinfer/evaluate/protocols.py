@@ -4,10 +4,10 @@ Every expression model (STEvs and the baselines) follows one interface, :class:`
 built from training slides and a gene list, ``train()``, then ``predict(slide, patches=None)``.
 :func:`run_protocol` runs a model factory under a protocol and returns one row per
 (model, protocol, train slice, test slice, seed) with every metric of
-:func:`stinfer.evaluate.metrics.evaluate_expression`, the training and prediction seconds and
+:func:`stinfer.metrics.evaluate_expression`, the training and prediction seconds and
 the peak memory; :func:`aggregate` reduces them to mean +/- sd over pairs and seeds.
 
-Leakage rules (DESIGN.md):
+Leakage rules (``docs/DESIGN.md`` "Protocols"):
 
 - **cross-slice** (train on one slice of a group of serial sections, test on every other) and
   **leave-one-patient-out**: the model only ever receives test slides through
@@ -36,7 +36,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from stinfer.errors import InputError
-from stinfer.io.slide_data import slide_meta
+from stinfer.io.slide_data import SPLIT_KEY, slide_id
 
 logger = logging.getLogger("stinfer")
 
@@ -54,12 +54,8 @@ __all__ = [
     "leave_one_patient_out",
     "protocol_tasks",
     "run_protocol",
-    "slide_id",
     "strip_counts",
 ]
-
-SPLIT_KEY = "stinfer_split"
-"""``obs`` column marking each training spot ``"train"`` or ``"val"`` (intra-slice protocol)."""
 
 INTRA_SLICE_RATIOS = (0.7, 0.1, 0.2)  # STEvs D.2.1: 7:1:2 train/val/test spots of one slice
 PROTOCOLS = ("intra_slice", "cross_slice", "leave_one_patient_out")
@@ -112,11 +108,6 @@ ModelFactory = Callable[[list[ad.AnnData], list[str], int], ExpressionModel]
 
 
 # --------------------------------------------------------------------------- slides
-def slide_id(slide: ad.AnnData) -> str:
-    """The slide's ``uns["stinfer"]["sample_id"]``."""
-    return str(slide_meta(slide)["sample_id"])
-
-
 def _slides_by_id(slides: Sequence[ad.AnnData] | Mapping[str, ad.AnnData]) -> dict[str, ad.AnnData]:
     if isinstance(slides, Mapping):
         return {str(k): v for k, v in slides.items()}
@@ -389,7 +380,7 @@ def _run_task(
     model_name: str | None,
     predictions: dict | None,
 ) -> dict[str, Any]:
-    from stinfer.evaluate.metrics import evaluate_anndata
+    from stinfer.metrics import evaluate_anndata
 
     truth = task.test_slide
     missing = [gene for gene in genes if gene not in truth.var_names]
@@ -461,7 +452,7 @@ def run_protocol(
     -------
     pandas.DataFrame
         Columns ``model, protocol, train_slice, test_slice, seed``, every scalar of
-        :class:`~stinfer.evaluate.metrics.ExpressionMetrics`, ``train_seconds``,
+        :class:`~stinfer.metrics.ExpressionMetrics`, ``train_seconds``,
         ``predict_seconds``, ``peak_rss_mb`` (peak RSS of the process during training and
         prediction, see :class:`PeakMemory`), ``peak_gpu_mb`` (NaN without CUDA), and for
         intra-slice ``n_train``, ``n_val``.

@@ -23,7 +23,16 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from stinfer.evaluate.benchmark_layout import (
+    CELL_DONE,
+    LATENTS_FILE,
+    cell_folder,
+    model_label,
+    prediction_path,
+    safe_name,
+)
 from stinfer.evaluate.protocols import aggregate
+from stinfer.io.slide_data import as_dense, slide_id
 
 logger = logging.getLogger("stinfer")
 
@@ -188,6 +197,31 @@ def _robustness_table(sweep: pd.DataFrame, metric: str) -> str:
     return "\n".join(lines)
 
 
+def _expert_weight_table(rows: pd.DataFrame, order: Sequence[str]) -> list[str]:
+    """Lines of the "which expert did fused STEvs trust" table: mean per-spot PoE weight of the
+    image expert per model and test slice (a weight near 0 means the coordinates decided)."""
+    if "image_expert_weight" not in rows or rows["image_expert_weight"].isna().all():
+        return []
+    weights = rows.dropna(subset=["image_expert_weight"])
+    table = weights.pivot_table(
+        index="model", columns="test_slice", values="image_expert_weight", aggfunc="mean"
+    )
+    table = table.reindex([m for m in order if m in table.index])
+    table["all"] = weights.groupby("model")["image_expert_weight"].mean()
+    header = "| model | " + " | ".join(f"test {c}" if c != "all" else c for c in table.columns)
+    lines = [
+        "",
+        "Which expert the fused model trusted: mean per-spot image-expert weight of the product "
+        "of experts (the coordinate expert has 1 minus it), by test slice:",
+        "",
+        header + " |",
+        "|---" * (len(table.columns) + 1) + "|",
+    ]
+    for model, values in table.iterrows():
+        lines.append(f"| {model} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
+    return lines
+
+
 def summary_markdown(
     config: Any, results: pd.DataFrame, robustness: pd.DataFrame, command: str | None = None
 ) -> str:
@@ -203,7 +237,8 @@ def summary_markdown(
         lines += ["", f"Reproduce: `{command}`"]
     lines += [
         "",
-        "Metrics (DESIGN.md): MSE of log1p counts; PCC / SCC = median over genes of the per-gene "
+        "Metrics (docs/DESIGN.md, section Metrics): MSE of log1p counts; PCC / SCC = median "
+        "over genes of the per-gene "
         "Pearson / Spearman correlation (constant genes count as 0); -dn = the same after "
         "normalising prediction and truth per spot over the panel (log1p CP10k); HEST PCC = mean "
         "PCC of the 50 most variable genes (normalised); ARI = k-means of the predicted "
@@ -236,6 +271,7 @@ def summary_markdown(
                 if protocol != "intra_slice":
                     lines += ["", "Per (train, test) pair:", ""]
                     lines += ["\n\n".join(_pair_tables(models, order))]
+                lines += _expert_weight_table(models, order)
             if not ablations.empty:
                 stats = _ordered(aggregate(ablations, by=("model",)), order)
                 lines += ["", "Ablations (STEvs Tables 3-4):", ""]
@@ -297,8 +333,6 @@ def _first_cell(cells: Sequence[Any], cohort: str, pair: tuple[str, str] | None)
 def _load_predictions(
     out: Path, cells, cohort, protocol, train, test, seed
 ) -> dict[str, ad.AnnData]:
-    from stinfer.evaluate.benchmark import CELL_DONE, MODE_SUFFIX, _safe, cell_folder
-
     predictions = {}
     for cell in cells:
         if (cell.cohort, cell.protocol, cell.train_name, cell.seed) != (
@@ -308,12 +342,12 @@ def _load_predictions(
             seed,
         ):
             continue
-        folder = cell_folder(out, cell)
+        folder = cell_folder(out, cell.cell_id)
         if cell.model.group != "model" or not (folder / CELL_DONE).is_file():
             continue
         for mode in cell.model.modes:
-            name = cell.model.name + MODE_SUFFIX[mode]
-            path = folder / "predictions" / f"{_safe(name)}__{_safe(test)}.h5ad"
+            name = model_label(cell.model.name, mode)
+            path = prediction_path(folder, name, test)
             if path.is_file():
                 predictions[name] = ad.read_h5ad(path)
     return predictions
@@ -322,7 +356,7 @@ def _load_predictions(
 def _umap_groups(slides: Mapping[str, ad.AnnData], names: list[str], genes, domain_key):
     """Slice labels and domain labels (annotation, or k-means of the true counts) per spot."""
     from stinfer.evaluate.domains import domain_labels
-    from stinfer.evaluate.metrics import cluster_domains
+    from stinfer.metrics import cluster_domains
 
     slice_labels, domains, source = [], [], "domain"
     annotated = all(domain_labels(slides[n], domain_key) is not None for n in names)
@@ -333,14 +367,7 @@ def _umap_groups(slides: Mapping[str, ad.AnnData], names: list[str], genes, doma
             domains += list(domain_labels(slide, domain_key).fillna("unannotated"))
     if not annotated:
         source = "true-count cluster"
-        stacked = np.concatenate(
-            [
-                np.asarray(slides[n][:, genes].X.todense())
-                if hasattr(slides[n].X, "todense")
-                else np.asarray(slides[n][:, genes].X)
-                for n in names
-            ]
-        )
+        stacked = np.concatenate([as_dense(slides[n][:, genes].X) for n in names])
         domains = [f"cluster {k}" for k in cluster_domains(stacked, min(5, len(stacked)))]
     return {"slice": np.array(slice_labels), source: np.array(domains)}
 
@@ -354,8 +381,6 @@ def write_figures(
     cohort_data: Mapping[str, tuple[list[ad.AnnData], list[str]]],
 ) -> list[Path]:
     """Draw every figure into ``out/figures`` (replacing earlier ones); returns the paths."""
-    from stinfer.evaluate.benchmark import _safe
-    from stinfer.evaluate.protocols import slide_id
     from stinfer.plot import (
         plot_blue_shift_curves,
         plot_metric_bars,
@@ -376,7 +401,8 @@ def write_figures(
     for cohort, rows in results.groupby("cohort", sort=False):
         stats = aggregate(rows, by=("model", "protocol"))
         save(
-            plot_metric_bars(stats, figures.metrics, METRIC_LABELS), f"metrics_{_safe(cohort)}.png"
+            plot_metric_bars(stats, figures.metrics, METRIC_LABELS),
+            f"metrics_{safe_name(cohort)}.png",
         )
         slides, genes = cohort_data[cohort]
         by_id = {slide_id(s): s for s in slides}
@@ -395,20 +421,21 @@ def write_figures(
                         fontsize=10,
                         y=1.02,
                     )
-                    save(fig, f"maps_{_safe(cohort)}_{_safe(train)}_to_{_safe(test)}.png")
+                    save(
+                        fig, f"maps_{safe_name(cohort)}_{safe_name(train)}_to_{safe_name(test)}.png"
+                    )
         if figures.umap:
             written += _umap_figures(out, cells, cohort, by_id, genes, config, save)
         sweep = robustness[robustness["cohort"] == cohort] if not robustness.empty else robustness
         if not sweep.empty:
             save(
                 plot_blue_shift_curves(sweep, figures.robustness_metric),
-                f"blue_shift_{_safe(cohort)}.png",
+                f"blue_shift_{safe_name(cohort)}.png",
             )
     return written
 
 
 def _umap_figures(out, cells, cohort, by_id, genes, config, save) -> list[Path]:
-    from stinfer.evaluate.benchmark import CELL_DONE, _safe, cell_folder
     from stinfer.plot import plot_latent_umap
 
     domain_key = config.domains.key if config.domains else "domain"
@@ -418,8 +445,9 @@ def _umap_figures(out, cells, cohort, by_id, genes, config, save) -> list[Path]:
             continue
         if cell.model.group != "model" or cell.model.name in done:
             continue
-        path = cell_folder(out, cell) / "latents.npz"
-        if not (cell_folder(out, cell) / CELL_DONE).is_file() or not path.is_file():
+        folder = cell_folder(out, cell.cell_id)
+        path = folder / LATENTS_FILE
+        if not (folder / CELL_DONE).is_file() or not path.is_file():
             continue
         done.add(cell.model.name)
         stored = np.load(path)
@@ -436,5 +464,5 @@ def _umap_figures(out, cells, cohort, by_id, genes, config, save) -> list[Path]:
                 fontsize=10,
                 y=1.03,
             )
-            save(fig, f"umap_{_safe(cohort)}_{_safe(cell.model.name)}_{which}.png")
+            save(fig, f"umap_{safe_name(cohort)}_{safe_name(cell.model.name)}_{which}.png")
     return []

@@ -33,7 +33,8 @@ import pandas as pd
 
 from stinfer.data.patches import PatchSpec, spot_patches
 from stinfer.errors import InputError
-from stinfer.evaluate.protocols import ExpressionModel, slide_id, strip_counts
+from stinfer.evaluate.protocols import ExpressionModel, strip_counts
+from stinfer.io.slide_data import image_pixel_size_um, slide_id, slide_meta
 
 logger = logging.getLogger("stinfer")
 
@@ -136,9 +137,9 @@ def blue_shift_sweep(
     -------
     pandas.DataFrame
         Columns ``model, test_slice, alpha``, every scalar metric of
-        :func:`~stinfer.evaluate.metrics.evaluate_expression` and ``predict_seconds``.
+        :func:`~stinfer.metrics.evaluate_expression` and ``predict_seconds``.
     """
-    from stinfer.evaluate.metrics import evaluate_anndata
+    from stinfer.metrics import evaluate_anndata
 
     if isinstance(test_slides, Mapping):
         by_id = {str(k): v for k, v in test_slides.items()}
@@ -355,10 +356,8 @@ def degrade_slide_image(
         When the slide has no image, its image is missing, or its pixel size is unknown and
         needed.
     """
-    from stinfer.io.slide_data import slide_meta
-
     meta = slide_meta(slide)
-    name = str(meta["sample_id"])
+    name = slide_id(slide)
     if meta["image_path"] is None:
         raise InputError(f"slide {name!r} has no image (uns['stinfer']['image_path']) to degrade.")
     if isinstance(index, bool) or not isinstance(index, int | np.integer) or index < 0:
@@ -370,9 +369,7 @@ def degrade_slide_image(
         raise InputError(
             f"slide {name!r}: image {source} not found; check uns['stinfer']['image_path']."
         ) from error
-    file_pixel_size_um = None
-    if meta["pixel_size_um"] is not None:
-        file_pixel_size_um = float(meta["pixel_size_um"]) / float(meta["image_scale"])
+    file_pixel_size_um = image_pixel_size_um(slide)
     if degradation.needs_pixel_size and file_pixel_size_um is None:
         raise InputError(
             f"slide {name!r}: its pixel size is unknown (uns['stinfer']['pixel_size_um'] is "

@@ -34,6 +34,7 @@ import pandas as pd
 
 from stinfer.errors import InputError
 from stinfer.io.atomic import atomic_output
+from stinfer.io.slide_data import as_dense
 
 __all__ = [
     "EMBEDDING_FORMATS",
@@ -244,7 +245,7 @@ def read_gene_embeddings(path: str | os.PathLike, format: str | None = None) -> 
         raise FileNotFoundError(2, "no such embedding file", str(path))
     if kind == "h5ad":
         adata = ad.read_h5ad(path)
-        matrix = adata.X.toarray() if hasattr(adata.X, "toarray") else adata.X
+        matrix = as_dense(adata.X)
         provenance = dict(adata.uns.get(UNS_KEY, {}))
         provenance.pop("source", None)
         provenance.pop("format", None)
@@ -295,10 +296,7 @@ def write_gene_embeddings(
     existing file unless ``overwrite`` (:func:`stinfer.io.atomic.atomic_output`).
     """
     kind = embedding_format(path, format)
-    matrix = (
-        embeddings.X.toarray() if hasattr(embeddings.X, "toarray") else np.asarray(embeddings.X)
-    )
-    matrix = matrix.astype(np.float32)
+    matrix = as_dense(embeddings.X, np.float32)
     genes = [str(g) for g in embeddings.obs_names]
     with atomic_output(path, overwrite) as tmp:
         if kind == "h5ad":

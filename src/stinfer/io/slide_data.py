@@ -14,13 +14,20 @@ Every reader ends in :func:`make_slide`, so every slide stinfer hands out looks 
 named by ``image_path`` (1.0 for a full-resolution image, ``tissue_hires_scalef`` for a Visium
 hires PNG), so regions are always requested in full-resolution coordinates and read in the
 right pixel space.
+
+Everything else reads a slide through the accessors here, so the layout is interpreted in one
+place: :func:`slide_meta` and :func:`slide_id` (metadata and name), :func:`spot_coordinates_px`
+and :func:`spot_coordinates_um` (spot centres), :func:`image_pixel_size_um` (microns per pixel
+of the image file), :func:`check_genes`, :func:`panel_counts` and :func:`panel_counts_csr`
+(counts of a gene panel), :func:`as_dense` and :func:`as_csr` (dense/sparse conversion), and
+:data:`SPLIT_KEY` (the training/validation mark on spots).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import anndata as ad
@@ -41,6 +48,14 @@ SLIDE_META_KEYS = (
     "source_format",  # str: visium | visium-hd | legacy-st | h5ad | hest | synthetic
     "notes",  # list[str]: what the reader dropped, renamed or assumed
 )
+
+SPLIT_KEY = "stinfer_split"
+"""``obs`` column marking each training spot ``"train"`` or ``"val"``.
+
+Written by the intra-slice protocol (:func:`stinfer.evaluate.protocols.intra_slice_split`) and
+read by models that stop early or select a model on validation spots (e.g.
+:class:`stinfer.models.baselines.STNet`); models that do not need it ignore the column.
+"""
 
 
 def name_list(names: Sequence[object], limit: int = 12) -> str:
@@ -216,6 +231,107 @@ def prepare_for_h5ad(slide: ad.AnnData) -> ad.AnnData:
     return out
 
 
+# --------------------------------------------------------------------------- reading a slide
+def slide_id(slide: ad.AnnData, default: str | None = None) -> str:
+    """The slide's name, ``uns["stinfer"]["sample_id"]``.
+
+    ``default`` is returned for an AnnData without that metadata or with an empty id (e.g. a
+    slide built elsewhere, named in a message); without a ``default`` such an AnnData raises
+    the :class:`InputError` of :func:`slide_meta`.
+    """
+    meta = getattr(slide, "uns", {}).get("stinfer")
+    if default is not None and not (isinstance(meta, Mapping) and meta.get("sample_id")):
+        return default
+    return str(slide_meta(slide)["sample_id"])
+
+
+def spot_coordinates_px(slide: ad.AnnData) -> np.ndarray:
+    """Spot centres ``(n_spots, 2)`` float64 (x, y) in full-resolution pixels (``obsm["spatial"]``).
+
+    Raises :class:`InputError` when the slide has no coordinates or they are not ``(n, 2)``.
+    """
+    if "spatial" not in slide.obsm:
+        raise InputError("slide has no obsm['spatial'] spot coordinates; read it with stinfer.io.")
+    spatial = np.asarray(slide.obsm["spatial"], dtype=np.float64)
+    if spatial.ndim != 2 or spatial.shape[1] != 2:
+        raise InputError(f"obsm['spatial'] has shape {spatial.shape}; expected (n_spots, 2).")
+    return spatial
+
+
+def spot_coordinates_um(slide: ad.AnnData, centre_px: np.ndarray | None = None) -> np.ndarray:
+    """Spot centres ``(n_spots, 2)`` float64 in microns when the pixel size is known.
+
+    ``(obsm["spatial"] - centre_px) * uns["stinfer"]["pixel_size_um"]``; ``centre_px``
+    (full-resolution pixels, default none) moves the origin, e.g. to the spot centroid so that
+    serial sections placed at different positions on their slides line up. Without a pixel
+    size the coordinates stay in pixels, and slides of different resolutions are not
+    comparable.
+    """
+    spatial = spot_coordinates_px(slide)
+    if centre_px is not None:
+        spatial = spatial - np.asarray(centre_px, dtype=np.float64)
+    pixel_size_um = slide_meta(slide)["pixel_size_um"]
+    return spatial * (1.0 if pixel_size_um is None else float(pixel_size_um))
+
+
+def image_pixel_size_um(slide: ad.AnnData) -> float | None:
+    """Microns per pixel of the slide's image file (``pixel_size_um / image_scale``), or ``None``.
+
+    ``None`` when the slide's pixel size is unknown (the image file may still know its own).
+    """
+    meta = slide_meta(slide)
+    if meta["pixel_size_um"] is None:
+        return None
+    return float(meta["pixel_size_um"]) / float(meta["image_scale"])
+
+
+def check_genes(slide: ad.AnnData, genes: Sequence[str]) -> None:
+    """Raise :class:`InputError` naming the slide and the first genes of ``genes`` it lacks."""
+    missing = pd.Index([str(gene) for gene in genes]).difference(slide.var_names)
+    if len(missing):
+        raise InputError(
+            f"slide {slide_id(slide, default='slide')!r} lacks {len(missing)} of the "
+            f"{len(genes)} genes (e.g. {name_list(missing, limit=3)}); choose genes every slide "
+            "measures (align the gene panels first)."
+        )
+
+
+def panel_counts(
+    slide: ad.AnnData, genes: Sequence[str], dtype: np.dtype | type = np.float32
+) -> np.ndarray:
+    """Dense ``(n_spots, len(genes))`` counts of ``genes``, in that order, from ``X``.
+
+    ``dtype`` float32 (default: counts are whole numbers, exact up to 2^24) or float64 (for
+    arithmetic that needs it). Raises :class:`InputError` (:func:`check_genes`) when the slide
+    lacks some of the genes.
+    """
+    check_genes(slide, genes)
+    return as_dense(slide[:, list(genes)].X, dtype)
+
+
+def panel_counts_csr(slide: ad.AnnData, genes: Sequence[str]) -> sp.csr_matrix:
+    """float32 CSR ``(n_spots, len(genes))`` counts of ``genes``: :func:`panel_counts`, kept sparse."""
+    check_genes(slide, genes)
+    return as_csr(slide[:, list(genes)].X)
+
+
+def as_dense(matrix: sp.spmatrix | np.ndarray, dtype: np.dtype | type | None = None) -> np.ndarray:
+    """``matrix`` as a numpy array (densified when sparse), in ``dtype`` when one is given.
+
+    No copy when ``matrix`` is already a numpy array of that dtype.
+    """
+    array = matrix.toarray() if sp.issparse(matrix) else np.asarray(matrix)
+    return array if dtype is None else array.astype(dtype, copy=False)
+
+
+def as_csr(matrix: sp.spmatrix | np.ndarray) -> sp.csr_matrix:
+    """float32 CSR of ``matrix`` (a dense array is converted once; sparse input is not densified)."""
+    if sp.issparse(matrix):
+        return sp.csr_matrix(matrix, dtype=np.float32)
+    return sp.csr_matrix(np.asarray(matrix, dtype=np.float32))
+
+
+# --------------------------------------------------------------------------- files
 def require_file(path: str | os.PathLike, what: str) -> Path:
     """Return ``path`` as a Path, or raise :func:`missing_file_error` when it does not exist."""
     path = Path(path)

@@ -5,7 +5,7 @@
 
 - **JPEG / PNG** (:class:`PillowSlide`): only the header is read when the slide is opened.
   A JPEG cannot be decoded in part, so the first region read decodes the whole image once
-  (imagecodecs' libjpeg-turbo for RGB/grayscale JPEGs, else Pillow)
+  (imagecodecs' libjpeg-turbo for RGB/greyscale JPEGs, else Pillow)
   and keeps the decoded array for the life of the :class:`SlideImage` (about
   ``width * height * 3`` bytes; 275 MB for a 9,300 x 9,900 HER2ST section); every later region
   is a numpy slice of that array, so extracting thousands of patches decodes the file once.
@@ -29,7 +29,7 @@ Conventions shared by every back-end:
   read starts at level-``k`` pixel ``round(x / downsample), round(y / downsample)`` (half up);
 - pixels outside the image are **white** (255), so regions at or beyond a border keep their
   requested shape;
-- output is always ``(height, width, 3)`` ``uint8`` RGB: grayscale is repeated to three
+- output is always ``(height, width, 3)`` ``uint8`` RGB: greyscale is repeated to three
   channels, an alpha channel is dropped (not composited), 16-bit images are scaled by
   ``255 / 65535`` and float images are taken as 0-1 and scaled by 255;
 - ``pixel_size_um`` is microns per **level-0 pixel of this file** (note: a slide AnnData's
@@ -92,7 +92,7 @@ def round_half_up(values: np.ndarray | float) -> np.ndarray:
 def to_rgb_uint8(pixels: np.ndarray) -> np.ndarray:
     """Return an ``(h, w, 3)`` uint8 RGB view or copy of ``(h, w)`` or ``(h, w, c)`` pixels.
 
-    One channel is repeated to three; two channels are gray + alpha (alpha dropped); four
+    One channel is repeated to three; two channels are grey + alpha (alpha dropped); four
     are RGBA (alpha dropped). ``uint16`` is scaled by 255/65535, floats are clipped to 0-1 and
     scaled by 255, booleans map to 0/255.
     """
@@ -105,7 +105,7 @@ def to_rgb_uint8(pixels: np.ndarray) -> np.ndarray:
         pixels = pixels[:, :, :3]
     else:
         raise InputError(
-            f"image has {channels} channels; stinfer reads RGB(A) or grayscale H&E images."
+            f"image has {channels} channels; stinfer reads RGB(A) or greyscale H&E images."
         )
     if pixels.dtype == np.uint8:
         return pixels
@@ -369,12 +369,12 @@ def _pillow_pixels(image, band_rows: int = 1024) -> np.ndarray:
 
 
 def _decode_jpeg(path: Path) -> np.ndarray | None:
-    """Decode a whole RGB or grayscale JPEG with imagecodecs (libjpeg-turbo), or ``None``.
+    """Decode a whole RGB or greyscale JPEG with imagecodecs (libjpeg-turbo), or ``None``.
 
     The pixels equal Pillow's (same library, same IDCT), but decoding straight into one numpy
-    array is about ten times faster than Pillow's decode plus copy and needs a third of the
-    peak memory (measured on a 9,300 x 9,900 HER2ST section: 0.2 vs 1.7 CPU s, 0.3 vs
-    0.9 GB). ``None`` (then Pillow decodes) when imagecodecs is missing or refuses the file.
+    array is much faster than Pillow's decode plus copy and needs less peak memory (figures
+    for a HER2ST section in ``docs/results.md``). ``None`` (then Pillow decodes) when
+    imagecodecs is missing or refuses the file.
     """
     try:
         import imagecodecs

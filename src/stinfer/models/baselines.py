@@ -25,22 +25,29 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import anndata as ad
 import lightning as L
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 import torch
 
 from stinfer.data.patches import PatchSpec, spot_patches
 from stinfer.errors import InputError
-from stinfer.evaluate.protocols import SPLIT_KEY
-from stinfer.io.slide_data import slide_meta
+from stinfer.io.slide_data import (
+    SPLIT_KEY,
+    check_genes,
+    panel_counts,
+    slide_id,
+    spot_coordinates_px,
+    spot_coordinates_um,
+)
 from stinfer.train import FitResult, TrainerConfig, fit
 
 logger = logging.getLogger("stinfer")
@@ -56,27 +63,11 @@ __all__ = [
     "STNet",
     "STNetConfig",
     "prediction_anndata",
-    "slide_coordinates_um",
-    "slide_expression",
     "stnet_config",
 ]
 
 
 # --------------------------------------------------------------------------- shared helpers
-def _slide_name(slide: ad.AnnData) -> str:
-    meta = slide.uns.get("stinfer") or {}
-    return str(meta.get("sample_id", "slide"))
-
-
-def _check_genes(slide: ad.AnnData, genes: Sequence[str]) -> None:
-    missing = pd.Index(genes).difference(slide.var_names)
-    if len(missing):
-        raise InputError(
-            f"slide {_slide_name(slide)!r} lacks {len(missing)} of the {len(genes)} genes "
-            f"(e.g. {list(missing[:3])}); choose genes present in every training slide."
-        )
-
-
 def _check_slides(train_slides: Sequence[ad.AnnData], genes: Sequence[str]) -> tuple[list, list]:
     slides = list(train_slides) if not isinstance(train_slides, ad.AnnData) else [train_slides]
     genes = [str(gene) for gene in genes]
@@ -85,21 +76,13 @@ def _check_slides(train_slides: Sequence[ad.AnnData], genes: Sequence[str]) -> t
     if not genes or len(set(genes)) != len(genes):
         raise InputError("genes must be a non-empty list of distinct gene names.")
     for slide in slides:
-        _check_genes(slide, genes)
+        check_genes(slide, genes)
     return slides, genes
-
-
-def slide_expression(slide: ad.AnnData, genes: Sequence[str]) -> np.ndarray:
-    """Dense ``(n_spots, n_genes)`` float32 counts of ``genes`` (in that order) from ``X``."""
-    _check_genes(slide, genes)
-    matrix = slide[:, list(genes)].X
-    matrix = matrix.toarray() if sp.issparse(matrix) else np.asarray(matrix)
-    return np.asarray(matrix, dtype=np.float32)
 
 
 def _training_log1p(slides: Sequence[ad.AnnData], genes: Sequence[str]) -> np.ndarray:
     """log1p counts of every training spot, slides stacked in order, float32."""
-    return np.log1p(np.concatenate([slide_expression(slide, genes) for slide in slides]))
+    return np.log1p(np.concatenate([panel_counts(slide, genes) for slide in slides]))
 
 
 def prediction_anndata(
@@ -137,30 +120,6 @@ def _counts_from_log1p(log_expression: np.ndarray, log_max: np.ndarray | None = 
     return np.clip(np.expm1(log_expression), 0.0, None).astype(np.float32)
 
 
-def slide_coordinates_um(
-    slide: ad.AnnData, centre: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Spot coordinates centred on the slide's spot centroid, in microns when known.
-
-    ``obsm["spatial"]`` (full-resolution pixels) minus ``centre`` (default: the mean spot
-    position), times ``uns["stinfer"]["pixel_size_um"]`` when the slide has it (else left in
-    pixels, and slides of different resolutions are not comparable). Centring aligns serial
-    sections placed at different positions on their slides; it does not undo rotation.
-
-    Returns
-    -------
-    coordinates : numpy.ndarray
-        ``(n_spots, 2)`` float64.
-    centre : numpy.ndarray
-        ``(2,)`` the centre used, in pixels.
-    """
-    spatial = np.asarray(slide.obsm["spatial"], dtype=np.float64)
-    centre = spatial.mean(axis=0) if centre is None else np.asarray(centre, dtype=np.float64)
-    pixel_size_um = slide_meta(slide)["pixel_size_um"]
-    scale = 1.0 if pixel_size_um is None else float(pixel_size_um)
-    return (spatial - centre) * scale, centre
-
-
 def _slide_patches(
     slide: ad.AnnData, spec: PatchSpec, cache_dir: str | None, patches: np.ndarray | None = None
 ) -> np.ndarray:
@@ -169,9 +128,10 @@ def _slide_patches(
         return spot_patches(slide, spec, cache_dir=cache_dir)
     patches = np.asarray(patches)
     if patches.ndim != 4 or patches.shape[:2] != (slide.n_obs, 3) or patches.dtype != np.uint8:
+        name = slide_id(slide, default="slide")
         raise InputError(
-            f"patches for slide {_slide_name(slide)!r} must be ({slide.n_obs}, 3, H, W) uint8 in "
-            f"spot order, got {patches.shape} {patches.dtype}."
+            f"patches for slide {name!r} must be ({slide.n_obs}, 3, H, W) uint8 in spot order, "
+            f"got {patches.shape} {patches.dtype}."
         )
     return patches
 
@@ -186,6 +146,37 @@ def _training_patches(
     return [
         _slide_patches(slide, spec, cache_dir, p) for slide, p in zip(slides, patches, strict=True)
     ]
+
+
+def _save_baseline(
+    model: Any,
+    directory: str | os.PathLike,
+    overwrite: bool,
+    arrays: Mapping[str, np.ndarray | torch.Tensor],
+    state: Mapping[str, Any] | None = None,
+    module: torch.nn.Module | None = None,
+) -> Path:
+    """Save a baseline in the one saved-model format (:mod:`stinfer.models.persistence`):
+    its config and genes in ``config.json``, its fitted arrays in ``weights.safetensors``."""
+    from stinfer.models.persistence import write_model_folder
+
+    state = {"genes": list(model.genes), **(state or {})}
+    config = dataclasses.asdict(model.config)
+    return write_model_folder(directory, model.model_type, config, state, module, arrays, overwrite)
+
+
+def _load_baseline(cls: type, config_class: type, directory: str | os.PathLike) -> tuple[Any, Any]:
+    """``(model without its fitted values, SavedModel)`` of a folder saved by ``cls.save``."""
+    from stinfer.models.configs import override_config
+    from stinfer.models.persistence import read_saved_model
+
+    saved = read_saved_model(directory, cls.model_type)
+    model = cls.__new__(cls)
+    model.train_slides = []
+    model.genes = [str(gene) for gene in saved.state["genes"]]
+    model.config = override_config(config_class(), saved.config, cls.model_type)
+    model._train_patches = None
+    return model, saved
 
 
 # --------------------------------------------------------------------------- mean expression
@@ -208,6 +199,8 @@ class MeanExpression:
         The genes to predict, present in every training slide.
     """
 
+    model_type = "mean"  # the registry name (stinfer.models.registry), saved in config.json
+
     def __init__(
         self,
         train_slides: Sequence[ad.AnnData],
@@ -221,7 +214,7 @@ class MeanExpression:
     def train(self) -> FitResult:
         """Average the counts over the training spots; returns the wall time."""
         start = time.perf_counter()
-        counts = np.concatenate([slide_expression(s, self.genes) for s in self.train_slides])
+        counts = np.concatenate([panel_counts(s, self.genes) for s in self.train_slides])
         self.mean_counts_ = counts.mean(axis=0, dtype=np.float64).astype(np.float32)
         return FitResult(train_seconds=time.perf_counter() - start)
 
@@ -231,6 +224,19 @@ class MeanExpression:
             raise RuntimeError("call train() before predict().")
         expression = np.broadcast_to(self.mean_counts_, (slide.n_obs, len(self.genes)))
         return prediction_anndata(slide, self.genes, expression)
+
+    def save(self, directory: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write ``config.json`` and ``weights.safetensors`` (the mean counts) into ``directory``."""
+        if self.mean_counts_ is None:
+            raise RuntimeError("call train() before save().")
+        return _save_baseline(self, directory, overwrite, {"mean_counts": self.mean_counts_})
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> MeanExpression:
+        """Load a model written by :meth:`save`."""
+        model, saved = _load_baseline(cls, MeanExpressionConfig, directory)
+        model.mean_counts_ = saved.tensors()["mean_counts"].numpy()
+        return model
 
 
 # --------------------------------------------------------------------------- coordinates k-NN
@@ -245,12 +251,16 @@ class CoordinateKNNConfig:
 class CoordinateKNN:
     """k-nearest-neighbour regression from spot coordinates to log1p counts (spatial only).
 
-    Coordinates are normalised per slide by :func:`slide_coordinates_um` (centred on the spot
-    centroid, microns when the pixel size is known); a slide whose ``sample_id`` is one of the
+    Coordinates are normalised per slide by :func:`stinfer.io.slide_data.spot_coordinates_um`
+    (centred on the spot centroid, microns when the pixel size is known: centring aligns serial
+    sections placed at different positions on their slides, it does not undo rotation); a
+    slide whose ``sample_id`` is one of the
     training slides' (intra-slice: its held-out spots) is centred with that training slide's
     centre, so held-out spots land exactly where they were. The prediction averages the
     neighbours' log1p counts and back-transforms with ``expm1``.
     """
+
+    model_type = "coordinate_knn"  # the registry name, saved in config.json
 
     def __init__(
         self,
@@ -265,31 +275,62 @@ class CoordinateKNN:
                 f"CoordinateKNNConfig.n_neighbors must be >= 1, got {self.config.n_neighbors}."
             )
         self.centres_: dict[str, np.ndarray] = {}
+        self.train_coordinates_: np.ndarray | None = None
+        self.train_log1p_: np.ndarray | None = None
         self.regressor_ = None
 
     def train(self) -> FitResult:
         """Fit sklearn's ``KNeighborsRegressor`` on the pooled training spots."""
-        from sklearn.neighbors import KNeighborsRegressor
-
         start = time.perf_counter()
         coordinates = []
         for slide in self.train_slides:
-            xy, centre = slide_coordinates_um(slide)
-            self.centres_[_slide_name(slide)] = centre
-            coordinates.append(xy)
-        features = np.concatenate(coordinates)
-        n_neighbors = min(self.config.n_neighbors, len(features))
-        self.regressor_ = KNeighborsRegressor(n_neighbors=n_neighbors, weights=self.config.weights)
-        self.regressor_.fit(features, _training_log1p(self.train_slides, self.genes))
+            centre = spot_coordinates_px(slide).mean(axis=0)
+            self.centres_[slide_id(slide, default="slide")] = centre
+            coordinates.append(spot_coordinates_um(slide, centre))
+        self.train_coordinates_ = np.concatenate(coordinates)
+        self.train_log1p_ = _training_log1p(self.train_slides, self.genes)
+        self._fit_regressor()
         return FitResult(train_seconds=time.perf_counter() - start)
 
     def predict(self, slide: ad.AnnData, patches: np.ndarray | None = None) -> ad.AnnData:
         """Average log1p counts of the k nearest training spots (``patches`` is ignored)."""
         if self.regressor_ is None:
             raise RuntimeError("call train() before predict().")
-        xy, _ = slide_coordinates_um(slide, self.centres_.get(_slide_name(slide)))
+        centre = self.centres_.get(slide_id(slide, default="slide"))
+        if centre is None:  # not a training slide: centred on its own spot centroid
+            centre = spot_coordinates_px(slide).mean(axis=0)
+        xy = spot_coordinates_um(slide, centre)
         log_expression = self.regressor_.predict(xy).reshape(slide.n_obs, len(self.genes))
         return prediction_anndata(slide, self.genes, _counts_from_log1p(log_expression))
+
+    def _fit_regressor(self) -> None:
+        """sklearn's regressor on the training coordinates and log1p counts (also on load)."""
+        from sklearn.neighbors import KNeighborsRegressor
+
+        n_neighbors = min(self.config.n_neighbors, len(self.train_coordinates_))
+        self.regressor_ = KNeighborsRegressor(n_neighbors=n_neighbors, weights=self.config.weights)
+        self.regressor_.fit(self.train_coordinates_, self.train_log1p_)
+
+    def save(self, directory: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write ``config.json`` (genes, slide centres) and ``weights.safetensors`` (the
+        training coordinates and their log1p counts; the regressor is refitted on load)."""
+        if self.regressor_ is None:
+            raise RuntimeError("call train() before save().")
+        arrays = {"coordinates": self.train_coordinates_, "log1p_counts": self.train_log1p_}
+        centres = {name: [float(v) for v in centre] for name, centre in self.centres_.items()}
+        return _save_baseline(self, directory, overwrite, arrays, {"centres": centres})
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> CoordinateKNN:
+        """Load a model written by :meth:`save`."""
+        model, saved = _load_baseline(cls, CoordinateKNNConfig, directory)
+        tensors = saved.tensors()
+        model.train_coordinates_ = tensors["coordinates"].numpy()
+        model.train_log1p_ = tensors["log1p_counts"].numpy()
+        centres = saved.state.get("centres", {})
+        model.centres_ = {name: np.asarray(xy, dtype=np.float64) for name, xy in centres.items()}
+        model._fit_regressor()
+        return model
 
 
 # --------------------------------------------------------------------------- feature ridge
@@ -333,6 +374,8 @@ class PatchFeatureRidge:
         array per slide, same order); default: extracted with ``config.patch``.
     """
 
+    model_type = "feature_ridge"  # the registry name, saved in config.json
+
     def __init__(
         self,
         train_slides: Sequence[ad.AnnData],
@@ -350,13 +393,16 @@ class PatchFeatureRidge:
         self._train_patches = patches
         self.backbone_ = None
         if self.config.features == "backbone":
-            from stinfer.data.features import create_backbone
-
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.config.seed)
-                self.backbone_ = create_backbone(self.config.backbone, self.config.pretrained)
-        self.pipeline_ = None
+            self.backbone_ = self._create_backbone(self.config.pretrained)
+        self.probe_: dict[str, np.ndarray] | None = None
         self.log_max_: np.ndarray | None = None
+
+    def _create_backbone(self, pretrained: str | None) -> torch.nn.Module:
+        from stinfer.nn.encoders import create_backbone
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.seed)
+            return create_backbone(self.config.backbone, pretrained)
 
     def features(self, patches: np.ndarray) -> np.ndarray:
         """``(n_spots, n_features)`` float32 features of uint8 patches (the configured extractor)."""
@@ -388,13 +434,22 @@ class PatchFeatureRidge:
         targets = _training_log1p(self.train_slides, self.genes)
         self.log_max_ = targets.max(axis=0)
         n_components = min(self.config.n_components, features.shape[0], features.shape[1])
-        self.pipeline_ = make_pipeline(
+        pipeline = make_pipeline(
             StandardScaler(),
             PCA(n_components=n_components, random_state=self.config.seed),
             RidgeCV(alphas=self.config.alphas, alpha_per_target=self.config.alpha_per_gene),
         )
-        self.pipeline_.fit(features, targets)
-        alpha = np.atleast_1d(self.pipeline_[-1].alpha_)
+        pipeline.fit(features, targets)
+        scaler, pca, ridge = pipeline
+        self.probe_ = {
+            "scaler_mean": scaler.mean_,
+            "scaler_scale": scaler.scale_,
+            "pca_mean": pca.mean_,
+            "pca_components": pca.components_,
+            "ridge_coef": np.atleast_2d(ridge.coef_),
+            "ridge_intercept": np.atleast_1d(ridge.intercept_),
+        }
+        alpha = np.atleast_1d(ridge.alpha_)
         logger.info(
             "PatchFeatureRidge(%s): %d spots, %d features -> %d PCs, alpha %s",
             self.config.features,
@@ -408,14 +463,50 @@ class PatchFeatureRidge:
 
     def predict(self, slide: ad.AnnData, patches: np.ndarray | None = None) -> ad.AnnData:
         """Predicted counts of every spot; ``patches`` replace the slide's own when given."""
-        if self.pipeline_ is None:
+        if self.probe_ is None:
             raise RuntimeError("call train() before predict().")
         patches = _slide_patches(slide, self.config.patch, self.config.patch_cache_dir, patches)
-        log_expression = self.pipeline_.predict(self.features(patches).astype(np.float64))
+        log_expression = self._probe(self.features(patches).astype(np.float64))
         log_expression = log_expression.reshape(slide.n_obs, len(self.genes))
         return prediction_anndata(
             slide, self.genes, _counts_from_log1p(log_expression, self.log_max_)
         )
+
+    def _probe(self, features: np.ndarray) -> np.ndarray:
+        """log1p predictions of the fitted scaler -> PCA -> ridge, from their arrays (the steps
+        of sklearn's ``transform``/``predict``, so a loaded model needs no pickled estimator)."""
+        probe = self.probe_
+        standardised = (features - probe["scaler_mean"]) / probe["scaler_scale"]
+        components = (standardised - probe["pca_mean"]) @ probe["pca_components"].T
+        return components @ probe["ridge_coef"].T + probe["ridge_intercept"]
+
+    def save(self, directory: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write ``config.json`` and ``weights.safetensors`` (the scaler, PCA and ridge arrays,
+        the log1p clip and, for ``features="backbone"``, the backbone's weights)."""
+        if self.probe_ is None:
+            raise RuntimeError("call train() before save().")
+        arrays = {**self.probe_, "log_max": self.log_max_}
+        if self.backbone_ is not None:
+            state = self.backbone_.state_dict()
+            arrays.update({f"backbone.{key}": value for key, value in state.items()})
+        return _save_baseline(self, directory, overwrite, arrays)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> PatchFeatureRidge:
+        """Load a model written by :meth:`save` (the backbone from its saved weights)."""
+        model, saved = _load_baseline(cls, PatchFeatureRidgeConfig, directory)
+        tensors = saved.tensors()
+        model.log_max_ = tensors.pop("log_max").numpy()
+        prefix = "backbone."
+        backbone = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        model.probe_ = {k: v.numpy() for k, v in tensors.items() if not k.startswith(prefix)}
+        model.backbone_ = None
+        if model.config.features == "backbone":
+            model.config.pretrained = None  # the saved weights replace any initial weights
+            model.backbone_ = model._create_backbone(None)
+            model.backbone_.load_state_dict(backbone)
+            model.backbone_.eval()
+        return model
 
 
 # --------------------------------------------------------------------------- ST-Net
@@ -498,7 +589,8 @@ class STNetModule(L.LightningModule):
         augment: bool = True,
     ) -> None:
         super().__init__()
-        from stinfer.data.features import backbone_data_config, create_backbone
+        from stinfer.data.features import backbone_data_config
+        from stinfer.nn.encoders import create_backbone
 
         self.backbone = create_backbone(backbone, pretrained)
         self.head = torch.nn.Linear(int(self.backbone.num_features), n_genes)
@@ -556,6 +648,8 @@ class STNet:
     >>> model = STNet(slides, genes, stnet_config("fast"))  # doctest: +SKIP
     >>> model.train(); prediction = model.predict(test_slide)  # doctest: +SKIP
     """
+
+    model_type = "stnet"  # the registry name (stinfer.models.registry), saved in config.json
 
     def __init__(
         self,
@@ -674,3 +768,29 @@ class STNet:
         return prediction_anndata(
             slide, self.genes, _counts_from_log1p(log_expression, self.log_max_)
         )
+
+    def save(self, directory: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write ``config.json`` and ``weights.safetensors`` (the network's weights and the
+        training maximum of each gene's log1p count that clips predictions) into ``directory``."""
+        arrays = {} if self.log_max_ is None else {"log_max": self.log_max_}
+        return _save_baseline(self, directory, overwrite, arrays, module=self.module)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> STNet:
+        """Load a model written by :meth:`save` (safetensors: no pickle is executed)."""
+        model, saved = _load_baseline(cls, STNetConfig, directory)
+        model.config.pretrained = None  # the saved weights replace any initial weights
+        tensors = saved.tensors()
+        log_max = tensors.pop("log_max", None)
+        model.log_max_ = None if log_max is None else log_max.numpy()
+        model.module = STNetModule(
+            model.config.backbone,
+            len(model.genes),
+            None,
+            model.config.learning_rate,
+            model.config.weight_decay,
+            model.config.augment,
+        )
+        model.module.load_state_dict(tensors)
+        model.module.eval()
+        return model

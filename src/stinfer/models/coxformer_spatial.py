@@ -13,11 +13,12 @@ What the model sees
 - **Genes**: each embedding dimension is standardised over every gene of the table (mean 0,
   sd 1: no label is used, so unseen genes are standardised alike), then scaled by
   ``1/sqrt(dim)`` so a gene vector has norm about 1 whatever the table's width.
-- **Spots**: ``location``: centres scaled to ``[-1, 1]`` over the slide's extent (a new slide
-  by its own extent); ``image``: per-spot image features computed once per slide
+- **Spots** (the modality, :mod:`stinfer.modalities`; the older names ``location`` and
+  ``both`` are accepted): ``spatial``: centres scaled to ``[-1, 1]`` over the slide's extent (a
+  new slide by its own extent); ``image``: per-spot image features computed once per slide
   (``image_features="vit"``: a timm ViT whose patch tokens are averaged over the spot's patch,
   ``"handcrafted"``: :func:`stinfer.data.features.handcrafted_features`, the choice without
-  pretrained weights), or an array the caller passes; ``both``: the two.
+  pretrained weights), or an array the caller passes; ``fused``: the two.
 - **Memory**: the training genes' log1p CP10k on the slide being predicted, which the gene
   token attends over (:meth:`CoxFormerSpatial.memory_targets`): on the training slide its
   targets, on a new slide that measures every training gene their measurements there, on
@@ -44,7 +45,7 @@ parameters are kept at the epoch that predicted them best (:class:`stinfer.train
 
 Examples
 --------
->>> model = CoxFormerSpatial(slide, "genes.h5ad", modality="location", config="fast")  # doctest: +SKIP
+>>> model = CoxFormerSpatial(slide, "genes.h5ad", modality="spatial", config="fast")  # doctest: +SKIP
 >>> model.train()                                                                    # doctest: +SKIP
 >>> imputed = model.impute(["ERBB2", "GRB7"])  # AnnData, X = log1p CP10k           # doctest: +SKIP
 """
@@ -65,23 +66,22 @@ import anndata as ad
 import lightning as L
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from stinfer.errors import InputError
-from stinfer.evaluate.metrics import cluster_ari, cluster_domains
-from stinfer.io.atomic import atomic_output
-from stinfer.io.slide_data import slide_meta
-from stinfer.models.persistence import read_model_config, read_model_weights, write_model_files
+from stinfer.io.slide_data import as_dense, panel_counts, slide_meta, spot_coordinates_px
+from stinfer.metrics import cluster_ari, cluster_domains
+from stinfer.modalities import canonical_modality
+from stinfer.models.gene_baselines import choose_knn_k
+from stinfer.models.persistence import LEGACY_LAYOUTS, read_saved_model, write_model_folder
 from stinfer.nn.coxformer import (
-    MODALITIES,
     CoxFormerSpatialModule,
     GeneAttentionReadout,
     aggregate_sub_spots,
     weighted_huber_loss,
 )
-from stinfer.preprocess import normalize_log1p_cp10k
+from stinfer.preprocess import normalise_log1p_cp10k
 from stinfer.train import (
     BestWeights,
     EMAEarlyStopping,
@@ -108,7 +108,6 @@ __all__ = [
 
 IMAGE_FEATURES = ("vit", "handcrafted")
 LOSSES = ("weighted_huber", "mse")
-MODEL_FILES = ("config.json", "weights.safetensors", "state.json", "embeddings.npy")
 
 
 # --------------------------------------------------------------------------- configuration
@@ -222,17 +221,17 @@ class CoxFormerSpatialConfig:
           to the squared error of log1p CP10k, the quantity the held-out-gene protocol
           scores. S3's loss gives the zero entries half the weight whatever their share; on
           a synthetic slide, fitting the attention to it lowered the held-out genes' loss
-          (1.25 to 1.05) while their MSE doubled (2.0 to 4.1) and their median PCC fell
-          (0.616 to 0.535); on the squared error both improved. The spot decoder keeps S3's
+          while their MSE and median PCC got worse; on the squared error both improved
+          (``docs/results.md`` "CoxFormer spatial readout"). The spot decoder keeps S3's
           loss (on the squared error its sub-spot detail fell apart in the tests);
         - ``attention_dropout`` 0 (S3's dropout, 0.1) on the spot attention's probabilities
-          only: it draws ``heads x group_size^2`` random numbers per layer and step, about
-          ten times the cost of the rest of the spot attention on a CPU (see
+          only: it draws ``heads x group_size^2`` random numbers per layer and step, which
+          costs more on a CPU than the rest of the spot attention (see
           :class:`~stinfer.nn.coxformer.SpotContext`); the residual and feed-forward dropout
           stay at 0.1;
         - ``image_features="handcrafted"`` (a ViT): without pretrained weights a random ViT's
-          features carry less than colour and texture statistics, and they cost minutes on a
-          CPU.
+          features carry less than colour and texture statistics, and they are slow to
+          compute on a CPU.
         """
         config = cls(
             d_model=128,
@@ -302,8 +301,7 @@ def embedding_table(gene_embeddings: ad.AnnData | pd.DataFrame | str | os.PathLi
 
         gene_embeddings = read_gene_embeddings(gene_embeddings)
     if isinstance(gene_embeddings, ad.AnnData):
-        matrix = gene_embeddings.X
-        matrix = matrix.toarray() if sp.issparse(matrix) else np.asarray(matrix)
+        matrix = as_dense(gene_embeddings.X)
         table = pd.DataFrame(matrix, index=gene_embeddings.obs_names.astype(str))
     elif isinstance(gene_embeddings, pd.DataFrame):
         table = gene_embeddings.copy()
@@ -339,16 +337,13 @@ def standardise_embeddings(table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray,
 
 # --------------------------------------------------------------------------- data: spots
 def slide_log1p_cp10k(slide: ad.AnnData, genes: Sequence[str]) -> np.ndarray:
-    """``(n_spots, len(genes))`` float32 log1p-CP10k of ``genes``, totals over all slide genes."""
-    counts = slide.X
-    totals = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
-    columns = slide.var_names.get_indexer(list(genes))
-    if (columns < 0).any():
-        missing = [g for g, c in zip(genes, columns, strict=True) if c < 0]
-        raise InputError(f"slide: {len(missing)} genes are not measured (e.g. {missing[:5]}).")
-    block = counts[:, columns]
-    block = block.toarray() if sp.issparse(block) else np.asarray(block)
-    return normalize_log1p_cp10k(block.astype(np.float64), spot_totals=totals).astype(np.float32)
+    """``(n_spots, len(genes))`` float32 log1p-CP10k of ``genes``, totals over all slide genes.
+
+    Raises :class:`InputError` naming the genes the slide does not measure.
+    """
+    totals = np.asarray(slide.X.sum(axis=1), dtype=np.float64).ravel()
+    block = panel_counts(slide, genes, dtype=np.float64)
+    return normalise_log1p_cp10k(block, spot_totals=totals).astype(np.float32)
 
 
 def measured_genes(
@@ -380,7 +375,7 @@ def tile_patches(patches: np.ndarray, grid: int) -> np.ndarray:
     return np.ascontiguousarray(tiles.reshape(n * grid * grid, channels, th, tw))
 
 
-def patch_spec_for(slide: ad.AnnData, patch_size_px: int):
+def patch_spec_for(patch_size_px: int):
     """The :class:`~stinfer.data.patches.PatchSpec` of spot patches (``patch_size_px`` file px)."""
     from stinfer.data.patches import PatchSpec
 
@@ -388,20 +383,14 @@ def patch_spec_for(slide: ad.AnnData, patch_size_px: int):
 
 
 def vit_token_mean_backbone(name: str, pretrained: str | os.PathLike | None) -> torch.nn.Module:
-    """A timm ViT returning the mean of its patch tokens (``global_pool="avg"``, no classifier)."""
-    import timm
+    """A timm ViT returning the mean of its patch tokens (``global_pool="avg"``, no classifier).
 
-    from stinfer.nn.pretrained import load_matching_weights, timm_checkpoint_filter
+    Built by :func:`stinfer.nn.encoders.create_backbone` (``pretrained``: ``None``, ``"hub"``
+    or a local weights file), at the model's own input size.
+    """
+    from stinfer.nn.encoders import create_backbone
 
-    try:
-        model = timm.create_model(
-            name, pretrained=pretrained == "hub", num_classes=0, global_pool="avg"
-        )
-    except (RuntimeError, TypeError) as error:
-        raise InputError(f"timm cannot create backbone {name!r}: {error}") from error
-    if pretrained not in (None, "hub"):
-        load_matching_weights(model, pretrained, transform=timm_checkpoint_filter(model))
-    return model
+    return create_backbone(name, pretrained, global_pool="avg")
 
 
 def slide_image_features(
@@ -419,10 +408,10 @@ def slide_image_features(
     meta = slide_meta(slide) if "stinfer" in slide.uns else {"image_path": None}
     if meta["image_path"] is None:
         raise InputError(
-            f"slide {meta.get('sample_id', '')} has no image; modality 'image'/'both' needs an "
-            "H&E image (or pass image_features=), 'location' does not."
+            f"slide {meta.get('sample_id', '')} has no image; modality 'image'/'fused' needs an "
+            "H&E image (or pass image_features=), 'spatial' does not."
         )
-    patches = spot_patches(slide, patch_spec_for(slide, config.patch_size_px))
+    patches = spot_patches(slide, patch_spec_for(config.patch_size_px))
     if grid > 1:
         patches = tile_patches(patches, grid)
     if config.image_features == "handcrafted":
@@ -607,7 +596,7 @@ class CoxFormerSpatial:
     Parameters
     ----------
     slide
-        One slide (raw counts in ``X``, ``obsm["spatial"]``; an image for ``image``/``both``).
+        One slide (raw counts in ``X``, ``obsm["spatial"]``; an image for ``image``/``fused``).
     gene_embeddings
         Gene embeddings: AnnData (obs = genes, e.g. from ``stinfer embed-genes``), a DataFrame
         (genes x dims) or a file readable by :func:`stinfer.io.gene_embeddings.read_gene_embeddings`.
@@ -615,7 +604,8 @@ class CoxFormerSpatial:
         Genes to learn from; default every gene of the slide with an embedding detected in at
         least ``config.min_spot_fraction`` of the spots.
     modality
-        ``"location"``, ``"image"`` or ``"both"``.
+        ``"spatial"`` (spot coordinates), ``"image"`` or ``"fused"`` (both); the older
+        ``"location"`` and ``"both"`` mean ``"spatial"`` and ``"fused"``.
     config
         A :class:`CoxFormerSpatialConfig` or a preset name (``"paper"``, ``"fast"``).
     image_features
@@ -633,17 +623,18 @@ class CoxFormerSpatial:
         genes, ``config.validation_fraction`` of the training genes), when there were any.
     """
 
+    model_type = "coxformer_spatial"  # the registry name, saved in config.json
+
     def __init__(
         self,
         slide: ad.AnnData,
         gene_embeddings: ad.AnnData | pd.DataFrame | str | os.PathLike,
         train_genes: Sequence[str] | None = None,
-        modality: str = "location",
+        modality: str = "spatial",
         config: CoxFormerSpatialConfig | str | None = None,
         image_features: np.ndarray | None = None,
     ) -> None:
-        if modality not in MODALITIES:
-            raise InputError(f"modality must be one of {MODALITIES}, got {modality!r}.")
+        modality = canonical_modality(modality)
         self.config = coxformer_spatial_config(config)
         self.modality = modality
         self.slide = slide
@@ -658,11 +649,11 @@ class CoxFormerSpatial:
         self.targets = slide_log1p_cp10k(slide, self.train_genes)
         self.attention_top_k = self._attention_top_k()
         self.n_sub = int(self.config.sub_spot_grid) ** 2
-        coords = np.asarray(slide.obsm["spatial"], dtype=np.float64)
+        coords = spot_coordinates_px(slide)
         self.coordinate_centre, self.coordinate_half_extent = coordinate_frame(coords)
         self.image_in_dim: int | None = None
         self._slide_features = None
-        if modality != "location":
+        if modality != "spatial":
             features = self._image_features(slide, image_features)
             self.image_in_dim = int(features.shape[1])
             self._slide_features = features
@@ -692,15 +683,13 @@ class CoxFormerSpatial:
     def _attention_top_k(self) -> int:
         """``config.attention_top_k``, ``"auto"`` resolved by cross-validation over genes.
 
-        The k of :func:`stinfer.evaluate.held_out_genes.choose_knn_k`: 5-fold CV over the
+        The k of :func:`stinfer.models.gene_baselines.choose_knn_k`: 5-fold CV over the
         training genes only (median PCC of each fold's genes predicted from the others).
         """
         self.knn_cv_scores: dict[int, float] | None = None
         k = self.config.attention_top_k
         if k != "auto" or self.config.gene_conditioning != "attention":
             return 0 if k == "auto" else int(k)
-        from stinfer.evaluate.held_out_genes import choose_knn_k
-
         vectors = self.gene_vectors(self.train_genes)
         best, scores = choose_knn_k(self.targets, vectors, seed=self.config.seed)
         self.knn_cv_scores = scores  # the k-NN baseline of the same genes reuses them
@@ -759,7 +748,7 @@ class CoxFormerSpatial:
         self, slide: ad.AnnData, image_features: np.ndarray | None, same_slide: bool
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, np.ndarray]:
         """Module inputs for every (sub-)spot of ``slide`` and their pixel coordinates."""
-        coords = np.asarray(slide.obsm["spatial"], dtype=np.float64)
+        coords = spot_coordinates_px(slide)
         if self.n_sub > 1:
             pitch = spot_step_px(coords) if slide.n_obs > 1 else self.config.patch_size_px
             side = min(float(self.config.patch_size_px), pitch)
@@ -768,12 +757,12 @@ class CoxFormerSpatial:
         if same_slide:
             centre, half = self.coordinate_centre, self.coordinate_half_extent
         else:
-            centre, half = coordinate_frame(np.asarray(slide.obsm["spatial"], dtype=np.float64))
+            centre, half = coordinate_frame(spot_coordinates_px(slide))
         location = None
         if self.modality != "image":
             location = torch.from_numpy(((coords - centre) / half).astype(np.float32))
         features = None
-        if self.modality != "location":
+        if self.modality != "spatial":
             if same_slide and image_features is None and self._slide_features is not None:
                 raw = self._slide_features
             else:
@@ -995,8 +984,8 @@ class CoxFormerSpatial:
         """Predicted log1p-CP10k of ``genes`` at every spot of ``slide`` (default: the training slide).
 
         Any gene with an embedding works, measured on the slide or not. On a new slide the
-        ``location`` modality reads the new slide's coordinates in its own frame (scaled to
-        its extent) and ``image``/``both`` its image (or ``image_features``). With
+        ``spatial`` modality reads the new slide's coordinates in its own frame (scaled to
+        its extent) and ``image``/``fused`` its image (or ``image_features``). With
         ``sub_spot_grid > 1`` the spot values are the aggregates of the sub-spot predictions.
 
         Returns
@@ -1066,7 +1055,7 @@ class CoxFormerSpatial:
     ) -> tuple[np.ndarray, float | None]:
         """Cluster imputed expression into ``n_regions`` domains; ARI against ``labels`` if given.
 
-        Uses the project's domain clustering (:func:`stinfer.evaluate.metrics.cluster_domains`:
+        Uses the project's domain clustering (:func:`stinfer.metrics.cluster_domains`:
         depth normalisation, PCA, k-means) on the CP10k of the imputed genes (default: the
         training genes). Returns ``(region per spot, ARI or None)``.
         """
@@ -1080,8 +1069,8 @@ class CoxFormerSpatial:
 
     # ----------------------------------------------------------------- persistence
     def save(self, directory: str | os.PathLike, overwrite: bool = False) -> Path:
-        """Write config, weights (safetensors), genes and the embedding table into ``directory``."""
-        directory = write_model_files(directory, self.module, self.config.to_dict(), overwrite)
+        """Write ``config.json`` (config, genes, frames) and ``weights.safetensors`` (the
+        module's weights and the standardised embedding table, ``embeddings``)."""
         record = {
             "modality": self.modality,
             "train_genes": self.train_genes,
@@ -1097,11 +1086,15 @@ class CoxFormerSpatial:
         if self.image_in_dim:
             record["feature_mean"] = [float(v) for v in self.feature_mean]
             record["feature_scale"] = [float(v) for v in self.feature_scale]
-        with atomic_output(directory / "state.json", overwrite) as tmp:
-            tmp.write_text(json.dumps(record))
-        with atomic_output(directory / "embeddings.npy", overwrite) as tmp:
-            np.save(tmp, self.embeddings, allow_pickle=False)
-        return directory
+        return write_model_folder(
+            directory,
+            self.model_type,
+            self.config.to_dict(),
+            record,
+            self.module,
+            {"embeddings": self.embeddings},
+            overwrite,
+        )
 
     @classmethod
     def load(
@@ -1110,20 +1103,26 @@ class CoxFormerSpatial:
         """Load a model written by :meth:`save` (safetensors and JSON: nothing is unpickled).
 
         ``slide`` (optional) becomes the default slide of :meth:`impute`; without it pass
-        ``slide=`` to every call.
+        ``slide=`` to every call. Folders saved before the format had ``model_type``
+        (``state.json`` and ``embeddings.npy``) load too; a folder of another model type is
+        an :class:`InputError`.
         """
-        directory = Path(directory)
-        config = CoxFormerSpatialConfig.from_dict(
-            read_model_config(directory, MODEL_FILES, "CoxFormer spatial model")
-        )
-        record = json.loads((directory / "state.json").read_text())
+        saved = read_saved_model(directory, cls.model_type, LEGACY_LAYOUTS["coxformer_spatial"])
+        config = CoxFormerSpatialConfig.from_dict(saved.config)
+        weights = saved.tensors()
+        if saved.format_version == 0:
+            record = json.loads((saved.directory / "state.json").read_text())
+            embeddings = np.load(saved.directory / "embeddings.npy", allow_pickle=False)
+        else:
+            record = saved.state
+            embeddings = weights.pop("embeddings").numpy()
         model = cls.__new__(cls)
         model.config = config
-        model.modality = record["modality"]
+        model.modality = canonical_modality(record["modality"])  # older saves: location/both
         model.slide = slide
         model.train_genes = list(record["train_genes"])
         model.embedding_genes = pd.Index(record["embedding_genes"])
-        model.embeddings = np.load(directory / "embeddings.npy", allow_pickle=False)
+        model.embeddings = embeddings
         model.embedding_mean = np.asarray(record["embedding_mean"])
         model.embedding_scale = np.asarray(record["embedding_scale"])
         model.image_in_dim = record["image_in_dim"]
@@ -1137,7 +1136,7 @@ class CoxFormerSpatial:
             model.feature_mean = np.asarray(record["feature_mean"], dtype=np.float32)
             model.feature_scale = np.asarray(record["feature_scale"], dtype=np.float32)
         model.module = model._build_module()
-        model.module.load_state_dict(read_model_weights(directory))
+        model.module.load_state_dict(weights)
         model.module.eval()
         model.fit_result = None
         model.early_stopping = None

@@ -82,7 +82,7 @@ from stinfer.coexpression.graph import (
     standardise_corpora,
 )
 from stinfer.errors import InputError
-from stinfer.io.atomic import atomic_output, check_writable
+from stinfer.io.atomic import check_writable
 from stinfer.io.gene_embeddings import (
     embeddings_to_anndata,
     read_gene_embeddings,
@@ -245,6 +245,10 @@ def split_corpus_cells(
     return graph_parts, label_parts
 
 
+EMBEDDINGS_FILE = "embeddings.h5ad"  # the embeddings of a saved model, readable on their own
+_ARRAYS = ("graph_", "completion_", "completed_")  # saved arrays beside the autoencoder's weights
+
+
 class CoxFormerEmbeddings:
     """CoxFormer gene embeddings learnt from co-expression in AnnData corpora.
 
@@ -261,6 +265,8 @@ class CoxFormerEmbeddings:
     >>> genes = model.get_embeddings()          # AnnData: obs = genes, X = 512-d vectors
     >>> model.completion.scores["r2"], model.autoencoder_result.final_mse
     """
+
+    model_type = "coxformer_embeddings"  # the registry name, saved in config.json
 
     def __init__(self, config: GeneEmbeddingConfig | None = None) -> None:
         self.config = config or GeneEmbeddingConfig.paper()
@@ -437,47 +443,54 @@ class CoxFormerEmbeddings:
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
-        """Save into the folder ``path``: ``embeddings.h5ad``, ``autoencoder.pt`` (state dict),
-        ``graph.npz`` and ``completed.npz`` (sparse), ``config.json``. Each file is written
-        atomically; existing files are refused unless ``overwrite``."""
+        """Save into the folder ``path`` in the one saved-model format
+        (:mod:`stinfer.models.persistence`): ``config.json`` (config, timings, gene names),
+        ``weights.safetensors`` (the autoencoder's weights, the graph's edges, the completion
+        and the completed matrix as CSR arrays) and ``embeddings.h5ad`` (the embeddings with
+        their per-gene columns and provenance). Each file is written atomically; existing
+        files are refused unless ``overwrite``."""
+        from stinfer.models.persistence import CONFIG_FILE, WEIGHTS_FILE, write_model_folder
+
         self._check_trained()
         folder = Path(path)
         if folder.exists() and not folder.is_dir():
             raise InputError(f"{folder}: exists and is not a folder.")
-        names = ("embeddings.h5ad", "autoencoder.pt", "graph.npz", "completed.npz", "config.json")
-        for name in names:
+        for name in (EMBEDDINGS_FILE, WEIGHTS_FILE, CONFIG_FILE):
             check_writable(folder / name, overwrite)
         folder.mkdir(parents=True, exist_ok=True)
-        write_gene_embeddings(self._embeddings, folder / "embeddings.h5ad", overwrite=overwrite)
-        with atomic_output(folder / "autoencoder.pt", overwrite) as tmp:
-            torch.save(self.autoencoder.state_dict(), tmp)
-        with atomic_output(folder / "graph.npz", overwrite) as tmp:
-            np.savez_compressed(
-                tmp,
-                gene_names=np.asarray(self.graph.gene_names, dtype=str),
-                gene=self.graph.gene,
-                partner=self.graph.partner,
-                correlation=self.graph.correlation,
-                top_k=self.graph.top_k,
-                measured=self.completion.measured,
-                prediction=self.completion.prediction,
-            )
-        with atomic_output(folder / "completed.npz", overwrite) as tmp:
-            sp.save_npz(tmp, self.completion.matrix)
-        with atomic_output(folder / "config.json", overwrite) as tmp:
-            tmp.write_text(
-                json.dumps({"config": asdict(self.config), "timings": self.timings}, indent=2)
-            )
-        return folder
+        write_gene_embeddings(self._embeddings, folder / EMBEDDINGS_FILE, overwrite=overwrite)
+        matrix = self.completion.matrix.tocsr()
+        arrays = {
+            "graph_gene": self.graph.gene,
+            "graph_partner": self.graph.partner,
+            "graph_correlation": self.graph.correlation,
+            "completion_measured": self.completion.measured,
+            "completion_prediction": self.completion.prediction,
+            "completed_data": matrix.data,
+            "completed_indices": matrix.indices,
+            "completed_indptr": matrix.indptr,
+        }
+        state = {
+            "timings": self.timings,
+            "gene_names": [str(g) for g in self.graph.gene_names],
+            "top_k": int(self.graph.top_k),
+            "completed_shape": [int(n) for n in matrix.shape],
+        }
+        return write_model_folder(
+            folder, self.model_type, asdict(self.config), state, self.autoencoder, arrays, overwrite
+        )
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> CoxFormerEmbeddings:
-        """Load a model saved by :meth:`save` (weights loaded with ``weights_only=True``)."""
-        folder = Path(path)
-        if not (folder / "config.json").is_file():
-            raise InputError(f"{folder}: not a saved CoxFormerEmbeddings folder (no config.json).")
-        stored = json.loads((folder / "config.json").read_text())
-        raw = stored["config"]
+        """Load a model saved by :meth:`save` (safetensors, JSON and h5ad: nothing is
+        unpickled). Folders saved before the format had ``model_type`` (``autoencoder.pt``,
+        ``graph.npz``, ``completed.npz``) load too, their weights with ``weights_only=True``;
+        a folder of another model type is an :class:`InputError`."""
+        from stinfer.models.persistence import LEGACY_LAYOUTS, read_saved_model
+
+        saved = read_saved_model(path, cls.model_type, LEGACY_LAYOUTS["coxformer_embeddings"])
+        folder = saved.directory
+        raw = dict(saved.config["config"] if saved.format_version == 0 else saved.config)
         config = GeneEmbeddingConfig(
             graph=CorrelationGraphConfig(**raw.pop("graph")),
             completion=CompletionConfig(**raw.pop("completion")),
@@ -485,22 +498,47 @@ class CoxFormerEmbeddings:
             **raw,
         )
         model = cls(config)
-        model.timings = stored.get("timings", {})
-        with np.load(folder / "graph.npz") as arrays:
-            model.graph = CorrelationGraph(
-                gene_names=pd.Index(arrays["gene_names"].astype(str)),
-                gene=arrays["gene"],
-                partner=arrays["partner"],
-                correlation=arrays["correlation"],
-                top_k=int(arrays["top_k"]),
+        if saved.format_version == 0:
+            model.timings = saved.config.get("timings", {})
+            with np.load(folder / "graph.npz") as arrays:
+                gene_names = arrays["gene_names"].astype(str)
+                top_k = int(arrays["top_k"])
+                arrays = {name: arrays[name] for name in arrays.files}
+            matrix = sp.load_npz(folder / "completed.npz").tocsr()
+            state = torch.load(folder / "autoencoder.pt", map_location="cpu", weights_only=True)
+        else:
+            model.timings = saved.state.get("timings", {})
+            gene_names, top_k = saved.state["gene_names"], int(saved.state["top_k"])
+            state = saved.tensors()
+            prefixed = {n: state.pop(n).numpy() for n in list(state) if n.startswith(_ARRAYS)}
+            arrays = {
+                "gene": prefixed["graph_gene"],
+                "partner": prefixed["graph_partner"],
+                "correlation": prefixed["graph_correlation"],
+                "measured": prefixed["completion_measured"],
+                "prediction": prefixed["completion_prediction"],
+            }
+            matrix = sp.csr_matrix(
+                (
+                    prefixed["completed_data"],
+                    prefixed["completed_indices"],
+                    prefixed["completed_indptr"],
+                ),
+                shape=tuple(saved.state["completed_shape"]),
             )
-            measured, prediction = arrays["measured"], arrays["prediction"]
-        matrix = sp.load_npz(folder / "completed.npz").tocsr()
-        model.completion = CompletionResult(matrix=matrix, prediction=prediction, measured=measured)
+        model.graph = CorrelationGraph(
+            gene_names=pd.Index(np.asarray(gene_names, dtype=str)),
+            gene=arrays["gene"],
+            partner=arrays["partner"],
+            correlation=arrays["correlation"],
+            top_k=top_k,
+        )
+        model.completion = CompletionResult(
+            matrix=matrix, prediction=arrays["prediction"], measured=arrays["measured"]
+        )
         model.autoencoder = CoexpressionAutoencoder(model.graph.n_genes, config.autoencoder)
-        state = torch.load(folder / "autoencoder.pt", map_location="cpu", weights_only=True)
         model.autoencoder.load_state_dict(state)
-        model._embeddings = read_gene_embeddings(folder / "embeddings.h5ad")
+        model._embeddings = read_gene_embeddings(folder / EMBEDDINGS_FILE)
         model.provenance = dict(model._embeddings.uns.get("gene_embeddings", {}))
         return model
 

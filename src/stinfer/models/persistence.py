@@ -1,58 +1,235 @@
-"""The saved-model folder every model shares: ``weights.safetensors`` + ``config.json`` (+ extras).
+"""The saved-model folder every model shares: ``config.json`` + ``weights.safetensors`` (+ extras).
 
+``config.json`` (format version 1)::
+
+    {
+      "model_type": "stevs",           # the registry name (stinfer.models.registry)
+      "format_version": 1,              # FORMAT_VERSION of the stinfer that wrote it
+      "stinfer_version": "0.1.0",
+      "config": {...},                  # the model's config dataclass, as a plain dict
+      "state": {...}                    # fitted values that are not arrays (genes, centres...)
+    }
+
+``weights.safetensors`` holds every array: the torch module's state dict under its own names
+(for models with a module) and the fitted arrays under the names the model's ``load`` reads
+(a k-NN's training coordinates, a ridge's coefficients, CoxFormer's embedding table).
 Weights go through safetensors and configs through JSON, so loading a model never unpickles
 anything; every file is written atomically and an existing one is kept unless ``overwrite``.
+
+Folders written before ``model_type`` existed (format version 0: STEvs, CoxFormer spatial and
+CoxFormer embeddings) are recognised by their files (:data:`LEGACY_LAYOUTS`) and still load.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from stinfer.errors import InputError
-from stinfer.io.atomic import atomic_output
+from stinfer.io.atomic import atomic_output, check_writable
 
 WEIGHTS_FILE = "weights.safetensors"
 CONFIG_FILE = "config.json"
+FORMAT_VERSION = 1
+"""The ``config.json`` layout this stinfer writes and the newest it reads (0: no header)."""
 
-
-def write_model_files(
-    directory: str | os.PathLike,
-    module: torch.nn.Module,
-    config: dict[str, Any],
-    overwrite: bool = False,
-) -> Path:
-    """Write ``module``'s state dict and ``config`` into ``directory`` (created if needed)."""
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    with atomic_output(directory / WEIGHTS_FILE, overwrite) as tmp:
-        save_file(state, str(tmp))
-    with atomic_output(directory / CONFIG_FILE, overwrite) as tmp:
-        tmp.write_text(json.dumps(config, indent=2))
-    return directory
-
-
-def read_model_config(
-    directory: str | os.PathLike, required: Sequence[str], model_name: str
-) -> dict[str, Any]:
-    """The saved config of ``directory``, after checking that all ``required`` files exist."""
-    directory = Path(directory)
-    missing = [name for name in required if not (directory / name).is_file()]
-    if missing:
-        raise InputError(f"{directory}: not a saved {model_name}; missing {', '.join(missing)}.")
-    return json.loads((directory / CONFIG_FILE).read_text())
+LEGACY_LAYOUTS: dict[str, tuple[str, ...]] = {
+    "stevs": (CONFIG_FILE, WEIGHTS_FILE, "genes.json"),
+    "coxformer_spatial": (CONFIG_FILE, WEIGHTS_FILE, "state.json", "embeddings.npy"),
+    "coxformer_embeddings": (CONFIG_FILE, "autoencoder.pt", "graph.npz", "completed.npz"),
+}
+"""The files of each model type saved before format version 1 (no ``model_type`` field)."""
 
 
 def read_model_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The state dict saved by :func:`write_model_files` (safetensors: no pickle is executed)."""
+    """Every array of ``weights.safetensors`` in ``directory`` (safetensors: no pickle runs)."""
     from safetensors.torch import load_file
 
     return load_file(str(Path(directory) / WEIGHTS_FILE))
+
+
+# --------------------------------------------------------------------------- format version 1
+@dataclass
+class SavedModel:
+    """A saved-model folder after its ``config.json`` was read and checked.
+
+    ``config`` is the model's config dict and ``state`` its fitted non-array values; for a
+    format-0 folder ``config`` is the whole ``config.json`` and ``state`` is empty.
+    """
+
+    directory: Path
+    model_type: str
+    format_version: int
+    config: dict[str, Any]
+    state: dict[str, Any]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every array of ``weights.safetensors`` (safetensors: no pickle is executed)."""
+        return read_model_weights(self.directory)
+
+
+def write_model_folder(
+    directory: str | os.PathLike,
+    model_type: str,
+    config: Mapping[str, Any],
+    state: Mapping[str, Any] | None = None,
+    module: torch.nn.Module | None = None,
+    arrays: Mapping[str, np.ndarray | torch.Tensor] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Save a model into ``directory`` (created if needed) in the format of this module.
+
+    Parameters
+    ----------
+    model_type
+        The registry name written into ``config.json`` (e.g. ``"stevs"``).
+    config, state
+        JSON-serialisable dicts: the model's config and its fitted non-array values.
+    module
+        A torch module whose state dict goes into ``weights.safetensors`` under its own names.
+    arrays
+        Further arrays (numpy or torch) stored beside the module's weights; a name that is
+        also a weight of ``module`` is a bug (``ValueError``).
+    overwrite
+        Replace existing files; without it an existing ``config.json`` or weights file is an
+        :class:`InputError` and nothing is written.
+    """
+    from safetensors.torch import save_file
+
+    from stinfer import __version__
+
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise InputError(f"{directory}: exists and is not a folder; give a folder for the model.")
+    for name in (WEIGHTS_FILE, CONFIG_FILE):
+        check_writable(directory / name, overwrite)
+    tensors = {}
+    if module is not None:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    for name, value in (arrays or {}).items():
+        if name in tensors:
+            raise ValueError(f"array {name!r} has the name of a module weight.")
+        if isinstance(value, torch.Tensor):
+            tensors[name] = value.detach().cpu().contiguous()
+        else:
+            tensors[name] = torch.from_numpy(np.ascontiguousarray(value))
+    header = {
+        "model_type": model_type,
+        "format_version": FORMAT_VERSION,
+        "stinfer_version": __version__,
+        "config": dict(config),
+        "state": dict(state or {}),
+    }
+    text = json.dumps(header, indent=2)  # a value JSON cannot hold fails before any file
+    directory.mkdir(parents=True, exist_ok=True)
+    with atomic_output(directory / WEIGHTS_FILE, overwrite) as tmp:
+        save_file(tensors, str(tmp))
+    with atomic_output(directory / CONFIG_FILE, overwrite) as tmp:
+        tmp.write_text(text)
+    return directory
+
+
+def _legacy_model_type(directory: Path, header: dict[str, Any]) -> str:
+    """The type of a folder saved before format version 1, from its files (one must match)."""
+    matches = [
+        model_type
+        for model_type, files in LEGACY_LAYOUTS.items()
+        if all((directory / name).is_file() for name in files)
+    ]
+    if matches == ["stevs"] and not {"module", "training"} <= set(header):
+        matches = []
+    if len(matches) != 1:
+        layouts = "; ".join(f"{t}: {', '.join(files)}" for t, files in LEGACY_LAYOUTS.items())
+        raise InputError(
+            f"{directory / CONFIG_FILE}: no 'model_type' field, and the folder's files match "
+            f"{'no' if not matches else 'more than one'} model saved by an earlier stinfer "
+            f"({layouts}); save the model again with this stinfer."
+        )
+    return matches[0]
+
+
+def read_model_header(directory: str | os.PathLike) -> SavedModel:
+    """Read and check ``directory/config.json``: the model type and the format version.
+
+    Raises
+    ------
+    InputError
+        The folder or ``config.json`` is missing or not JSON; ``model_type`` is missing or not
+        a string; ``format_version`` is missing, not a positive integer, or newer than
+        :data:`FORMAT_VERSION` (the model was saved by a newer stinfer); or a format-0 folder
+        (no header) matches no earlier layout. Each message names the file and the field.
+    """
+    directory = Path(directory)
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        raise InputError(f"{directory}: not a saved model; missing {CONFIG_FILE}.")
+    try:
+        header = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InputError(f"{path}: not valid JSON ({error}).") from error
+    if not isinstance(header, dict):
+        raise InputError(f"{path}: expected a JSON object, got {type(header).__name__}.")
+    if "model_type" not in header and "format_version" not in header:
+        return SavedModel(directory, _legacy_model_type(directory, header), 0, header, {})
+    model_type = header.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        raise InputError(
+            f"{path}: field 'model_type' is {model_type!r}; it must name the model's type "
+            "(e.g. 'stevs'), see stinfer.models.list_models()."
+        )
+    version = header.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise InputError(
+            f"{path}: field 'format_version' must be an integer >= 1, got {version!r}."
+        )
+    if version > FORMAT_VERSION:
+        from stinfer import __version__
+
+        raise InputError(
+            f"{path}: field 'format_version' is {version}, newer than format {FORMAT_VERSION} "
+            f"that stinfer {__version__} reads (saved by stinfer "
+            f"{header.get('stinfer_version', '?')}); upgrade stinfer to load this model."
+        )
+    config, state = header.get("config", {}), header.get("state", {})
+    if not isinstance(config, dict) or not isinstance(state, dict):
+        raise InputError(f"{path}: fields 'config' and 'state' must be JSON objects.")
+    return SavedModel(directory, model_type, version, config, state)
+
+
+def read_saved_model(
+    directory: str | os.PathLike, model_type: str, legacy_files: Sequence[str] = ()
+) -> SavedModel:
+    """:func:`read_model_header`, checked to be a ``model_type`` folder with all its files.
+
+    ``legacy_files`` are the files a format-0 folder must hold besides ``config.json``; a
+    format-1 folder must hold ``weights.safetensors``. A folder of another type is an
+    :class:`InputError` (a CoxFormer folder is never parsed as STEvs).
+    """
+    if not (Path(directory) / CONFIG_FILE).is_file():
+        raise InputError(f"{directory}: not a saved {model_type} model; missing {CONFIG_FILE}.")
+    saved = read_model_header(directory)
+    if saved.model_type != model_type:
+        found = (
+            f"holds a {saved.model_type!r} model (saved before config.json named its type)"
+            if saved.format_version == 0
+            else f"field 'model_type' is {saved.model_type!r}"
+        )
+        raise InputError(
+            f"{saved.directory / CONFIG_FILE}: {found}, not {model_type!r}; load it with "
+            "stinfer.models.load(path), which picks the class."
+        )
+    required = legacy_files if saved.format_version == 0 else (WEIGHTS_FILE,)
+    missing = [name for name in required if not (saved.directory / name).is_file()]
+    if missing:
+        raise InputError(
+            f"{saved.directory}: not a complete saved {model_type} model; missing "
+            f"{', '.join(missing)}."
+        )
+    return saved

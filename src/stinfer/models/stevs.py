@@ -35,28 +35,33 @@ import anndata as ad
 import lightning as L
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader
 
-import stinfer.nn.backbones  # noqa: F401  (registers stinfer_histology_cnn with timm)
 from stinfer.data.patches import PatchSpec, iter_spot_patches, spot_patches
-from stinfer.data.spot_dataset import PatchSource, SlideSpots, SpotDataset, as_csr, stacked_batch
+from stinfer.data.spot_dataset import PatchSource, SlideSpots, SpotDataset, stacked_batch
 from stinfer.errors import InputError
-from stinfer.evaluate.metrics import per_gene_pearson
 from stinfer.io.atomic import atomic_output
-from stinfer.io.slide_data import prepare_for_h5ad, slide_meta
-from stinfer.models.persistence import read_model_config, read_model_weights, write_model_files
-from stinfer.nn.encoders import SlideColourNormalizer, colour_moments
+from stinfer.io.slide_data import (
+    check_genes,
+    panel_counts_csr,
+    prepare_for_h5ad,
+    slide_id,
+    slide_meta,
+    spot_coordinates_um,
+)
+from stinfer.metrics import per_gene_pearson
+from stinfer.modalities import canonical_modality
+from stinfer.models.persistence import LEGACY_LAYOUTS, read_saved_model, write_model_folder
+from stinfer.nn.encoders import SlideColourNormaliser, colour_moments
 from stinfer.nn.fusion import PoEFusion, calibration_offsets
-from stinfer.nn.stevs import MODES, STEvsConfig, STEvsModule
+from stinfer.nn.stevs import STEvsConfig, STEvsModule
 from stinfer.train import FitResult, TrainerConfig, fit
 
 logger = logging.getLogger("stinfer")
 
 PATCH_NORMALIZATIONS = ("minmax", "fixed")
 COLOUR_NORMALIZATIONS = ("none", "slide")
-MODEL_FILES = ("config.json", "weights.safetensors", "genes.json")
 # Prediction holds a slide's patches in memory up to this size (a 4,000-spot Visium slide at
 # 160 px is ~0.3 GB); larger slides (Visium HD) are streamed from the image chunk by chunk.
 IN_MEMORY_PATCH_BYTES = 1 << 30
@@ -79,7 +84,7 @@ class STEvsTrainingConfig:
 
     ``colour_normalization="slide"`` standardises each slide's patches, channel by channel,
     to the training slides' colour moments before anything else
-    (:class:`~stinfer.nn.encoders.SlideColourNormalizer`): the stain of a new section or lab
+    (:class:`~stinfer.nn.encoders.SlideColourNormaliser`): the stain of a new section or lab
     differs as a whole, and the encoder should read differences between spots, not the
     section's overall colour.
 
@@ -199,15 +204,16 @@ def fast_preset() -> STEvsModelConfig:
       depth of a spot is one number to learn rather than part of every gene's output; trained
       scVI-style (``observed_library=True``: the NB term sees the observed panel total, so the
       composition learns composition only) with the log-library head fitted by its own squared
-      error, weighted ``library_weight=30`` (depth dominates raw-count correlations: on
-      HER2ST the observed depth times the mean profile alone reaches median PCC ~0.68);
+      error, weighted ``library_weight=30`` (depth dominates raw-count correlations: the
+      observed depth times the mean profile alone already scores high, ``docs/results.md``
+      "STEvs ``fast`` preset");
     - ``image_weight=0.1`` instead of 1: with the reconstruction summed over a patch's pixels
       it otherwise outweighs the expression term on a few hundred genes and the latent
       spends its capacity on the image;
     - latent 32 instead of 128, gene decoder dropout 0.1, image decoder channels
       (64, 32, 16, 8) instead of (256, 128, 64, 32), reconstructing the patch average-pooled
       to 40 px (``image_recon_size=40``) instead of the full 160 px: sized for ~200-4,000
-      training spots and CPU time (the full-size decoder is ~90% of a CPU training step);
+      training spots and CPU time (the full-size decoder dominates a CPU training step);
     - lr 1e-3 instead of 1e-4 (training from scratch), batch 32, KL annealed over 20 epochs;
     - augmentation (flips, 90-degree rotations), test-time augmentation, and modality dropout
       0.3 so the image expert alone must explain expression (the coordinates of a new section
@@ -219,14 +225,15 @@ def fast_preset() -> STEvsModelConfig:
       of the weights at the end of epochs 14-29, ``swa_epoch_start=0.5``; BatchNorm
       statistics recomputed) instead of the best epoch (validation median PCC is still logged
       every epoch, ``monitor=None``). With ~200 training spots, longer training keeps raising
-      the within-section validation PCC (to ~0.8) while the prediction of other sections gets
-      worse (it learns the section's own appearance), and picking the best epoch on a
-      validation split of ~20 spots of the same section chases noise (on HER2ST patient C it
-      cost 0.07 cross-slice median PCC against the last epoch). The last epoch alone varied
-      by up to 0.05 cross-slice median PCC between training seeds, the average by ~0.02.
-      30 epochs fit the 5-minute CPU budget with room to spare;
+      the within-section validation PCC while the prediction of other sections gets worse
+      (it learns the section's own appearance), and picking the best epoch on a validation
+      split of ~20 spots of the same section chases noise (it lost cross-slice accuracy
+      against the last epoch); the average of the last epochs varies less between training
+      seeds than the last epoch alone (figures: ``docs/results.md`` "STEvs ``fast``
+      preset"). 30 epochs fit the 5-minute CPU budget with room to spare
+      (``docs/results/scale.md``);
     - ``coord_encoder="fourier"`` (random Gaussian Fourier features, ``fourier_scale=1`` in units
-      of the tissue radius that :class:`~stinfer.nn.encoders.CoordinateNormalizer` divides by,
+      of the tissue radius that :class:`~stinfer.nn.encoders.CoordinateNormaliser` divides by,
       as the public STEvs code) instead of the plain MLP of Sec. 3.1: an MLP on two raw
       numbers learns only smooth, nearly linear maps of position from a few hundred spots, so
       the coordinate expert was weaker than a k-nearest-neighbour regression on coordinates
@@ -282,29 +289,6 @@ def resolve_config(config: STEvsModelConfig | str | None) -> STEvsModelConfig:
 
 
 # --------------------------------------------------------------------------- slide tensors
-def spot_coordinates_um(slide: ad.AnnData) -> np.ndarray:
-    """Spot centres ``(N, 2)`` in microns when the pixel size is known, else in pixels."""
-    pixel_size = slide_meta(slide)["pixel_size_um"]
-    return np.asarray(slide.obsm["spatial"], dtype=np.float64) * (pixel_size or 1.0)
-
-
-def check_genes(slide: ad.AnnData, genes: Sequence[str]) -> None:
-    """:class:`InputError` naming the slide and the first genes of ``genes`` it lacks."""
-    missing = pd.Index(genes).difference(slide.var_names)
-    if len(missing):
-        sample = slide_meta(slide)["sample_id"]
-        raise InputError(
-            f"slide {sample}: {len(missing)} of the model's genes are absent "
-            f"(e.g. {', '.join(missing[:5])}); align the gene panels first."
-        )
-
-
-def gene_counts(slide: ad.AnnData, genes: Sequence[str]) -> sp.csr_matrix:
-    """Float32 CSR ``(N, M)`` counts of ``genes``; :class:`InputError` naming missing genes."""
-    check_genes(slide, genes)
-    return as_csr(slide[:, list(genes)].X)
-
-
 def normalise_patches(patches: torch.Tensor, method: str) -> torch.Tensor:
     """uint8 ``(N, 3, H, W)`` patches to float32 in [-1, 1] by ``method`` (see the config).
 
@@ -359,7 +343,7 @@ class STEvsTask(L.LightningModule):
     ``(inputs, coords, counts, targets, slides)``; ``inputs`` are uint8 patches or cached
     backbone features; ``targets`` are uint8 patches for the image decoder (or empty);
     ``slides`` index ``colour_transforms`` ``(S, 2, C)``, each slide's colour gain and shift
-    (:class:`~stinfer.nn.encoders.SlideColourNormalizer`), applied here to the batch's
+    (:class:`~stinfer.nn.encoders.SlideColourNormaliser`), applied here to the batch's
     patches (cached features were computed from colour-standardised patches already). With
     ``adapt=True`` the RNA term is dropped (test-time adaptation on unlabelled slides: image,
     KL and alignment terms only).
@@ -397,7 +381,7 @@ class STEvsTask(L.LightningModule):
 
         def standardised(patches: torch.Tensor) -> torch.Tensor:
             if transforms is not None:
-                patches = SlideColourNormalizer.apply(patches, transforms)
+                patches = SlideColourNormaliser.apply(patches, transforms)
             return normalise_patches(patches, method)
 
         target = None
@@ -475,8 +459,22 @@ class STEvsTask(L.LightningModule):
             self.log("val/image_expert_weight", float(torch.cat(self._val_expert_weights).mean()))
             self._val_expert_weights.clear()
 
-    def configure_optimizers(self):
-        return self.module.configure_optimizer()
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """AdamW over the module's trainable parameters, lr and weight decay of its config (C.4.2).
+
+        The fused implementation (one kernel for all parameters; the same update up to float
+        rounding) where the parameters' device has one: on a CPU the optimiser step is a
+        sizeable share of a ``fast`` step (``docs/results.md``). The optimiser belongs to the
+        training task, not to :class:`~stinfer.nn.stevs.STEvsModule` (tensors in, losses out).
+        """
+        parameters = [p for p in self.module.parameters() if p.requires_grad]
+        device = parameters[0].device.type if parameters else "cpu"
+        return torch.optim.AdamW(
+            parameters,
+            lr=self.module.config.lr,
+            weight_decay=self.module.config.weight_decay,
+            fused=device in ("cpu", "cuda") or None,
+        )
 
 
 # --------------------------------------------------------------------------- the model
@@ -500,6 +498,8 @@ class STEvs:
     fit_result : FitResult | None
         Per-epoch metrics, best epoch and training seconds after :meth:`train`.
     """
+
+    model_type = "stevs"  # the registry name (stinfer.models.registry), saved in config.json
 
     def __init__(
         self,
@@ -532,7 +532,7 @@ class STEvs:
     def _require_image(self, slide: ad.AnnData) -> None:
         if slide_meta(slide)["image_path"] is None:
             raise InputError(
-                f"slide {slide_meta(slide)['sample_id']} has no image; STEvs needs H&E patches "
+                f"slide {slide_id(slide)} has no image; STEvs needs H&E patches "
                 "(mode='spatial' prediction works without one)."
             )
 
@@ -580,7 +580,7 @@ class STEvs:
         """uint8 patches as the encoder reads them: colour-standardised, then normalised."""
         patches = torch.as_tensor(patches)
         if transform is not None:
-            patches = SlideColourNormalizer.apply(patches, transform.expand(len(patches), -1, -1))
+            patches = SlideColourNormaliser.apply(patches, transform.expand(len(patches), -1, -1))
         return normalise_patches(patches, self.config.training.patch_normalization)
 
     def _coords(self, slide: ad.AnnData) -> torch.Tensor:
@@ -622,7 +622,7 @@ class STEvs:
             spots.append(
                 SlideSpots(
                     coords=self._coords(slide),
-                    counts=gene_counts(slide, self.genes) if with_counts else None,
+                    counts=panel_counts_csr(slide, self.genes) if with_counts else None,
                     patches=source if keep_patches else None,
                     features=features,
                 )
@@ -839,8 +839,7 @@ class STEvs:
         ``nb_theta`` ``(n, M)``, ``mu`` and ``logvar`` ``(n, D)`` float32 for the spots at
         ``rows`` (a slice). Memory is bounded by one chunk (``predict_batch_size`` spots);
         :meth:`predict` and :meth:`write_prediction` are built on it."""
-        if mode not in MODES:
-            raise InputError(f"mode must be one of {MODES}; got {mode!r}")
+        mode = canonical_modality(mode, "mode")
         self.module.eval()
         training = self.config.training
         coords = self._coords(slide)
@@ -926,7 +925,8 @@ class STEvs:
             A slide with ``obsm["spatial"]`` and (unless ``mode="spatial"``) an image; its
             counts, if any, are never read.
         mode
-            ``"fused"``, ``"image"`` or ``"spatial"`` (single-modality inference, Table 5).
+            ``"fused"``, ``"image"`` or ``"spatial"`` (single-modality inference, Table 5;
+            :func:`stinfer.modalities.canonical_modality` also takes ``"both"``/``"location"``).
         patches
             Optional ``(N, 3, H, W)`` uint8 patches used instead of extracting them from the
             image (e.g. colour-shifted patches for the robustness sweep).
@@ -944,6 +944,7 @@ class STEvs:
             ``uns["stevs_prediction"]`` says the mode.
         """
         start = time.perf_counter()
+        mode = canonical_modality(mode, "mode")
         outputs = self._posterior_outputs(slide, mode, patches)
         prediction = self._prediction_anndata(slide, mode, outputs)
         prediction.uns["stevs_prediction"]["seconds"] = time.perf_counter() - start
@@ -969,6 +970,7 @@ class STEvs:
         import h5py
 
         start = time.perf_counter()
+        mode = canonical_modality(mode, "mode")
         skeleton = prepare_for_h5ad(self._prediction_anndata(slide, mode))
         n_spots, n_genes = slide.n_obs, len(self.genes)
         latent_dim = self.config.module.latent_dim
@@ -1030,33 +1032,43 @@ class STEvs:
 
     # ----------------------------------------------------------------- persistence
     def save(self, directory: str | os.PathLike, overwrite: bool = False) -> Path:
-        """Write ``config.json``, ``weights.safetensors`` and ``genes.json`` into ``directory``.
+        """Write ``config.json`` (config, genes, fusion summary) and ``weights.safetensors``.
 
-        The weights include the coordinate normaliser fitted on the training cohort.
+        The one saved-model format (:mod:`stinfer.models.persistence`); the weights include
+        the coordinate normaliser fitted on the training cohort.
         """
-        directory = write_model_files(directory, self.module, self.config.to_dict(), overwrite)
-        with atomic_output(directory / "genes.json", overwrite) as tmp:
-            tmp.write_text(json.dumps(self.genes))
-        return directory
+        state = {
+            "genes": self.genes,
+            "validation_image_expert_weight": self.validation_image_expert_weight,
+            "fusion_calibration": self.fusion_calibration,
+        }
+        return write_model_folder(
+            directory, self.model_type, self.config.to_dict(), state, self.module, None, overwrite
+        )
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> STEvs:
-        """Load a model written by :meth:`save` (safetensors: no pickle is executed)."""
-        directory = Path(directory)
-        config = STEvsModelConfig.from_dict(
-            read_model_config(directory, MODEL_FILES, "STEvs model")
-        )
-        genes = json.loads((directory / "genes.json").read_text())
+        """Load a model written by :meth:`save` (safetensors: no pickle is executed).
+
+        Folders saved before the format had ``model_type`` (``genes.json`` beside the config)
+        load too; a folder of another model type is an :class:`InputError`.
+        """
+        saved = read_saved_model(directory, cls.model_type, LEGACY_LAYOUTS["stevs"])
+        config = STEvsModelConfig.from_dict(saved.config)
+        if saved.format_version == 0:
+            genes = json.loads((saved.directory / "genes.json").read_text())
+        else:
+            genes = saved.state["genes"]
         model = cls.__new__(cls)
         model.config = config
-        model.genes = genes
+        model.genes = [str(gene) for gene in genes]
         model.train_slides = []
         model.fit_result = None
         config.module.pretrained = None  # the saved weights replace any initial weights
-        model.validation_image_expert_weight = None
-        model.fusion_calibration = None
+        model.validation_image_expert_weight = saved.state.get("validation_image_expert_weight")
+        model.fusion_calibration = saved.state.get("fusion_calibration")
         model.module = STEvsModule(num_genes=len(genes), config=config.module)
-        weights = read_model_weights(directory)
+        weights = saved.tensors()
         if isinstance(model.module.fusion, PoEFusion):  # saved before the fusion calibration
             weights.setdefault("fusion.log_precision_offset", torch.zeros(2))
         model.module.load_state_dict(weights)

@@ -2,16 +2,21 @@
 
 The STEvs module (:class:`STEvsModule`, :class:`STEvsConfig`) is assembled from
 
-- :mod:`stinfer.nn.encoders`: timm image encoder, coordinate encoders, coordinate normaliser;
+- :mod:`stinfer.nn.encoders`: timm image encoder (:func:`create_backbone`, the one backbone
+  factory), coordinate encoders, coordinate normaliser;
+- :mod:`stinfer.nn.backbones`: stinfer's own timm backbones (``stinfer_histology_cnn``),
+  registered with timm when this package is imported, so every backbone is built by name;
 - :mod:`stinfer.nn.fusion`: Product of Experts and the ablation fusions;
 - :mod:`stinfer.nn.decoders`: image decoder and negative binomial gene decoder;
 - :mod:`stinfer.nn.likelihoods`: :class:`NegativeBinomial` and the Gaussian KL;
 - :mod:`stinfer.nn.pretrained`: loading local weight files by name and shape.
 """
 
+from stinfer.nn.backbones import HistologyCNN
 from stinfer.nn.decoders import GeneDecoder, ImageDecoder
 from stinfer.nn.encoders import (
     CoordinateEncoder,
+    CoordinateNormaliser,
     CoordinateNormalizer,
     FourierFeatures,
     GaussianHeads,
@@ -38,11 +43,13 @@ from stinfer.nn.stevs import STEvsConfig, STEvsModule, kl_weight
 __all__ = [
     "ConcatFusion",
     "CoordinateEncoder",
+    "CoordinateNormaliser",
     "CoordinateNormalizer",
     "CrossAttentionFusion",
     "FourierFeatures",
     "GaussianHeads",
     "GeneDecoder",
+    "HistologyCNN",
     "ImageDecoder",
     "ImageEncoder",
     "LoadReport",

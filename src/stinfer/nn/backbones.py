@@ -3,13 +3,16 @@
 ``stinfer_histology_cnn`` is the image encoder of the ``fast`` STEvs preset. The paper's
 Swin-T relies on ImageNet weights (STEvs C.2.1), which machines without internet do not have;
 trained from scratch on one section (~200 spots) a Swin-T learns little, and a frozen random one
-is worse than six colour statistics (issue notes: cross-slice median PCC 0.50 vs 0.55 on HER2ST).
+is worse than six colour statistics (cross-slice on HER2ST; figures in ``docs/results.md``
+"Colour-statistics probe").
 This backbone is small enough to train from scratch on a CPU in minutes and always carries the
 per-channel colour mean and standard deviation of the patch beside its learned texture features,
 so it starts from what a colour-statistics ridge knows and learns the rest.
 
 Registered through ``timm.models.register_model`` so that ``timm.create_model`` (and therefore
-:func:`stinfer.nn.encoders.create_backbone`) is the one way to build every backbone.
+:func:`stinfer.nn.encoders.create_backbone`) is the one way to build every backbone. The
+registration runs when :mod:`stinfer.nn` is imported (its ``__init__`` imports this module), so
+any code that can reach ``create_backbone`` can build ``stinfer_histology_cnn`` by name.
 """
 
 from __future__ import annotations

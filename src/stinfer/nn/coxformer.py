@@ -1,6 +1,7 @@
 """The CoxFormer spatial generative module (CoxFormer Suppl. Section 3): tensors only.
 
-Spot tokens come from a modality (``location``, ``image``, ``both``) through a Transformer
+Spot tokens come from a modality (``spatial``, ``image``, ``fused``; :mod:`stinfer.modalities`,
+which also accepts the older ``location``/``both``) through a Transformer
 over spots, computed once per step and shared by every gene of the mini-batch; each gene's
 standardised embedding ``e_g`` becomes a gene token ``W_g e_g``. Two readouts share them::
 
@@ -13,30 +14,30 @@ standardised embedding ``e_g`` becomes a gene token ``W_g e_g``. Two readouts sh
     m_j(s): training gene j at spot s;  C: the slide's co-expression graph of the m_j
     pred(s, g) = ELU(full(s, g), 0.01) + 0.01
 
-Departures from Section 3, and why (numbers: held-out genes, median PCC of log1p CP10k;
-HER2ST C2 with 64-d SVD embeddings unless said: tuned k-NN 0.212, mean profile 0.195):
+Departures from Section 3, and why (held-out genes, median PCC of log1p CP10k, against the
+tuned k-NN and mean-profile baselines; the figures behind each point are in
+``docs/results.md`` "CoxFormer spatial readout"):
 
 1. **The gene token queries the training genes** (:class:`GeneAttentionReadout`, the
    default): a held-out gene's prediction is the attention-weighted profile of the training
    genes whose tokens match its own, with a learned metric (a diagonal ``W_g``) and per-gene
    calibration, trained leave-one-gene-out (each gene's own slot is masked, so training
-   asks exactly what imputation asks). With a softmax it started as a cosine-softmax k-NN
-   and learned from there (0.208 -> 0.220); with top-k attention (the default, k chosen by
-   the k-NN baseline's own cross-validation over the training genes) it starts *at* the
-   tuned k-NN: on HER2ST that k is 500, a flat average no softmax temperature reproduces.
+   asks exactly what imputation asks). With a softmax it starts as a cosine-softmax k-NN
+   and learns from there; with top-k attention (the default, k chosen by the k-NN
+   baseline's own cross-validation over the training genes) it starts *at* the tuned k-NN:
+   on HER2ST that k is in the hundreds, a flat average no softmax temperature reproduces.
    A learned share ``mu`` (1/2 to start) of each gene's attention then takes one step
    along the slide's co-expression graph (each training gene's 10 most correlated training
    genes on this slide, :func:`coexpression_graph`): the embedding says which genes go
    together in the corpus, the slide which of them go together here. With CoxFormer
-   embeddings of the A/D corpus: C2 0.215 (k-NN 0.211), C3 0.199 (0.198); synthetic slide
-   0.619 (k-NN 0.617).
+   embeddings it edges past the tuned k-NN on HER2ST sections and on the synthetic slide.
 2. **No gene-specific decoder term in the prediction on a measured slide.** A decoder term
    chosen by the gene (``base``: the gene's embedding sets the weights of the head's last
    layer, a bilinear readout) is a model whose samples are the genes: it fits the training
-   genes' own profiles and does not carry over to new genes (alone 0.208; added to the
-   attention as a learned residual 0.205-0.212, below the attention alone; a full
-   ``W_g`` instead of a diagonal one fell from 0.218 to 0.205 as it trained). ``base`` is
-   kept and trained beside ``full`` (its own loss term) for what only the decoder can do:
+   genes' own profiles and does not carry over to new genes (alone, or added to the
+   attention as a learned residual, it scored below the attention alone; a full ``W_g``
+   instead of a diagonal one got worse as it trained). ``base`` is kept and trained
+   beside ``full`` (its own loss term) for what only the decoder can do:
    predict the training genes' profiles where they are not measured (a new slide: the
    memory ``m_j`` is then ``base``'s prediction) and give sub-spots their detail
    (super-resolution). Consequence: on the training slide, at spot level, the held-out-gene
@@ -69,6 +70,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stinfer.modalities import Modality, canonical_modality
+
 __all__ = [
     "AdditiveGeneReadout",
     "BilinearGeneReadout",
@@ -86,9 +89,6 @@ __all__ = [
     "positive_output",
     "weighted_huber_loss",
 ]
-
-Modality = Literal["location", "image", "both"]
-MODALITIES: tuple[str, ...] = ("location", "image", "both")
 
 
 # --------------------------------------------------------------------------- spot features
@@ -174,9 +174,9 @@ class ImageFeatureEncoder(nn.Module):
 class SpotEncoder(nn.Module):
     """Spot tokens of dimension ``d_model`` from the chosen modality (Section 3).
 
-    ``location`` and ``image`` are projected straight to ``d_model``; ``both`` projects each
-    to its own width (``location_dim``, ``image_dim``), concatenates and maps linearly to
-    ``d_model``.
+    ``spatial`` (coordinates) and ``image`` are projected straight to ``d_model``; ``fused``
+    projects each to its own width (``location_dim``, ``image_dim``), concatenates and maps
+    linearly to ``d_model``. ``modality`` may be an older name (``location``, ``both``).
     """
 
     def __init__(
@@ -189,23 +189,22 @@ class SpotEncoder(nn.Module):
         image_dim: int = 512,
     ) -> None:
         super().__init__()
-        if modality not in MODALITIES:
-            raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
-        if modality != "location" and not image_in_dim:
+        modality = canonical_modality(modality)
+        if modality != "spatial" and not image_in_dim:
             raise ValueError(f"modality {modality!r} needs image_in_dim (the feature size)")
         self.modality = modality
-        both = modality == "both"
+        fused = modality == "fused"
         self.location = (
-            LocationEncoder(location_dim if both else d_model, n_frequencies, location_dim)
+            LocationEncoder(location_dim if fused else d_model, n_frequencies, location_dim)
             if modality != "image"
             else None
         )
         self.image = (
-            ImageFeatureEncoder(image_in_dim, image_dim if both else d_model, image_dim)
-            if modality != "location"
+            ImageFeatureEncoder(image_in_dim, image_dim if fused else d_model, image_dim)
+            if modality != "spatial"
             else None
         )
-        self.fuse = nn.Linear(location_dim + image_dim, d_model) if both else None
+        self.fuse = nn.Linear(location_dim + image_dim, d_model) if fused else None
 
     def forward(
         self, coords: torch.Tensor | None = None, image_features: torch.Tensor | None = None
@@ -232,9 +231,9 @@ class SpotContext(nn.Module):
     feed-forward ``feedforward_dim``, dropout, ReLU (Section 3). ``n_layers = 0`` is the
     identity. ``attention_dropout`` (default: ``dropout``) is the dropout on the attention
     probabilities alone; it draws ``heads x group_size^2`` random numbers per layer and step
-    and keeps PyTorch's CPU attention on its unfused path, about ten times the cost of the
-    rest of a layer at ``group_size`` 1,024 on a CPU, so CPU presets may turn it off while
-    keeping the dropout of the residual and feed-forward branches.
+    and keeps PyTorch's CPU attention on its unfused path, which costs more than the rest
+    of a layer at ``group_size`` 1,024 on a CPU (``docs/results.md``), so CPU presets may
+    turn it off while keeping the dropout of the residual and feed-forward branches.
     """
 
     def __init__(
@@ -406,7 +405,7 @@ def coexpression_graph(profiles: torch.Tensor, k: int = 10, chunk: int = 1024) -
     ``profiles``: ``(S, N)`` log1p CP10k of ``N`` genes at ``S`` spots of one slide. Row ``j``
     holds the ``k`` genes with the highest Pearson correlation to gene ``j`` over the spots
     (itself excluded), weighted by the correlation clipped at 0 and normalised to sum 1 (the
-    k-NN weighting of :func:`stinfer.evaluate.held_out_genes.knn_profiles`, over genes).
+    k-NN weighting of :func:`stinfer.models.gene_baselines.knn_profiles`, over genes).
     ``chunk`` rows of the ``N x N`` correlation are held at a time.
     """
     centred = profiles - profiles.mean(dim=0)
@@ -464,10 +463,10 @@ class GeneAttentionReadout(nn.Module):
 
     The gene-level parameters (:attr:`GENE_LEVEL`: ``W_g``, ``tau``, ``ell``, ``gamma``,
     the co-expression share; ``3 D + 4`` numbers) are fitted over the training genes, so a
-    small panel can overfit them: on a synthetic slide of 160 training genes, trained to
-    the end, they moved the held-out median PCC from 0.616 to 0.565, while on HER2ST (about
-    8,000 genes) they raised it from 0.208 to 0.220. The model therefore keeps them at the
-    epoch where validation genes (kept out of their loss) were predicted best
+    small panel can overfit them: trained to the end they lowered the held-out median PCC
+    on a synthetic slide of 160 training genes, while on HER2ST (about 8,000 genes) they
+    raised it (``docs/results.md`` "CoxFormer spatial readout"). The model therefore keeps
+    them at the epoch where validation genes (kept out of their loss) were predicted best
     (:class:`stinfer.models.coxformer_spatial.CoxFormerSpatial`).
 
     At inference a query that is itself a memory gene (``own``) takes its memory profile as
@@ -561,7 +560,7 @@ class GeneAttentionReadout(nn.Module):
 
         ``top_k = 0``: ``softmax_j(cos(W_g e_g, W_g e_j) / tau)``. ``top_k = k > 0``: top-k
         attention, the ``k`` highest cosines weighted by the cosine clipped at 0 (the k-NN
-        weighting of :func:`stinfer.evaluate.held_out_genes.knn_profiles`), 0 elsewhere.
+        weighting of :func:`stinfer.models.gene_baselines.knn_profiles`), 0 elsewhere.
         """
         queries = F.normalize(self.gene_token(embeddings), dim=-1)
         keys = F.normalize(self.gene_token(self.memory), dim=-1)
@@ -664,11 +663,12 @@ class CoxFormerSpatialModule(nn.Module):
     Parameters
     ----------
     modality
-        ``"location"``, ``"image"`` or ``"both"``.
+        ``"spatial"``, ``"image"`` or ``"fused"`` (:data:`stinfer.modalities.MODALITIES`; the
+        older ``"location"`` and ``"both"`` are accepted).
     embedding_dim
         Size of the gene embeddings (512 for CoxFormer embeddings).
     image_in_dim
-        Size of the per-spot image features (``image`` and ``both``).
+        Size of the per-spot image features (``image`` and ``fused``).
     d_model, n_heads, feedforward_dim, dropout
         Section 3: 512, 8, 1024, 0.1.
     attention_dropout
@@ -807,9 +807,9 @@ class CoxFormerSpatialModule(nn.Module):
         Parameters
         ----------
         coords
-            ``(S, 2)`` scaled spot coordinates (``location``/``both``), else ``None``.
+            ``(S, 2)`` scaled spot coordinates (``spatial``/``fused``), else ``None``.
         image_features
-            ``(S, image_in_dim)`` spot image features (``image``/``both``), else ``None``.
+            ``(S, image_in_dim)`` spot image features (``image``/``fused``), else ``None``.
         gene_embeddings
             ``(G, embedding_dim)`` standardised gene embeddings.
         group_size

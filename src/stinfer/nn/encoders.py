@@ -4,7 +4,7 @@
   Table 6) followed by two linear heads for ``mu_img`` and ``logvar_img`` (Eq. 21-23).
 - :class:`CoordinateEncoder`: MLP 2 -> 64 -> 128 with ReLU (Table 6, Eq. 24-26), optionally after
   :class:`FourierFeatures` (the "MLP w/ Fourier" ablation).
-- :class:`CoordinateNormalizer`: per-slide centring and a cohort-level scale, stored as buffers so
+- :class:`CoordinateNormaliser`: per-slide centring and a cohort-level scale, stored as buffers so
   it is saved with the module.
 
 Every encoder returns a :class:`ModalityPosterior` ``(features, mu, logvar)``.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -28,6 +29,7 @@ from stinfer.nn.pretrained import LoadReport, load_matching_weights, timm_checkp
 __all__ = [
     "COORDINATE_ENCODERS",
     "CoordinateEncoder",
+    "CoordinateNormaliser",
     "CoordinateNormalizer",
     "FourierFeatures",
     "GaussianHeads",
@@ -90,51 +92,76 @@ def swin_window_size(img_size: int, patch_size: int = 4) -> int:
 
 def create_backbone(
     name: str,
-    img_size: int = 160,
+    pretrained: bool | str | os.PathLike | None = None,
+    *,
+    img_size: int | None = None,
     in_chans: int = 3,
-    pretrained: bool = False,
     **kwargs: Any,
 ) -> nn.Module:
     """Create a headless timm backbone that maps ``(N, C, H, W)`` patches to ``(N, F)`` features.
 
+    The project's one way to build an image backbone (the STEvs image encoder, the feature
+    probes of :mod:`stinfer.data.features`, ST-Net, CoxFormer's ViT features).
     ``num_classes=0`` removes the classifier so the output is the globally pooled feature
     (``backbone.num_features`` wide). ``img_size`` is passed to models that take it (ViT, Swin) and
-    dropped for those that accept any size (CNNs). For Swin models without an explicit
-    ``window_size`` the window is :func:`swin_window_size` (5 for 160 px, STEvs Table 6).
+    dropped for those that accept any size (CNNs); ``None`` keeps the model's own input size
+    (what its timm data config describes). For Swin models without an explicit ``window_size``
+    the window is :func:`swin_window_size` (5 for 160 px, STEvs Table 6). The backbones of
+    :mod:`stinfer.nn.backbones` (``stinfer_histology_cnn``) are registered with timm when
+    :mod:`stinfer.nn` is imported, so they are built here by name like any other.
 
     Parameters
     ----------
     name
         Any ``timm.list_models()`` name, optionally with a pretrained tag (``"resnet18.a1_in1k"``).
-    img_size, in_chans
-        Input patch side in pixels and number of channels.
     pretrained
-        ``True`` downloads the timm hub weights for ``name``; only when the user asks for it.
+        ``None``/``False`` for random initialisation (nothing is downloaded); ``True`` or
+        ``"hub"`` for timm's hub weights of ``name`` (downloads; only when the user asks for
+        it); or a local weights file (``.safetensors``, ``.pth``, ...) whose tensors are copied
+        where name and shape match (:func:`~stinfer.nn.pretrained.load_matching_weights`, the
+        project's one loader; mismatches are logged).
+    img_size, in_chans
+        Input patch side in pixels (``None``: the model's default) and number of channels.
     **kwargs
-        Passed to ``timm.create_model`` (e.g. ``embed_dim``, ``depths``, ``window_size``).
+        Passed to ``timm.create_model`` (e.g. ``embed_dim``, ``depths``, ``window_size``,
+        ``global_pool="avg"``).
 
     Raises
     ------
     InputError
-        If timm does not know ``name``.
+        If timm does not know ``name`` or cannot build it with these arguments.
     """
+    from_hub = pretrained is True or pretrained == HUB
     kwargs = {"num_classes": 0, "in_chans": in_chans, **kwargs}
-    if name.startswith("swin") and "window_size" not in kwargs:
+    if name.startswith("swin") and "window_size" not in kwargs and img_size is not None:
         kwargs["window_size"] = swin_window_size(img_size)
     try:
-        try:
-            return timm.create_model(name, pretrained=pretrained, img_size=img_size, **kwargs)
-        except TypeError as error:
-            if "img_size" not in str(error):
-                raise
-            return timm.create_model(name, pretrained=pretrained, **kwargs)
+        model = _timm_model(name, from_hub, img_size, kwargs)
     except RuntimeError as error:
         if "Unknown model" in str(error):
             raise InputError(
                 f"image backbone {name!r} is not a timm model; pick one of timm.list_models() "
                 "(e.g. 'swin_tiny_patch4_window7_224', 'resnet18', 'vit_tiny_patch16_224')"
             ) from error
-        raise
+        raise InputError(f"timm cannot create backbone {name!r}: {error}") from error
+    except TypeError as error:
+        raise InputError(f"timm cannot create backbone {name!r}: {error}") from error
+    if pretrained not in (None, False, True, HUB):
+        load_matching_weights(model, pretrained, transform=timm_checkpoint_filter(model))
+    return model
+
+
+def _timm_model(
+    name: str, from_hub: bool, img_size: int | None, kwargs: dict[str, Any]
+) -> nn.Module:
+    """``timm.create_model`` with ``img_size`` for the models that take one, without for CNNs."""
+    if img_size is not None:
+        try:
+            return timm.create_model(name, pretrained=from_hub, img_size=img_size, **kwargs)
+        except TypeError as error:
+            if "img_size" not in str(error):
+                raise
+    return timm.create_model(name, pretrained=from_hub, **kwargs)
 
 
 class ImageEncoder(nn.Module):
@@ -188,9 +215,9 @@ class ImageEncoder(nn.Module):
             logger.info("loading timm hub weights for %s (downloads if not cached)", backbone)
         self.backbone = create_backbone(
             backbone,
+            HUB if pretrained == HUB else None,
             img_size=img_size,
             in_chans=in_chans,
-            pretrained=pretrained == HUB,
             **(backbone_kwargs or {}),
         )
         self.num_features: int = int(self.backbone.num_features)
@@ -359,7 +386,7 @@ def build_coordinate_encoder(
     raise InputError(f"unknown coordinate encoder {kind!r}; choose one of {COORDINATE_ENCODERS}")
 
 
-class CoordinateNormalizer(nn.Module):
+class CoordinateNormaliser(nn.Module):
     """Per-slide centring and one cohort-level scale for spot coordinates.
 
     ``normalised = (coords - centre_of_slide) / scale``. Serial sections are shifted (and scanned
@@ -376,8 +403,8 @@ class CoordinateNormalizer(nn.Module):
     Examples
     --------
     >>> slides = [torch.rand(50, 2) * 1000, torch.rand(40, 2) * 800 + 300]
-    >>> normalizer = CoordinateNormalizer().fit(slides)
-    >>> normalised = [normalizer(coords) for coords in slides]
+    >>> normaliser = CoordinateNormaliser().fit(slides)
+    >>> normalised = [normaliser(coords) for coords in slides]
     """
 
     scale: torch.Tensor
@@ -388,7 +415,7 @@ class CoordinateNormalizer(nn.Module):
         self.register_buffer("scale", torch.tensor(1.0))
         self.register_buffer("fitted", torch.tensor(False))
 
-    def fit(self, slides: Sequence[torch.Tensor]) -> CoordinateNormalizer:
+    def fit(self, slides: Sequence[torch.Tensor]) -> CoordinateNormaliser:
         """Fit the scale: the largest ``|coordinate - slide mean|`` over the training slides.
 
         Parameters
@@ -397,7 +424,7 @@ class CoordinateNormalizer(nn.Module):
             One ``(N_s, 2)`` tensor of spot coordinates per training slide (all its spots).
         """
         if len(slides) == 0 or any(s.dim() != 2 or s.shape[0] == 0 for s in slides):
-            raise InputError("CoordinateNormalizer.fit needs one non-empty (N, 2) tensor per slide")
+            raise InputError("CoordinateNormaliser.fit needs one non-empty (N, 2) tensor per slide")
         radius = max(float((s.double() - s.double().mean(0)).abs().max()) for s in slides)
         self.scale.fill_(radius if radius > 0 else 1.0)
         self.fitted.fill_(True)
@@ -415,7 +442,7 @@ class CoordinateNormalizer(nn.Module):
             or the centre of the whole slide when normalising a subset (e.g. a test split).
         """
         if not bool(self.fitted):
-            raise RuntimeError("CoordinateNormalizer is not fitted; call fit(training_slides)")
+            raise RuntimeError("CoordinateNormaliser is not fitted; call fit(training_slides)")
         centre = coords.mean(0) if centre is None else centre
         return (coords - centre) / self.scale.to(coords.dtype)
 
@@ -447,7 +474,7 @@ def colour_moments(
     return torch.stack([mean, sd]).float()
 
 
-class SlideColourNormalizer(nn.Module):
+class SlideColourNormaliser(nn.Module):
     """Per-slide colour standardisation of uint8 spot patches to the training cohort.
 
     Each slide's patches are mapped channel by channel so that their mean and sd over the
@@ -470,10 +497,10 @@ class SlideColourNormalizer(nn.Module):
         self.register_buffer("reference", torch.zeros(2, channels))
         self.register_buffer("fitted", torch.tensor(False))
 
-    def fit(self, slide_moments: Sequence[torch.Tensor]) -> SlideColourNormalizer:
+    def fit(self, slide_moments: Sequence[torch.Tensor]) -> SlideColourNormaliser:
         """Fit the reference: the mean of the training slides' ``(2, C)`` colour moments."""
         if len(slide_moments) == 0:
-            raise InputError("SlideColourNormalizer.fit needs the moments of at least one slide")
+            raise InputError("SlideColourNormaliser.fit needs the moments of at least one slide")
         self.reference.copy_(torch.stack(list(slide_moments)).mean(0))
         self.fitted.fill_(True)
         return self
@@ -481,7 +508,7 @@ class SlideColourNormalizer(nn.Module):
     def transform(self, moments: torch.Tensor) -> torch.Tensor:
         """``(2, C)`` gain and shift mapping a slide with colour ``moments`` to the reference."""
         if not bool(self.fitted):
-            raise RuntimeError("SlideColourNormalizer is not fitted; call fit(training_slides)")
+            raise RuntimeError("SlideColourNormaliser is not fitted; call fit(training_slides)")
         gain = self.reference[1] / moments[1].clamp_min(1e-3)
         return torch.stack([gain, self.reference[0] - moments[0] * gain])
 
@@ -502,3 +529,10 @@ class SlideColourNormalizer(nn.Module):
                 for block in patches.split(256)
             ]
         )
+
+
+# The earlier, American spellings of the two normalisers, kept for existing code. (Their
+# attributes on STEvsModule keep those spellings too: ``coord_normalizer`` and
+# ``colour_normalizer`` are state-dict keys of every saved model.)
+CoordinateNormalizer = CoordinateNormaliser
+SlideColourNormalizer = SlideColourNormaliser

@@ -27,20 +27,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from stinfer.errors import InputError
+from stinfer.modalities import Modality, canonical_modality
 from stinfer.nn.decoders import GeneDecoder, ImageDecoder
 from stinfer.nn.encoders import (
     COORDINATE_ENCODERS,
-    CoordinateNormalizer,
+    CoordinateNormaliser,
     ImageEncoder,
     ModalityPosterior,
-    SlideColourNormalizer,
+    SlideColourNormaliser,
     build_coordinate_encoder,
 )
 from stinfer.nn.fusion import (
@@ -54,10 +55,7 @@ from stinfer.nn.fusion import (
 )
 from stinfer.nn.likelihoods import NegativeBinomial, kl_standard_normal
 
-__all__ = ["MODES", "STEvsConfig", "STEvsModule", "image_reconstruction_error", "kl_weight"]
-
-Mode = Literal["fused", "image", "spatial"]
-MODES: tuple[str, ...] = ("fused", "image", "spatial")
+__all__ = ["STEvsConfig", "STEvsModule", "image_reconstruction_error", "kl_weight"]
 
 
 @dataclass
@@ -243,8 +241,8 @@ class STEvsModule(nn.Module):
             fourier_scale=config.fourier_scale,
             fourier_learnable=config.fourier_learnable,
         )
-        self.coord_normalizer = CoordinateNormalizer()
-        self.colour_normalizer = SlideColourNormalizer()
+        self.coord_normalizer = CoordinateNormaliser()
+        self.colour_normalizer = SlideColourNormaliser()
         self.fusion = (
             build_fusion(
                 config.fusion,
@@ -291,8 +289,7 @@ class STEvsModule(nn.Module):
         coords: torch.Tensor | None,
         mode: str,
     ) -> tuple[ModalityPosterior | None, ModalityPosterior | None]:
-        if mode not in MODES:
-            raise InputError(f"mode must be one of {MODES}; got {mode!r}")
+        mode = canonical_modality(mode, "mode")
         if mode == "spatial" and self.coord_encoder is None:
             raise InputError("mode='spatial' needs a coordinate encoder (coord_encoder='none')")
         image = None
@@ -312,7 +309,7 @@ class STEvsModule(nn.Module):
         self,
         patches_or_features: torch.Tensor | None,
         coords: torch.Tensor | None = None,
-        mode: Mode = "fused",
+        mode: Modality = "fused",
         sample: bool = True,
         decode_image: bool = True,
         library_size: torch.Tensor | None = None,
@@ -565,7 +562,7 @@ class STEvsModule(nn.Module):
         self,
         patches_or_features: torch.Tensor | None,
         coords: torch.Tensor | None = None,
-        mode: Mode = "fused",
+        mode: Modality = "fused",
         library_size: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Deterministic prediction from the posterior mean (no sampling, eval mode).
@@ -598,18 +595,3 @@ class STEvsModule(nn.Module):
         outputs.pop("z", None)
         outputs["variance"] = outputs["logvar"].exp()
         return outputs
-
-    def configure_optimizer(self) -> torch.optim.Optimizer:
-        """AdamW over the trainable parameters with the config's lr and weight decay (C.4.2).
-
-        The fused implementation (one kernel for all parameters; the same update up to float
-        rounding) where the parameters' device has one: on a CPU it is ~15% of a ``fast`` step.
-        """
-        parameters = [p for p in self.parameters() if p.requires_grad]
-        device = parameters[0].device.type if parameters else "cpu"
-        return torch.optim.AdamW(
-            parameters,
-            lr=self.config.lr,
-            weight_decay=self.config.weight_decay,
-            fused=device in ("cpu", "cuda") or None,
-        )

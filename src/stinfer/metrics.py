@@ -1,4 +1,4 @@
-"""Expression metrics of the STEvs/CoxFormer papers, in one place (``docs/DESIGN.md``).
+"""Expression metrics of the STEvs/CoxFormer papers, in one place (``docs/DESIGN.md`` "Metrics").
 
 All functions take ``(n_spots, n_genes)`` arrays of the *test* spots and work on every gene at
 once: column-wise Pearson through centred matrix products, Spearman as Pearson of column
@@ -17,6 +17,10 @@ ranks. The definitions that must not drift:
 :func:`evaluate_expression` computes everything over chunks of genes, so memory stays bounded
 for large panels; :func:`evaluate_anndata` matches an AnnData prediction to its truth by spot
 and gene names first.
+
+The module sits below both :mod:`stinfer.models` (validation PCC, CoxFormer's top-k
+cross-validation and region ARI) and :mod:`stinfer.evaluate` (the protocols), so models never
+import the evaluation package; ``stinfer.evaluate`` re-exports its public names.
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ from sklearn.mixture import GaussianMixture
 from threadpoolctl import threadpool_limits
 
 from stinfer.errors import InputError
-from stinfer.preprocess import normalize_log1p_cp10k
+from stinfer.io.slide_data import as_dense
+from stinfer.preprocess import normalise_log1p_cp10k
 
 logger = logging.getLogger("stinfer")
 
@@ -65,8 +70,7 @@ __all__ = [
 # --------------------------------------------------------------------------- input checks
 def _dense(matrix: Matrix, name: str) -> np.ndarray:
     """``matrix`` as a 2-D float64 array; InputError on NaN/inf or a wrong shape."""
-    array = matrix.toarray() if sp.issparse(matrix) else np.asarray(matrix)
-    array = np.asarray(array, dtype=np.float64)
+    array = as_dense(matrix, np.float64)
     if array.ndim != 2:
         raise InputError(f"{name} must be a 2-D spots x genes matrix, got shape {array.shape}.")
     if not np.all(np.isfinite(array)):
@@ -178,7 +182,7 @@ def depth_normalise(matrix: Matrix) -> np.ndarray:
 
     ``total`` is the spot's sum over the columns given (the gene panel), so prediction and
     truth are normalised over the same genes. Spots with total 0 stay 0. This is
-    :func:`stinfer.preprocess.normalize_log1p_cp10k` on the panel, returned dense float64.
+    :func:`stinfer.preprocess.normalise_log1p_cp10k` on the panel, returned dense float64.
 
     Returns
     -------
@@ -186,7 +190,7 @@ def depth_normalise(matrix: Matrix) -> np.ndarray:
         ``(n_spots, n_genes)`` float64.
     """
     _check_nonnegative(matrix, "expression")
-    return _dense(normalize_log1p_cp10k(_as_float64(matrix)), "expression")
+    return _dense(normalise_log1p_cp10k(_as_float64(matrix)), "expression")
 
 
 def _as_float64(matrix: Matrix) -> Matrix:
@@ -323,8 +327,8 @@ def evaluate_expression(
         columns["squared_error"].append(_column_squared_log_error(pred_block, truth_block))
         columns["constant_truth"].append(_constant_columns(truth_block))
         columns["constant_pred"].append(_constant_columns(pred_block))
-        pred_block = normalize_log1p_cp10k(pred_block, spot_totals=pred_totals)
-        truth_block = normalize_log1p_cp10k(truth_block, spot_totals=truth_totals)
+        pred_block = normalise_log1p_cp10k(pred_block, spot_totals=pred_totals)
+        truth_block = normalise_log1p_cp10k(truth_block, spot_totals=truth_totals)
         pcc, constant = _column_pearson(pred_block, truth_block)
         scc, _ = _column_spearman(pred_block, truth_block)
         columns["pcc_depthnorm"].append(pcc)

@@ -1,4 +1,4 @@
-"""The expression metrics match their references (scipy, closed forms, the DESIGN definitions)."""
+"""The expression metrics match their references (scipy, closed forms, docs/DESIGN.md "Metrics")."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 import scipy.sparse as sp
 from scipy import stats
 
+from stinfer import metrics
 from stinfer.errors import InputError
-from stinfer.evaluate import metrics
-from stinfer.evaluate.metrics import (
+from stinfer.metrics import (
     cluster_ari,
     depth_normalise,
     evaluate_anndata,

@@ -1,0 +1,55 @@
+"""Config dataclasses from plain mappings: a preset with overrides, a saved model's config.
+
+One function, :func:`override_config`, applies a mapping (a YAML entry, ``create_model``'s
+keyword arguments, the ``config`` of a saved ``config.json``) onto a config dataclass, field by
+field and recursively into nested configs, so every model reads its options and its saved
+config the same way, and a misspelt field fails loudly with its dotted path.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from stinfer.errors import InputError
+
+__all__ = ["override_config"]
+
+
+def override_config(config: Any, overrides: Mapping[str, Any], where: str) -> Any:
+    """A copy of the config dataclass ``config`` with ``overrides`` (field -> value) applied.
+
+    A mapping given for a field that holds a dataclass (``patch``, ``training.trainer``) or a
+    dict overrides inside it, recursively; a list given for a tuple field becomes a tuple. An
+    unknown field or a value the config rejects is an :class:`InputError` naming its dotted
+    path under ``where`` (e.g. ``"stevs: unknown options ['module.fusoin']"``).
+    """
+    fields = {f.name for f in dataclasses.fields(config)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown and not fields:
+        raise InputError(f"{where} takes no options; got {unknown}.")
+    if unknown:
+        path = where.partition(".")[2]
+        dotted = [f"{path}.{key}" if path else key for key in unknown]
+        raise InputError(
+            f"{where.partition('.')[0]}: unknown options {dotted}; valid"
+            f"{f' in {path}' if path else ''}: {sorted(fields)}."
+        )
+    changes = {}
+    for key, value in overrides.items():
+        current = getattr(config, key)
+        if isinstance(value, Mapping) and dataclasses.is_dataclass(current):
+            value = override_config(current, value, f"{where}.{key}")
+        elif isinstance(value, Mapping) and isinstance(current, Mapping):
+            value = {**current, **copy.deepcopy(dict(value))}
+        elif isinstance(value, list) and isinstance(current, tuple):
+            value = tuple(value)
+        changes[key] = copy.deepcopy(value)
+    try:
+        return dataclasses.replace(config, **changes)
+    except (TypeError, ValueError) as error:
+        if isinstance(error, InputError):
+            raise
+        raise InputError(f"{where}: {error}") from error
