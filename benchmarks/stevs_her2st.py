@@ -12,8 +12,10 @@ the two other sections (fused and image-only), beside
 Metrics are those of :mod:`stinfer.metrics` (``docs/DESIGN.md`` "Metrics"): MSE of log1p
 counts, median PCC / SCC per gene on raw counts and after depth normalisation over the panel.
 The gene panel is the group's (:func:`stinfer.preprocess.select_genes` over the three sections:
-Moran's I SVGs in at least two sections, as ``docs/DESIGN.md`` "Genes" defines it). Training
-seconds and the process's peak RSS after each model are recorded.
+Moran's I SVGs in at least two sections, as ``docs/DESIGN.md`` "Genes" defines it). Each
+model runs through :func:`stinfer.evaluate.protocols.run_unit`, the runner of ``stinfer
+benchmark`` (test sections reach the models stripped of counts); its training seconds and the
+process's peak RSS while it trained and predicted are recorded.
 
 STEvs is trained once per ``--seeds`` value (training seed; the baselines are deterministic),
 so the summary's mean +/- sd runs over pairs and seeds.
@@ -117,42 +119,45 @@ def baseline_models(train, genes, patch_cache: str, skip_swin: bool) -> dict:
 
 
 def cross_slice_from(train_name: str, slides: dict, genes: list[str], args) -> list[dict]:
-    """Rows of the table for one training section: every model on every other section."""
-    from stinfer.metrics import evaluate_anndata
+    """Rows of the table for one training section: every model on every other section.
+
+    Each model is one unit of :func:`stinfer.evaluate.protocols.run_unit` (train, predict the
+    counts-stripped test sections, evaluate, time and memory), as in ``stinfer benchmark``.
+    """
+    from stinfer.evaluate.protocols import run_unit
     from stinfer.models.stevs import STEvs
 
     torch.set_num_threads(args.threads)
     cache = str(args.workdir / "patch_cache")
     train = slides[train_name]
-    tests = [name for name in args.sections if name != train_name]
-    fitted = {}
+    tests = [(name, slides[name]) for name in args.sections if name != train_name]
+    units = []  # (name, seed, runner result)
     for name, model in baseline_models(train, genes, cache, args.skip_swin).items():
-        start = time.perf_counter()
-        model.train()
-        fitted[name] = (model, None, time.perf_counter() - start)
+        units.append((name, None, run_unit(lambda model=model: model, tests, genes)))
     for seed in args.seeds:
         config = fast_config(args.epochs, cache)
         config.training.trainer = dataclasses.replace(config.training.trainer, seed=seed)
-        start = time.perf_counter()
-        stevs = STEvs([train], genes, config)
-        stevs.train()
-        seconds = time.perf_counter() - start
-        for mode in ("fused", "image"):
-            fitted[(f"stevs_fast_{mode}", seed)] = (stevs, mode, seconds)
-    rss = peak_rss_mb()
+        unit = run_unit(
+            lambda config=config: STEvs([train], genes, config),
+            tests,
+            genes,
+            modes=("fused", "image"),
+        )
+        units.append(("stevs_fast", seed, unit))
     rows = []
-    for key, (model, mode, train_seconds) in fitted.items():
-        name, seed = key if isinstance(key, tuple) else (key, None)
-        for test_name in tests:
-            test = slides[test_name]
-            prediction = model.predict(test, mode=mode) if mode else model.predict(test)
-            summary = evaluate_anndata(prediction, test).summary()
-            row = {"train": train_name, "test": test_name, "model": name, "seed": seed}
-            row.update({key: summary[key] for key in METRICS})
-            row.update(train_s=train_seconds, peak_rss_mb=rss, load_avg=load_average())
+    for name, seed, unit in units:
+        for result in unit.rows:
+            label = f"{name}_{result['mode']}" if name == "stevs_fast" else name
+            row = {"train": train_name, "test": result["test_slice"], "model": label, "seed": seed}
+            row.update({key: result[key] for key in METRICS})
+            row.update(
+                train_s=result["train_seconds"],
+                peak_rss_mb=result["peak_rss_mb"],
+                load_avg=load_average(),
+            )
             rows.append(row)
             print(
-                f"{train_name}->{test_name} {name:22s}"
+                f"{train_name}->{row['test']} {label:22s}"
                 + " ".join(f"{key} {row[key]:.3f}" for key in METRICS),
                 flush=True,
             )

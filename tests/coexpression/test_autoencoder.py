@@ -69,7 +69,7 @@ def test_training_lowers_reconstruction_error_and_embeds_every_row():
         latent_dim=8,
         max_epochs=25,
         t_max=25,
-        learning_rate=3e-3,
+        lr=3e-3,
         batch_size=16,
     )
     untrained = CoexpressionAutoencoder(50, config)

@@ -374,6 +374,12 @@ def test_stevs_gives_single_modality_rows_latents_and_umaps_from_one_training(tm
         "STEvs (spatial only)",
     ]
     assert (result.results["mode"].value_counts() == 2).all()
+    # the fused rows say how much the product of experts trusted each expert (weights sum to 1)
+    fused = result.results[result.results["mode"] == "fused"]
+    weights = fused["image_expert_weight"] + fused["spatial_expert_weight"]
+    np.testing.assert_allclose(weights, 1.0, atol=1e-5)
+    assert result.results.loc[result.results["mode"] != "fused", "image_expert_weight"].isna().all()
+    assert "Which expert the fused model trusted" in (tmp_path / "out" / "summary.md").read_text()
     figures = {p.name for p in (tmp_path / "out" / "figures").iterdir()}
     assert {"umap_syn_STEvs_fused.png", "umap_syn_STEvs_image.png"} <= figures
     latents = np.load(next((tmp_path / "out" / CELLS_DIR).glob("*")) / "latents.npz")

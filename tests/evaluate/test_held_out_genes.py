@@ -52,12 +52,12 @@ def test_model_beats_both_baselines_on_held_out_planted_module_genes(tmp_path):
         make_synthetic_sections,
         planted_gene_embeddings,
     )
-    from stinfer.models.coxformer_spatial import CoxFormerSpatialConfig
+    from stinfer.models.coxformer_spatial import coxformer_spatial_config
 
     config = SyntheticConfig(n_sections=1, target_spots=400, n_genes=200, seed=3)
     slide = make_synthetic_sections(tmp_path, config)[0]
     embeddings = planted_gene_embeddings(config, dim=32)
-    model_config = CoxFormerSpatialConfig.fast(progress_bar=False, min_spot_fraction=0.05)
+    model_config = coxformer_spatial_config("fast", progress_bar=False, min_spot_fraction=0.05)
     result = held_out_genes_evaluation(slide, embeddings, "location", model_config, 0.2, seed=0)
     metrics = result["metrics"]
     for name, values in metrics.items():

@@ -20,6 +20,7 @@ from stinfer.evaluate.protocols import (
     intra_slice_split,
     leave_one_patient_out,
     run_protocol,
+    run_unit,
     strip_counts,
 )
 from stinfer.metrics import ExpressionMetrics
@@ -162,6 +163,37 @@ def test_cross_slice_predictions_do_not_change_when_the_test_slide_counts_are_po
     reverse = (name, "cross_slice", "synthetic_section2", "synthetic_section1", 0)
     if name in ("mean", "knn", "ridge"):
         assert not np.array_equal(dirty[reverse].X, clean[reverse].X)
+
+
+def test_run_unit_trains_once_and_scores_each_stripped_test_slide_with_its_cost(sections):
+    genes = list(sections[0].var_names)
+    built, seen, after = [], [], []
+
+    def build():
+        built.append(1)
+        return CoordinateKNN([sections[0]], genes)
+
+    def per_prediction(model, unit):
+        seen.append(unit.prediction)
+        return {"hook_total": float(unit.prediction.X.sum())}
+
+    unit = run_unit(
+        build,
+        [("second", sections[1]), ("third", sections[2])],
+        genes,
+        on_prediction=per_prediction,
+        after_predictions=after.append,
+    )
+    assert len(built) == 1 and after == [unit.model]
+    assert [row["test_slice"] for row in unit.rows] == ["second", "third"]
+    assert [p.prediction for p in unit.predictions] == seen
+    for row, done in zip(unit.rows, unit.predictions, strict=True):
+        assert row["mode"] == "fused" and row["hook_total"] == float(done.prediction.X.sum())
+        assert row["pcc_median"] == done.evaluation.summary()["pcc_median"]
+        assert row["train_seconds"] > 0 and row["predict_seconds"] > 0
+        assert row["cpu_seconds"] > 0 and row["peak_rss_mb"] >= row["rss_increase_mb"] >= 0
+    with pytest.raises(InputError, match="lacks 1 of the genes"):
+        run_unit(build, [("second", sections[1])], [*genes, "not_a_gene"])
 
 
 def test_run_protocol_cross_slice_rows_and_aggregate(sections):

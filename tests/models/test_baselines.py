@@ -20,8 +20,10 @@ from stinfer.models.baselines import (
     PatchFeatureRidgeConfig,
     STNet,
     random_dihedral,
-    stnet_config,
+    stnet_fast_preset,
+    upgrade_stnet_config_dict,
 )
+from stinfer.models.registry import model_config
 
 
 def hand_made_slide(
@@ -200,13 +202,25 @@ def test_patch_feature_ridge_never_overflows_under_extreme_extrapolation():
 
 # --------------------------------------------------------------------------- ST-Net
 def test_stnet_presets_are_named_configs():
-    assert STNET_PRESETS["paper"].backbone == "densenet121"
-    assert STNET_PRESETS["paper"].epochs == 50
-    fast = stnet_config("fast", epochs=3)
-    assert fast.backbone == "resnet18"
-    assert fast.epochs == 3
+    assert STNET_PRESETS["paper"]().backbone == "densenet121"
+    assert STNET_PRESETS["paper"]().trainer.max_epochs == 50
+    fast = model_config("stnet", "fast", epochs=3)
+    assert fast.backbone == "resnet18" and fast.lr == 1e-3
+    assert fast.trainer.max_epochs == 3
+    assert stnet_fast_preset().trainer.max_epochs == 10  # the preset is untouched
     with pytest.raises(InputError, match="unknown ST-Net preset"):
-        stnet_config("huge")
+        model_config("stnet", "huge")
+
+
+def test_stnet_old_flat_config_names_map_onto_the_trainer():
+    old = {"epochs": 7, "learning_rate": 2e-3, "seed": 4, "accelerator": "cpu", "lr": 1e-2}
+    upgraded = upgrade_stnet_config_dict(old)
+    assert upgraded == {
+        "lr": 1e-2,  # the new name wins over the old one
+        "trainer": {"max_epochs": 7, "seed": 4, "accelerator": "cpu"},
+    }
+    config = model_config("stnet", "fast", **old)
+    assert (config.lr, config.trainer.max_epochs, config.trainer.seed) == (1e-2, 7, 4)
 
 
 def test_random_dihedral_applies_one_of_the_eight_square_symmetries_per_image():
@@ -238,7 +252,14 @@ def test_stnet_learns_expression_from_the_patch(one_torch_thread):
         rng.poisson(np.exp(log_mean)), rng.uniform(0, 1000, (n_spots, 2)), "tiny"
     )
     slide.obs[SPLIT_KEY] = np.where(np.arange(n_spots) < 56, "train", "val")
-    config = stnet_config("fast", backbone="resnet10t", epochs=8, batch_size=16, accelerator="cpu")
+    config = model_config(
+        "stnet",
+        "fast",
+        backbone="resnet10t",
+        epochs=8,
+        batch_size=16,
+        trainer={"accelerator": "cpu"},
+    )
     model = STNet([slide], list(slide.var_names), config, patches=[patches])
     fit_info = model.train()
     assert fit_info.train_seconds > 0

@@ -14,9 +14,9 @@ from stinfer.errors import InputError
 from stinfer.metrics import per_gene_pearson
 from stinfer.models.coxformer_spatial import (
     CoxFormerSpatial,
-    CoxFormerSpatialConfig,
     CoxFormerSpatialTask,
     aggregate_sub_spots,
+    coxformer_spatial_config,
     slide_log1p_cp10k,
     sub_spot_offsets,
     validation_split,
@@ -129,7 +129,8 @@ def test_super_resolution_recovers_a_planted_sub_spot_pattern_better_than_upsamp
         (n_spots, n_sub, n_features)
     )
     embeddings = pd.DataFrame(rng.standard_normal((n_genes, 8)), index=genes)
-    config = CoxFormerSpatialConfig.fast(
+    config = coxformer_spatial_config(
+        "fast",
         **TINY,
         sub_spot_grid=grid,
         min_spot_fraction=0.0,
@@ -169,7 +170,7 @@ def planted():
     embeddings = pd.DataFrame(
         np.vstack([vectors, unmeasured]), index=[*genes, "new0", "new1", "new2"]
     )
-    config = CoxFormerSpatialConfig.fast(**TINY, max_epochs=8, min_spot_fraction=0.0)
+    config = coxformer_spatial_config("fast", **TINY, max_epochs=8, min_spot_fraction=0.0)
     model = CoxFormerSpatial(slide, embeddings, genes[:50], "location", config)
     model.train()
     return model, slide, embeddings
@@ -252,15 +253,17 @@ def test_bad_inputs_raise_input_errors(planted):
     with pytest.raises(InputError, match="modality"):
         CoxFormerSpatial(slide, embeddings, modality="sound")
     with pytest.raises(InputError, match="has no image"):
-        CoxFormerSpatial(slide, embeddings, modality="image", config=CoxFormerSpatialConfig.fast())
-    with pytest.raises(InputError, match="unknown preset"):
+        CoxFormerSpatial(
+            slide, embeddings, modality="image", config=coxformer_spatial_config("fast")
+        )
+    with pytest.raises(InputError, match="unknown CoxFormer spatial preset"):
         CoxFormerSpatial(slide, embeddings, config="slow")
 
 
 def test_training_on_a_random_subset_of_spots_per_step_runs_with_sub_spots(planted):
     _, slide, embeddings = planted
-    config = CoxFormerSpatialConfig.fast(
-        **TINY, max_epochs=1, min_steps_per_epoch=2, max_spots_per_step=30, sub_spot_grid=2
+    config = coxformer_spatial_config(
+        "fast", **TINY, max_epochs=1, min_steps_per_epoch=2, max_spots_per_step=30, sub_spot_grid=2
     )
     model = CoxFormerSpatial(slide, embeddings, [f"g{i}" for i in range(20)], "location", config)
     model.train()
@@ -324,7 +327,7 @@ def test_attention_only_training_leaves_the_spot_decoder_untouched_and_predicts_
 ):
     _, slide, embeddings = planted
     genes = [f"g{i}" for i in range(50)]
-    config = CoxFormerSpatialConfig.fast(**TINY, max_epochs=8, min_spot_fraction=0.0)
+    config = coxformer_spatial_config("fast", **TINY, max_epochs=8, min_spot_fraction=0.0)
     model = CoxFormerSpatial(slide, embeddings, genes, "location", config)
     decoder_before = {k: v.clone() for k, v in model.module.encoder.state_dict().items()}
     relevance_before = model.module.readout.relevance.detach().clone()
@@ -342,8 +345,8 @@ def test_attention_only_training_leaves_the_spot_decoder_untouched_and_predicts_
 
 def test_attention_only_training_is_refused_where_the_decoder_predicts(planted):
     _, slide, embeddings = planted
-    config = CoxFormerSpatialConfig.fast(
-        **TINY, max_epochs=1, min_spot_fraction=0.0, gene_conditioning="bilinear"
+    config = coxformer_spatial_config(
+        "fast", **TINY, max_epochs=1, min_spot_fraction=0.0, gene_conditioning="bilinear"
     )
     model = CoxFormerSpatial(slide, embeddings, None, "location", config)
     with pytest.raises(InputError, match="spot_decoder=False"):

@@ -37,7 +37,7 @@ def tiny_config(**overrides) -> GeneEmbeddingConfig:
             latent_dim=16,
             max_epochs=30,
             t_max=30,
-            learning_rate=1e-3,
+            lr=1e-3,
         ),
         accelerator="cpu",
         progress_bar=False,
@@ -97,7 +97,7 @@ def test_save_and_load_round_trip(trained, tmp_path):
 
 
 def test_presets_differ_only_in_the_documented_fields():
-    paper, fast = GeneEmbeddingConfig.paper(), GeneEmbeddingConfig.fast()
+    paper, fast = PRESETS["paper"](), PRESETS["fast"]()
     assert paper.graph == fast.graph and paper.graph.top_k == 50
     assert (paper.completion.fanouts, paper.completion.batch_size) == ((15, 10), 512)
     assert (paper.autoencoder.batch_size, paper.autoencoder.latent_dim) == (32, 512)
@@ -112,7 +112,7 @@ def test_presets_differ_only_in_the_documented_fields():
         "hidden_dim",
         "message_passing",
         "batch_size",
-        "learning_rate",
+        "lr",
         "max_epochs",
         "t_max",
         "edges_per_epoch",
@@ -123,7 +123,7 @@ def test_presets_differ_only_in_the_documented_fields():
         "d_model",
         "feedforward_dim",
         "batch_size",
-        "learning_rate",
+        "lr",
         "max_epochs",
         "t_max",
         "geometry_weight",

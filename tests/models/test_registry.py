@@ -112,7 +112,7 @@ BUILDERS = {
         backbone="resnet10t",
         epochs=1,
         batch_size=32,
-        accelerator="cpu",
+        trainer={"accelerator": "cpu"},
         patch=SMALL_PATCH,
     ),
     "stevs": expression(
@@ -215,6 +215,52 @@ def test_folders_saved_before_the_header_still_load_as_their_own_type(name, save
     other = STEvs if name == "coxformer_spatial" else st.models.CoxFormerSpatial
     with pytest.raises(InputError, match=rf"config\.json: holds a '{name}' model .*, not '"):
         other.load(old)
+
+
+def old_config(name: str, config: dict) -> dict:
+    """``config`` as stinfer wrote it before epochs and batch size had one place each."""
+    config = json.loads(json.dumps(config))
+    if name == "stevs":
+        config["module"].update(epochs=999, batch_size=7)  # never read: the training's win
+        return config
+    if name == "coxformer_embeddings":
+        for stage in ("completion", "autoencoder"):
+            config[stage]["learning_rate"] = config[stage].pop("lr")
+        return config
+    trainer = config.pop("trainer")
+    config["learning_rate"] = config.pop("lr")
+    config["epochs"] = trainer.pop("max_epochs")
+    for key in ("seed", "accelerator", "devices", "precision", "progress_bar"):
+        config[key] = trainer.pop(key)
+    config["early_stopping_patience"] = trainer.pop("early_stopping_patience")
+    return config
+
+
+@pytest.mark.parametrize("name", ["stevs", "stnet", "coxformer_embeddings"])
+def test_configs_saved_with_the_old_field_names_still_load(name, saved, tmp_path):
+    import shutil
+
+    model, predict, folder = saved[name]
+    old = tmp_path / name
+    shutil.copytree(folder, old)
+    header = json.loads((old / "config.json").read_text())
+    header["config"] = old_config(name, header["config"])
+    (old / "config.json").write_text(json.dumps(header))
+    loaded = load(old)
+    assert loaded.config == model.config
+    np.testing.assert_allclose(predict(loaded), predict(model), rtol=1e-5, atol=1e-6)
+
+
+def test_old_field_names_in_overrides_move_to_their_one_place():
+    stevs = st.models.model_config("stevs", "fast", module={"epochs": 4, "batch_size": 16})
+    assert stevs.training.trainer.max_epochs == 4 and stevs.training.batch_size == 16
+    both = {"module": {"epochs": 4}, "training": {"trainer": {"max_epochs": 5}}}
+    assert st.models.model_config("stevs", "fast", **both).training.trainer.max_epochs == 5
+    stnet = st.models.model_config("stnet", "fast", learning_rate=0.01, seed=2, epochs=3)
+    assert (stnet.lr, stnet.trainer.seed, stnet.trainer.max_epochs) == (0.01, 2, 3)
+    assert st.models.model_config("stnet", "fast", seed=2).trainer.seed == 2
+    embeddings = st.models.model_config("coxformer_embeddings", completion={"learning_rate": 0.1})
+    assert embeddings.completion.lr == 0.1
 
 
 def test_unknown_type_and_newer_format_name_config_json_and_the_field(saved, tmp_path):

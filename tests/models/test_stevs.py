@@ -16,7 +16,15 @@ from stinfer.data.synthetic import SyntheticConfig, make_synthetic_sections
 from stinfer.errors import InputError
 from stinfer.metrics import evaluate_anndata
 from stinfer.models.baselines import MeanExpression
-from stinfer.models.stevs import STEvs, STEvsTask, fast_preset, paper_preset, resolve_config
+from stinfer.models.stevs import (
+    STEvs,
+    STEvsModelConfig,
+    STEvsTask,
+    fast_preset,
+    paper_preset,
+    resolve_config,
+    validation_split,
+)
 from stinfer.train import TrainerConfig
 
 SYNTHETIC = SyntheticConfig(seed=3, target_spots=600, n_genes=40)
@@ -62,6 +70,18 @@ def test_presets_are_named_configs_and_unknown_names_fail():
     assert resolve_config("fast").module.backbone == "stinfer_histology_cnn"
     with pytest.raises(InputError, match="unknown STEvs preset"):
         resolve_config("slow")
+
+
+def test_epochs_and_batch_size_have_one_place_and_old_configs_map_onto_it():
+    fast = fast_preset()
+    assert (fast.training.trainer.max_epochs, fast.training.batch_size) == (30, 32)
+    assert not hasattr(fast.module, "epochs") and not hasattr(fast.module, "batch_size")
+    saved = fast.to_dict()
+    saved["module"].update(epochs=100, batch_size=128)  # an older config.json: module copies
+    assert STEvsModelConfig.from_dict(saved) == fast  # ignored: training used its own values
+    del saved["training"]["batch_size"], saved["training"]["trainer"]["max_epochs"]
+    upgraded = STEvsModelConfig.from_dict(saved)  # only the module's: they move to training
+    assert (upgraded.training.trainer.max_epochs, upgraded.training.batch_size) == (100, 128)
 
 
 def test_fast_preset_predicts_held_out_sections_far_above_the_mean_baseline(trained, sections):
@@ -425,3 +445,48 @@ def test_chunked_prediction_equals_one_shot_and_writes_the_same_h5ad(
     np.testing.assert_array_equal(backed.X[10:20], one_shot.X[10:20])
     with pytest.raises(InputError, match="exists"):
         trained.write_prediction(section, path)
+
+
+def tiny_slide(n_spots: int, sample_id: str) -> ad.AnnData:
+    from stinfer.io.slide_data import make_slide
+
+    rng = np.random.default_rng(0)
+    return make_slide(
+        rng.poisson(3.0, (n_spots, 4)),
+        [f"{sample_id}_spot{i}" for i in range(n_spots)],
+        [f"gene{g}" for g in range(4)],
+        rng.uniform(0, 1000, (n_spots, 2)),
+        sample_id=sample_id,
+        source_format="h5ad",
+        source="test",
+    )
+
+
+def test_validation_spots_are_the_intra_slice_splits_val_spots():
+    from stinfer.evaluate.protocols import SPLIT_KEY, protocol_tasks
+
+    task = protocol_tasks([tiny_slide(50, "s")], "intra_slice", seeds=(4,))[0]
+    training = task.train_slides[0]
+    train_idx, val_idx = validation_split([training], val_fraction=0.3, seed=0)
+    marks = training.obs[SPLIT_KEY].astype(str).to_numpy()
+    np.testing.assert_array_equal(val_idx, np.flatnonzero(marks == "val"))
+    np.testing.assert_array_equal(train_idx, np.flatnonzero(marks == "train"))
+    assert len(val_idx) == task.extra["n_val"]
+
+
+def test_validation_spots_follow_the_slide_order_and_are_drawn_without_a_split():
+    from stinfer.io.slide_data import SPLIT_KEY
+
+    marked, unmarked = tiny_slide(6, "a"), tiny_slide(30, "b")
+    marked.obs[SPLIT_KEY] = ["train", "val", "train", "train", "val", "train"]
+    train_idx, val_idx = validation_split([unmarked, marked], 0.1, seed=0)
+    np.testing.assert_array_equal(val_idx, [31, 34])  # spots of the unmarked slide: training
+    assert len(train_idx) == 34
+
+    train_idx, val_idx = validation_split([unmarked], 0.1, seed=0)
+    assert len(val_idx) == 3 and set(train_idx).isdisjoint(val_idx)
+    assert len(train_idx) + len(val_idx) == 30
+
+    marked.obs[SPLIT_KEY] = ["train", "test", "train", "train", "val", "train"]
+    with pytest.raises(InputError, match="holds"):
+        validation_split([marked], 0.1, seed=0)

@@ -93,7 +93,7 @@ def test_config_defaults_are_the_papers():
     config = STEvsConfig()
     assert (config.image_weight, config.rna_weight, config.kl_weight) == (1.0, 10.0, 0.5)
     assert config.alignment_weight == 0.5
-    assert (config.latent_dim, config.lr, config.epochs) == (128, 1e-4, 100)
+    assert (config.latent_dim, config.lr, config.weight_decay) == (128, 1e-4, 0.01)
     assert (config.fusion, config.coord_encoder, config.coord_hidden_dims) == (
         "poe",
         "mlp",

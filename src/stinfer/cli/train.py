@@ -176,12 +176,12 @@ def flag_overrides(kind: str, args: argparse.Namespace) -> dict[str, Any]:
         return {"training": training, **({"module": module} if module else {})}
     fields = {
         "stnet": {
-            "--epochs": "epochs",
+            "--epochs": "trainer.max_epochs",
             "--pretrained": "pretrained",
             "--patch-cache": "patch_cache_dir",
-            "--accelerator": "accelerator",
-            "--devices": "devices",
-            "--precision": "precision",
+            "--accelerator": "trainer.accelerator",
+            "--devices": "trainer.devices",
+            "--precision": "trainer.precision",
         },
         "feature_ridge": {"--pretrained": "pretrained", "--patch-cache": "patch_cache_dir"},
     }.get(kind, {})
@@ -191,11 +191,15 @@ def flag_overrides(kind: str, args: argparse.Namespace) -> dict[str, Any]:
             f"{', '.join(refused)}: model {kind!r} has no such setting (flags it takes: "
             f"{', '.join(fields) or 'none besides --seed and --option'})."
         )
-    overrides = {fields[flag]: value for flag, value in given.items() if value is not None}
-    if "precision" in overrides:
-        overrides["precision"] = precision
+    values = {fields[flag]: value for flag, value in given.items() if value is not None}
+    if "trainer.precision" in values:
+        values["trainer.precision"] = precision
     if kind == "stnet":
-        overrides["progress_bar"] = not args.no_progress
+        values["trainer.progress_bar"] = not args.no_progress
+    overrides: dict[str, Any] = {}
+    for path, value in values.items():
+        head, _, name = path.rpartition(".")
+        (overrides.setdefault(head, {}) if head else overrides)[name] = value
     return overrides
 
 

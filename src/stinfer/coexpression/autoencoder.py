@@ -78,7 +78,7 @@ class AutoencoderConfig:
     n_encoder_layers: int = 2  # Suppl. S2
     n_decoder_layers: int = 2  # Suppl. S2
     dropout: float = 0.1  # torch.nn.TransformerEncoderLayer default (Suppl. S2 cites it)
-    learning_rate: float = 1e-4  # Suppl. S2: Adam
+    lr: float = 1e-4  # Suppl. S2: Adam
     t_max: int = 50  # Suppl. S2: cosine annealing T_max (epochs)
     eta_min: float = 1e-6  # Suppl. S2
     batch_size: int = 32  # Suppl. S2
@@ -304,7 +304,7 @@ class AutoencoderTask(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        optimizer = torch.optim.Adam(self.parameters(), lr=self.config.learning_rate)
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.config.lr)
         return with_cosine_schedule(optimizer, self.config.t_max, self.config.eta_min)
 
 

@@ -93,7 +93,7 @@ class CompletionConfig:
     n_layers: int = 3  # Suppl. S1: L = 3 (deeper over-smooths)
     fanouts: tuple[int, ...] = (15, 10)  # Suppl. S1: 2-hop sampling, [m1, m2] = [15, 10]
     batch_size: int = 512  # Suppl. S1: target edges per mini-batch
-    learning_rate: float = 1e-3  # Suppl. S1: Adam
+    lr: float = 1e-3  # Suppl. S1: Adam
     t_max: int = 200  # Suppl. S1: cosine annealing T_max (epochs)
     eta_min: float = 1e-6  # Suppl. S1
     max_epochs: int = 200  # Suppl. S1
@@ -379,7 +379,7 @@ class CompletionTask(L.LightningModule):
         self.log("val/mse", loss, on_step=False, on_epoch=True, batch_size=batch["target"].numel())
 
     def configure_optimizers(self):
-        optimizer = torch.optim.Adam(self.parameters(), lr=self.config.learning_rate)
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.config.lr)
         return with_cosine_schedule(optimizer, self.config.t_max, self.config.eta_min)
 
 

@@ -60,8 +60,9 @@ from stinfer.evaluate.benchmark_layout import (
 from stinfer.evaluate.protocols import (
     PROTOCOLS,
     EvaluationTask,
-    PeakMemory,
+    UnitPrediction,
     protocol_tasks,
+    run_unit,
     strip_counts,
 )
 from stinfer.evaluate.robustness import (
@@ -754,15 +755,6 @@ def _model_options(
     return options
 
 
-def _predict(model: Any, slide: ad.AnnData, mode: str, patches: np.ndarray | None) -> ad.AnnData:
-    stripped = strip_counts(slide)
-    if mode != "fused":
-        return model.predict(stripped, mode=mode, patches=patches)
-    if patches is None:
-        return model.predict(stripped)
-    return model.predict(stripped, patches=patches)
-
-
 def _latents(model: Any, slides: Mapping[str, ad.AnnData]) -> dict[str, np.ndarray]:
     """Posterior means of the fused, image and spatial latents of each slide (STEvs only)."""
     if not hasattr(model, "get_latent"):
@@ -785,101 +777,105 @@ def run_cell(
     store: PatchStore,
     folder: Path,
 ) -> None:
-    """Train and evaluate one cell; write its outputs into ``folder`` (a fresh directory)."""
+    """Train and evaluate one cell; write its outputs into ``folder`` (a fresh directory).
+
+    The training, predictions, metrics and cost are
+    :func:`~stinfer.evaluate.protocols.run_unit`'s; the cell adds, inside the measured cost,
+    domain recovery and expert weights per prediction, the blue-shift sweeps and the latents.
+    """
     from stinfer.evaluate.domains import domain_labels, domain_recovery
-    from stinfer.metrics import evaluate_anndata
 
     entry = model_type(cell.model.type)
     options = _model_options(cell.model, config, store.cache_dir)
-    rows, sweep_rows, predictions, per_gene = [], [], {}, {}
-    cpu_start = time.process_time()
-    with PeakMemory() as memory:
-        start = time.perf_counter()
+    sweep_rows: list[pd.DataFrame] = []
+    latents: dict[str, np.ndarray] = {}
+
+    def build() -> Any:
         train_patches = None
         if entry.accepts_patches:
             spec = options.get("patch", config.patch)
             train_patches = [store.of(slide, spec) for slide in cell.train_slides]
             if any(p is None for p in train_patches):
                 train_patches = None
-        model = build_model(
+        return build_model(
             cell.model.type, cell.train_slides, list(genes), cell.seed, options, train_patches
         )
-        fit_info = model.train()
-        train_seconds = float(getattr(fit_info, "train_seconds", 0.0) or 0.0)
-        train_seconds = train_seconds or time.perf_counter() - start
-        spec = model_patch_spec(model)
+
+    def test_patches(model: Any, test_slide: ad.AnnData) -> np.ndarray | None:
+        return store.of(test_slide, model_patch_spec(model)) if entry.reads_images else None
+
+    def per_prediction(model: Any, unit: UnitPrediction) -> dict[str, Any]:
+        if config.domains is None:
+            return {}
+        labels = domain_labels(unit.test_slide, config.domains.key)
+        if labels is None or labels.notna().sum() < 2:
+            return {}
+        return domain_recovery(
+            unit.prediction,
+            unit.test_slide[:, genes],
+            config.domains.key,
+            config.domains.method,
+            config.domains.n_pcs,
+            cell.seed,
+        )
+
+    def after_predictions(model: Any) -> None:
         for test_name, test_slide in cell.tests:
-            patches = store.of(test_slide, spec) if entry.reads_images else None
-            for mode in cell.model.modes:
-                start = time.perf_counter()
-                prediction = _predict(model, test_slide, mode, patches)
-                predict_seconds = time.perf_counter() - start
-                name = model_label(cell.model.name, mode)
-                predictions[(name, test_name)] = prediction
-                evaluation = evaluate_anndata(prediction, test_slide[:, genes])
-                per_gene[(name, test_name)] = evaluation.per_gene
-                metrics = evaluation.summary()
-                domain = {}
-                if config.domains is not None:
-                    labels = domain_labels(test_slide, config.domains.key)
-                    if labels is not None and labels.notna().sum() >= 2:
-                        domain = domain_recovery(
-                            prediction,
-                            test_slide[:, genes],
-                            config.domains.key,
-                            config.domains.method,
-                            config.domains.n_pcs,
-                            cell.seed,
-                        )
-                rows.append(
-                    {
-                        "cohort": cell.cohort,
-                        "model": name,
-                        "model_type": cell.model.type,
-                        "group": cell.model.group,
-                        "mode": mode,
-                        "protocol": cell.protocol,
-                        "train_slice": cell.train_name,
-                        "test_slice": test_name,
-                        "seed": cell.seed,
-                        **metrics,
-                        **domain,
-                        "train_seconds": train_seconds,
-                        "predict_seconds": predict_seconds,
-                        "n_train_spots": int(sum(s.n_obs for s in cell.train_slides)),
-                        **_expert_weights(prediction, mode),
-                        **cell.extra,
-                    }
-                )
-            if _sweeps(config, cell.model, cell.protocol) and patches is not None:
-                sweep = blue_shift_sweep(
-                    model,
-                    {test_name: test_slide},
-                    genes,
-                    config.robustness.alphas,
-                    model_name=cell.model.name,
-                    patches={test_name: patches},
-                )
-                sweep.insert(0, "cohort", cell.cohort)
-                sweep.insert(2, "protocol", cell.protocol)
-                sweep.insert(3, "train_slice", cell.train_name)
-                sweep.insert(4, "seed", cell.seed)
-                sweep_rows.append(sweep)
-        latents = {}
-        if config.figures.umap and hasattr(model, "get_latent") and cell.protocol != "intra_slice":
-            latents = _latents(
+            patches = test_patches(model, test_slide)
+            if not _sweeps(config, cell.model, cell.protocol) or patches is None:
+                continue
+            sweep = blue_shift_sweep(
                 model,
-                {
-                    **{slide_id(s): s for s in cell.train_slides},
-                    **dict(cell.tests),
-                },
+                {test_name: test_slide},
+                genes,
+                config.robustness.alphas,
+                model_name=cell.model.name,
+                patches={test_name: patches},
             )
-    cpu_seconds = time.process_time() - cpu_start
-    for row in rows:
-        row["cpu_seconds"] = cpu_seconds
-        row["peak_rss_mb"] = memory.peak_rss_mb
-        row["rss_increase_mb"] = memory.peak_rss_mb - memory.start_rss_mb
-        row["peak_gpu_mb"] = memory.peak_gpu_mb
+            sweep.insert(0, "cohort", cell.cohort)
+            sweep.insert(2, "protocol", cell.protocol)
+            sweep.insert(3, "train_slice", cell.train_name)
+            sweep.insert(4, "seed", cell.seed)
+            sweep_rows.append(sweep)
+        if config.figures.umap and hasattr(model, "get_latent") and cell.protocol != "intra_slice":
+            latents.update(
+                _latents(
+                    model,
+                    {**{slide_id(s): s for s in cell.train_slides}, **dict(cell.tests)},
+                )
+            )
+
+    unit = run_unit(
+        build,
+        cell.tests,
+        genes,
+        modes=cell.model.modes,
+        test_patches=test_patches,
+        on_prediction=per_prediction,
+        after_predictions=after_predictions,
+    )
+    rows, predictions, per_gene = [], {}, {}
+    for row, done in zip(unit.rows, unit.predictions, strict=True):
+        name = model_label(cell.model.name, done.mode)
+        predictions[(name, done.test_name)] = done.prediction
+        per_gene[(name, done.test_name)] = done.evaluation.per_gene
+        rows.append(
+            {
+                "cohort": cell.cohort,
+                "model": name,
+                "model_type": cell.model.type,
+                "group": cell.model.group,
+                "mode": done.mode,
+                "protocol": cell.protocol,
+                "train_slice": cell.train_name,
+                "test_slice": done.test_name,
+                "seed": cell.seed,
+                **row,
+                "n_train_spots": int(sum(s.n_obs for s in cell.train_slides)),
+                **_expert_weights(done.prediction, done.mode),
+                **cell.extra,
+            }
+        )
     pd.DataFrame(rows).to_csv(folder / "rows.csv", index=False)
     (folder / "per_gene").mkdir()
     for (name, test_name), table in per_gene.items():
@@ -960,9 +956,10 @@ def _expert_weights(prediction: ad.AnnData, mode: str) -> dict[str, float]:
     which modality the model trusted on this slide); empty for other models and modes."""
     from stinfer.models.stevs import EXPERT_WEIGHT_KEYS
 
-    if mode != "fused" or not all(key in prediction.obs for key in EXPERT_WEIGHT_KEYS):
+    columns = {key: f"stevs_{key}" for key in EXPERT_WEIGHT_KEYS}  # STEvs.predict's obs names
+    if mode != "fused" or not all(column in prediction.obs for column in columns.values()):
         return {}
-    return {key: float(prediction.obs[key].mean()) for key in EXPERT_WEIGHT_KEYS}
+    return {key: float(prediction.obs[column].mean()) for key, column in columns.items()}
 
 
 def run_benchmark(

@@ -230,9 +230,9 @@ def k_sensitivity(
         ``svm_auc_sd``, ``completion_seconds`` (the GNN training the paper times),
         ``total_seconds`` (graph + completion + autoencoder).
     """
-    from stinfer.models.gene_embeddings import CoxFormerEmbeddings, GeneEmbeddingConfig
+    from stinfer.models.gene_embeddings import CoxFormerEmbeddings, paper_preset
 
-    config = config or GeneEmbeddingConfig.paper()
+    config = config or paper_preset()
     rows = []
     for k in ks:
         run_config = replace(config, graph=replace(config.graph, top_k=int(k)))

@@ -2,6 +2,9 @@
 
 Every expression model (STEvs and the baselines) follows one interface, :class:`ExpressionModel`:
 built from training slides and a gene list, ``train()``, then ``predict(slide, patches=None)``.
+:func:`run_unit` is the one runner of a (model, training slides, test slides) unit: train,
+predict every counts-stripped test slide (per inference mode), evaluate, and record the
+seconds and memory; :func:`run_protocol` (and the benchmark harness) call it.
 :func:`run_protocol` runs a model factory under a protocol and returns one row per
 (model, protocol, train slice, test slice, seed) with every metric of
 :func:`stinfer.metrics.evaluate_expression`, the training and prediction seconds and
@@ -48,12 +51,16 @@ __all__ = [
     "ExpressionModel",
     "ModelFactory",
     "PeakMemory",
+    "UnitPrediction",
+    "UnitResult",
     "aggregate",
     "cross_slice_pairs",
     "intra_slice_split",
     "leave_one_patient_out",
+    "predict_stripped",
     "protocol_tasks",
     "run_protocol",
+    "run_unit",
     "strip_counts",
 ]
 
@@ -370,49 +377,139 @@ def _train_seconds(fit_info: Any, fallback: float) -> float:
         value = fit_info.get("train_seconds")
     else:
         value = getattr(fit_info, "train_seconds", None)
-    return float(fallback if value is None else value)
+    return float(value or fallback)  # a model that reports no (or zero) time: the wall clock
 
 
-def _run_task(
-    task: EvaluationTask,
-    model_factory: ModelFactory,
-    genes: list[str],
-    model_name: str | None,
-    predictions: dict | None,
-) -> dict[str, Any]:
+@dataclass
+class UnitPrediction:
+    """One prediction of :func:`run_unit`: a test slide in one inference mode, and its scores."""
+
+    test_name: str
+    test_slide: ad.AnnData  # with counts: the truth
+    mode: str
+    prediction: ad.AnnData
+    evaluation: Any  # stinfer.metrics.ExpressionMetrics of the prediction on the panel
+    predict_seconds: float
+
+
+@dataclass
+class UnitResult:
+    """What :func:`run_unit` returns: the trained model, one row and one prediction per
+    (test slide, mode), in test-major order."""
+
+    model: Any
+    rows: list[dict[str, Any]]
+    predictions: list[UnitPrediction]
+
+
+def predict_stripped(
+    model: Any, slide: ad.AnnData, mode: str = "fused", patches: np.ndarray | None = None
+) -> ad.AnnData:
+    """``model``'s prediction of ``strip_counts(slide)`` in inference ``mode`` (the one way a
+    test slide reaches a model); only STEvs has modes other than ``"fused"``."""
+    stripped = strip_counts(slide)
+    if mode != "fused":
+        return model.predict(stripped, mode=mode, patches=patches)
+    if patches is None:
+        return model.predict(stripped)
+    return model.predict(stripped, patches=patches)
+
+
+def run_unit(
+    build_model: Callable[[], ExpressionModel],
+    tests: Sequence[tuple[str, ad.AnnData]],
+    genes: Sequence[str],
+    *,
+    modes: Sequence[str] = ("fused",),
+    test_patches: Callable[[Any, ad.AnnData], np.ndarray | None] | None = None,
+    on_prediction: Callable[[Any, UnitPrediction], Mapping[str, Any]] | None = None,
+    after_predictions: Callable[[Any], None] | None = None,
+) -> UnitResult:
+    """Train one model, predict each counts-stripped test slide per mode, evaluate, and time it.
+
+    The one runner of a (model, training slides, test slides) unit, used by
+    :func:`run_protocol`, the benchmark harness (:func:`stinfer.evaluate.benchmark.run_cell`)
+    and ``benchmarks/stevs_her2st.py``.
+
+    Parameters
+    ----------
+    build_model
+        Builds the untrained model (its time counts as training time unless the model reports
+        its own ``train_seconds``).
+    tests
+        ``(name, slide)`` pairs; each slide keeps its counts (the truth) and reaches the model
+        only through :func:`strip_counts`.
+    genes
+        The evaluated panel; every test slide must hold every gene.
+    modes
+        Inference modes predicted from the one training (``"fused"``; STEvs also ``"image"``,
+        ``"spatial"``).
+    test_patches
+        ``test_patches(model, slide)``: patches to predict from instead of the slide's image
+        (e.g. cached ones), or ``None``.
+    on_prediction
+        ``on_prediction(model, prediction)``: extra columns of that prediction's row (e.g.
+        domain recovery), measured inside the cost.
+    after_predictions
+        ``after_predictions(model)``: further work on the trained model measured inside the cost
+        (e.g. robustness sweeps, latents).
+
+    Returns
+    -------
+    UnitResult
+        Rows ``test_slice, mode``, every scalar of
+        :class:`~stinfer.metrics.ExpressionMetrics`, the hook's columns, ``train_seconds``,
+        ``predict_seconds`` (this prediction), and the unit's ``cpu_seconds`` (process CPU
+        time), ``peak_rss_mb``, ``rss_increase_mb`` (see :class:`PeakMemory`) and
+        ``peak_gpu_mb`` (NaN without CUDA).
+    """
     from stinfer.metrics import evaluate_anndata
 
-    truth = task.test_slide
-    missing = [gene for gene in genes if gene not in truth.var_names]
-    if missing:
-        raise InputError(
-            f"test slide {task.test_name!r} lacks {len(missing)} of the genes (e.g. {missing[:3]})."
-        )
+    genes = [str(gene) for gene in genes]
+    for test_name, truth in tests:
+        missing = [gene for gene in genes if gene not in truth.var_names]
+        if missing:
+            raise InputError(
+                f"test slide {test_name!r} lacks {len(missing)} of the genes (e.g. {missing[:3]})."
+            )
+    rows, predictions = [], []
+    cpu_start = time.process_time()
     with PeakMemory() as memory:
         start = time.perf_counter()
-        model = model_factory(task.train_slides, list(genes), task.seed)
+        model = build_model()
         fit_info = model.train()
         train_seconds = _train_seconds(fit_info, time.perf_counter() - start)
-        start = time.perf_counter()
-        prediction = model.predict(strip_counts(truth))
-        predict_seconds = time.perf_counter() - start
-    name = model_name or type(model).__name__
-    if predictions is not None:
-        predictions[(name, task.protocol, task.train_name, task.test_name, task.seed)] = prediction
-    metrics = evaluate_anndata(prediction, truth[:, genes])
-    return {
-        "model": name,
-        "protocol": task.protocol,
-        "train_slice": task.train_name,
-        "test_slice": task.test_name,
-        "seed": task.seed,
-        **metrics.summary(),
-        "train_seconds": train_seconds,
-        "predict_seconds": predict_seconds,
-        "peak_rss_mb": memory.peak_rss_mb,
-        "peak_gpu_mb": memory.peak_gpu_mb,
-        **task.extra,
-    }
+        for test_name, truth in tests:
+            patches = None if test_patches is None else test_patches(model, truth)
+            for mode in modes:
+                start = time.perf_counter()
+                prediction = predict_stripped(model, truth, mode, patches)
+                predict_seconds = time.perf_counter() - start
+                evaluation = evaluate_anndata(prediction, truth[:, genes])
+                unit = UnitPrediction(
+                    test_name, truth, mode, prediction, evaluation, predict_seconds
+                )
+                extra = {} if on_prediction is None else dict(on_prediction(model, unit))
+                predictions.append(unit)
+                rows.append(
+                    {
+                        "test_slice": test_name,
+                        "mode": mode,
+                        **evaluation.summary(),
+                        **extra,
+                        "train_seconds": train_seconds,
+                        "predict_seconds": predict_seconds,
+                    }
+                )
+        if after_predictions is not None:
+            after_predictions(model)
+    cpu_seconds = time.process_time() - cpu_start
+    for row in rows:
+        row["cpu_seconds"] = cpu_seconds
+        row["peak_rss_mb"] = memory.peak_rss_mb
+        row["rss_increase_mb"] = memory.peak_rss_mb - memory.start_rss_mb
+        row["peak_gpu_mb"] = memory.peak_gpu_mb
+    return UnitResult(model, rows, predictions)
 
 
 def run_protocol(
@@ -451,11 +548,12 @@ def run_protocol(
     Returns
     -------
     pandas.DataFrame
-        Columns ``model, protocol, train_slice, test_slice, seed``, every scalar of
+        Columns ``model, protocol, train_slice, test_slice, seed, mode``, every scalar of
         :class:`~stinfer.metrics.ExpressionMetrics`, ``train_seconds``,
-        ``predict_seconds``, ``peak_rss_mb`` (peak RSS of the process during training and
-        prediction, see :class:`PeakMemory`), ``peak_gpu_mb`` (NaN without CUDA), and for
-        intra-slice ``n_train``, ``n_val``.
+        ``predict_seconds``, ``cpu_seconds``, ``peak_rss_mb`` (peak RSS of the process during
+        training and prediction, see :class:`PeakMemory`), ``rss_increase_mb``,
+        ``peak_gpu_mb`` (NaN without CUDA), and for intra-slice ``n_train``, ``n_val``: the
+        rows of :func:`run_unit`, one unit per task.
     """
     genes = [str(gene) for gene in genes]
     rows = []
@@ -467,7 +565,27 @@ def run_protocol(
             task.test_name,
             task.seed,
         )
-        rows.append(_run_task(task, model_factory, genes, model_name, predictions))
+        unit = run_unit(
+            lambda task=task: model_factory(task.train_slides, list(genes), task.seed),
+            [(task.test_name, task.test_slide)],
+            genes,
+        )
+        name = model_name or type(unit.model).__name__
+        if predictions is not None:
+            key = (name, task.protocol, task.train_name, task.test_name, task.seed)
+            predictions[key] = unit.predictions[0].prediction
+        for row in unit.rows:
+            rows.append(
+                {
+                    "model": name,
+                    "protocol": task.protocol,
+                    "train_slice": task.train_name,
+                    "test_slice": task.test_name,
+                    "seed": task.seed,
+                    **row,
+                    **task.extra,
+                }
+            )
     return pd.DataFrame(rows)
 
 

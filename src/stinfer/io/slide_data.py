@@ -20,7 +20,8 @@ place: :func:`slide_meta` and :func:`slide_id` (metadata and name), :func:`spot_
 and :func:`spot_coordinates_um` (spot centres), :func:`image_pixel_size_um` (microns per pixel
 of the image file), :func:`check_genes`, :func:`panel_counts` and :func:`panel_counts_csr`
 (counts of a gene panel), :func:`as_dense` and :func:`as_csr` (dense/sparse conversion), and
-:data:`SPLIT_KEY` (the training/validation mark on spots).
+:data:`SPLIT_KEY` (the training/validation mark on spots) and :func:`validation_spot_mask`
+(the spots it marks for validation).
 """
 
 from __future__ import annotations
@@ -193,6 +194,41 @@ def make_slide(
         "notes": notes,
     }
     return slide
+
+
+def validation_spot_mask(slides: Sequence[ad.AnnData]) -> np.ndarray | None:
+    """Which training spots the slides mark as validation spots (``obs[SPLIT_KEY] == "val"``).
+
+    The spots of ``slides`` are taken in order, slide after slide (the order of a model's
+    training dataset); a slide without the column contributes training spots only.
+
+    Returns
+    -------
+    numpy.ndarray or None
+        Boolean ``(total spots,)`` mask, ``True`` for validation spots; ``None`` when no slide
+        has ``obs[SPLIT_KEY]`` (the model then draws its own validation spots).
+
+    Raises
+    ------
+    InputError
+        When a mark is neither ``"train"`` nor ``"val"``.
+    """
+    if not any(SPLIT_KEY in slide.obs for slide in slides):
+        return None
+    masks = []
+    for slide in slides:
+        if SPLIT_KEY not in slide.obs:
+            masks.append(np.zeros(slide.n_obs, dtype=bool))
+            continue
+        marks = slide.obs[SPLIT_KEY].astype(str).to_numpy()
+        bad = sorted(set(marks) - {"train", "val"})
+        if bad:
+            raise InputError(
+                f"slide {slide_id(slide, '?')!r}: obs[{SPLIT_KEY!r}] holds {bad}; a training "
+                'spot is marked "train" or "val" (drop the test spots before training).'
+            )
+        masks.append(marks == "val")
+    return np.concatenate(masks) if masks else np.zeros(0, dtype=bool)
 
 
 def slide_meta(slide: ad.AnnData) -> dict:

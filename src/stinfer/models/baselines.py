@@ -27,7 +27,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -41,12 +41,12 @@ import torch
 from stinfer.data.patches import PatchSpec, spot_patches
 from stinfer.errors import InputError
 from stinfer.io.slide_data import (
-    SPLIT_KEY,
     check_genes,
     panel_counts,
     slide_id,
     spot_coordinates_px,
     spot_coordinates_um,
+    validation_spot_mask,
 )
 from stinfer.train import FitResult, TrainerConfig, fit
 
@@ -63,7 +63,9 @@ __all__ = [
     "STNet",
     "STNetConfig",
     "prediction_anndata",
-    "stnet_config",
+    "stnet_fast_preset",
+    "stnet_paper_preset",
+    "upgrade_stnet_config_dict",
 ]
 
 
@@ -165,8 +167,14 @@ def _save_baseline(
     return write_model_folder(directory, model.model_type, config, state, module, arrays, overwrite)
 
 
-def _load_baseline(cls: type, config_class: type, directory: str | os.PathLike) -> tuple[Any, Any]:
-    """``(model without its fitted values, SavedModel)`` of a folder saved by ``cls.save``."""
+def _load_baseline(
+    cls: type,
+    config_class: type,
+    directory: str | os.PathLike,
+    upgrade: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None,
+) -> tuple[Any, Any]:
+    """``(model without its fitted values, SavedModel)`` of a folder saved by ``cls.save``;
+    ``upgrade`` maps an older config layout onto the current one."""
     from stinfer.models.configs import override_config
     from stinfer.models.persistence import read_saved_model
 
@@ -174,7 +182,8 @@ def _load_baseline(cls: type, config_class: type, directory: str | os.PathLike) 
     model = cls.__new__(cls)
     model.train_slides = []
     model.genes = [str(gene) for gene in saved.state["genes"]]
-    model.config = override_config(config_class(), saved.config, cls.model_type)
+    values = saved.config if upgrade is None else upgrade(saved.config)
+    model.config = override_config(config_class(), values, cls.model_type)
     model._train_patches = None
     return model, saved
 
@@ -512,49 +521,85 @@ class PatchFeatureRidge:
 # --------------------------------------------------------------------------- ST-Net
 @dataclass
 class STNetConfig:
-    """Settings of :class:`STNet`; defaults are the ``paper`` preset (see :data:`STNET_PRESETS`).
+    """Settings of :class:`STNet`; defaults are the ``paper`` preset (:func:`stnet_paper_preset`).
 
     He et al. (2020), Nat. Biomed. Eng. 4: DenseNet-121 (ImageNet-pretrained) on the spot patch,
     50 epochs, random flips and 90-degree rotations. The learning rate and L2 weight follow the
     most frequent choices of the STEvs baseline search (seed Table 21: lr 5e-4, l2 0.005) with
     AdamW; the target is log1p of raw counts (the count scale every stinfer model predicts in),
     not ST-Net's log of depth-normalised counts. Patches are the STEvs 160-px spot patches,
-    standardised with the backbone's timm data config (ImageNet mean/std).
+    standardised with the backbone's timm data config (ImageNet mean/std). The number of epochs,
+    the seed, devices, precision and early stopping are the ``trainer``'s, as for every model.
     """
 
     backbone: str = "densenet121"  # He et al. 2020
     pretrained: str | None = None  # None (random init: no weights here), "hub", or a local file
-    epochs: int = 50  # He et al. 2020
     batch_size: int = 32  # He et al. 2020
-    learning_rate: float = 5e-4  # STEvs Table 21, modal ST-Net choice
+    lr: float = 5e-4  # STEvs Table 21, modal ST-Net choice
     weight_decay: float = 5e-3  # STEvs Table 21, modal ST-Net l2_reg
     augment: bool = True  # random flips and 90-degree rotations (He et al. 2020)
     val_fraction: float = 0.1  # held-out spots when no obs[SPLIT_KEY] marks validation spots
-    early_stopping_patience: int | None = None  # epochs without val improvement; None: all epochs
     patch: PatchSpec = field(default_factory=PatchSpec)  # STEvs D.1.2: 160-px spot patches
     patch_cache_dir: str | None = None
-    seed: int = 0
-    accelerator: str = "auto"
-    devices: int | str = "auto"
-    precision: str | None = None  # None: bf16/fp16 autocast on GPU, fp32 on CPU
-    progress_bar: bool = False
     predict_batch_size: int = 128
+    trainer: TrainerConfig = field(  # He et al. 2020: 50 epochs
+        default_factory=lambda: TrainerConfig(max_epochs=50, progress_bar=False)
+    )
 
 
-STNET_PRESETS: dict[str, STNetConfig] = {
-    "paper": STNetConfig(),
-    # For a 2-core CPU: ResNet-18 (11.7 M parameters, ~1.8 GFLOPs at 224 px vs DenseNet-121's
-    # 8.0 M / 2.9 GFLOPs but far fewer memory-bound concatenations), 10 epochs, lr 1e-3 (the
-    # top of the Table 21 range, for the shorter schedule); everything else as `paper`.
-    "fast": STNetConfig(backbone="resnet18", epochs=10, learning_rate=1e-3),
+# Field names of older STNet configs (flat, before the trainer was nested) -> their path now.
+STNET_RENAMED_FIELDS = {
+    "learning_rate": "lr",
+    "epochs": "trainer.max_epochs",
+    "seed": "trainer.seed",
+    "accelerator": "trainer.accelerator",
+    "devices": "trainer.devices",
+    "precision": "trainer.precision",
+    "progress_bar": "trainer.progress_bar",
+    "early_stopping_patience": "trainer.early_stopping_patience",
 }
 
 
-def stnet_config(preset: str = "paper", **overrides) -> STNetConfig:
-    """A named :class:`STNetConfig` preset (``"paper"`` or ``"fast"``) with field overrides."""
-    if preset not in STNET_PRESETS:
-        raise InputError(f"unknown ST-Net preset {preset!r}; use one of {sorted(STNET_PRESETS)}.")
-    return dataclasses.replace(STNET_PRESETS[preset], **overrides)
+def upgrade_stnet_config_dict(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` (a saved ``config`` or overrides) with the old flat names of
+    :data:`STNET_RENAMED_FIELDS` moved to their place now; a value given under the new name
+    wins over the old one."""
+    values = dict(values)
+    if not isinstance(values.get("trainer") or {}, Mapping):
+        return values  # a TrainerConfig given whole: override_config names any old field
+    trainer = dict(values.get("trainer") or {})
+    for old, new in STNET_RENAMED_FIELDS.items():
+        if old not in values:
+            continue
+        value = values.pop(old)
+        head, _, name = new.rpartition(".")
+        (trainer if head else values).setdefault(name, value)
+    if trainer:
+        values["trainer"] = trainer
+    return values
+
+
+def stnet_paper_preset() -> STNetConfig:
+    """ST-Net as published (He et al. 2020, see :class:`STNetConfig`)."""
+    return STNetConfig()
+
+
+def stnet_fast_preset() -> STNetConfig:
+    """For a 2-core CPU; every difference from ``paper``:
+
+    - ResNet-18 instead of DenseNet-121 (11.7 M parameters, ~1.8 GFLOPs at 224 px vs
+      DenseNet-121's 8.0 M / 2.9 GFLOPs but far fewer memory-bound concatenations);
+    - 10 epochs instead of 50, lr 1e-3 instead of 5e-4 (the top of the Table 21 range, for
+      the shorter schedule).
+    """
+    return STNetConfig(
+        backbone="resnet18",
+        lr=1e-3,
+        trainer=TrainerConfig(max_epochs=10, progress_bar=False),
+    )
+
+
+STNET_PRESETS = {"paper": stnet_paper_preset, "fast": stnet_fast_preset}
 
 
 def random_dihedral(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -584,7 +629,7 @@ class STNetModule(L.LightningModule):
         backbone: str,
         n_genes: int,
         pretrained: str | None = None,
-        learning_rate: float = 5e-4,
+        lr: float = 5e-4,
         weight_decay: float = 5e-3,
         augment: bool = True,
     ) -> None:
@@ -598,7 +643,7 @@ class STNetModule(L.LightningModule):
         self.input_mean = tuple(data_config["mean"])
         self.input_std = tuple(data_config["std"])
         self.input_size = data_config["fixed_size"]
-        self.learning_rate = learning_rate
+        self.lr = lr
         self.weight_decay = weight_decay
         self.augment = augment
 
@@ -622,9 +667,7 @@ class STNetModule(L.LightningModule):
         self.log("val/mse", loss, on_step=False, on_epoch=True, batch_size=len(targets))
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(
-            self.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay
-        )
+        return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
 
 class STNet:
@@ -638,14 +681,14 @@ class STNet:
     Parameters
     ----------
     train_slides, genes, config
-        As for every model; ``config`` a :class:`STNetConfig` (see :func:`stnet_config` for the
-        ``paper`` and ``fast`` presets).
+        As for every model; ``config`` a :class:`STNetConfig` (:data:`STNET_PRESETS`:
+        :func:`stnet_paper_preset`, :func:`stnet_fast_preset`).
     patches
         Optional precomputed patches of the training slides (one array per slide).
 
     Example
     -------
-    >>> model = STNet(slides, genes, stnet_config("fast"))  # doctest: +SKIP
+    >>> model = STNet(slides, genes, stnet_fast_preset())  # doctest: +SKIP
     >>> model.train(); prediction = model.predict(test_slide)  # doctest: +SKIP
     """
 
@@ -667,30 +710,29 @@ class STNet:
         self._train_patches = patches
         self.log_max_: np.ndarray | None = None
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.config.seed)
+            torch.manual_seed(self.config.trainer.seed)
             self.module = STNetModule(
                 self.config.backbone,
                 len(self.genes),
                 self.config.pretrained,
-                self.config.learning_rate,
+                self.config.lr,
                 self.config.weight_decay,
                 self.config.augment,
             )
 
     def _validation_mask(self) -> np.ndarray:
-        marked = [
-            slide.obs[SPLIT_KEY].astype(str).to_numpy() == "val"
-            if SPLIT_KEY in slide.obs
-            else np.zeros(slide.n_obs, dtype=bool)
-            for slide in self.train_slides
-        ]
-        mask = np.concatenate(marked)
-        if mask.any() or self.config.val_fraction == 0:
+        marked = validation_spot_mask(self.train_slides)
+        if marked is not None:
+            return marked
+        mask = np.zeros(sum(slide.n_obs for slide in self.train_slides), dtype=bool)
+        if self.config.val_fraction == 0:
             return mask
         n_val = round(self.config.val_fraction * len(mask))
         if n_val == 0:
             return mask
-        chosen = np.random.default_rng(self.config.seed).choice(len(mask), n_val, replace=False)
+        chosen = np.random.default_rng(self.config.trainer.seed).choice(
+            len(mask), n_val, replace=False
+        )
         mask[chosen] = True
         return mask
 
@@ -710,7 +752,7 @@ class STNet:
         self.log_max_ = log_targets.max(axis=0)
         targets = torch.from_numpy(log_targets)
         val = torch.from_numpy(self._validation_mask())
-        generator = torch.Generator().manual_seed(self.config.seed)
+        generator = torch.Generator().manual_seed(self.config.trainer.seed)
         train_loader = DataLoader(
             TensorDataset(patches[~val], targets[~val]),
             batch_size=self.config.batch_size,
@@ -722,16 +764,10 @@ class STNet:
             val_loader = DataLoader(
                 TensorDataset(patches[val], targets[val]), batch_size=self.config.predict_batch_size
             )
-        trainer_config = TrainerConfig(
-            max_epochs=self.config.epochs,
-            accelerator=self.config.accelerator,
-            devices=self.config.devices,
-            precision=self.config.precision,
-            seed=self.config.seed,
-            progress_bar=self.config.progress_bar,
+        trainer_config = dataclasses.replace(
+            self.config.trainer,
             monitor="val/mse" if val_loader is not None else None,
             monitor_mode="min",
-            early_stopping_patience=self.config.early_stopping_patience,
         )
         result = fit(self.module, train_loader, val_loader, trainer_config)
         logger.info(
@@ -778,7 +814,7 @@ class STNet:
     @classmethod
     def load(cls, directory: str | os.PathLike) -> STNet:
         """Load a model written by :meth:`save` (safetensors: no pickle is executed)."""
-        model, saved = _load_baseline(cls, STNetConfig, directory)
+        model, saved = _load_baseline(cls, STNetConfig, directory, upgrade_stnet_config_dict)
         model.config.pretrained = None  # the saved weights replace any initial weights
         tensors = saved.tensors()
         log_max = tensors.pop("log_max", None)
@@ -787,7 +823,7 @@ class STNet:
             model.config.backbone,
             len(model.genes),
             None,
-            model.config.learning_rate,
+            model.config.lr,
             model.config.weight_decay,
             model.config.augment,
         )

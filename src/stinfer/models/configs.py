@@ -1,6 +1,8 @@
 """Config dataclasses from plain mappings: a preset with overrides, a saved model's config.
 
-One function, :func:`override_config`, applies a mapping (a YAML entry, ``create_model``'s
+:func:`resolve_preset` turns a preset name into a fresh config, the same way for every model
+with presets (each model module holds ``paper_preset()``/``fast_preset()`` constructors and a
+``PRESETS`` dict of them). One function, :func:`override_config`, applies a mapping (a YAML entry, ``create_model``'s
 keyword arguments, the ``config`` of a saved ``config.json``) onto a config dataclass, field by
 field and recursively into nested configs, so every model reads its options and its saved
 config the same way, and a misspelt field fails loudly with its dotted path.
@@ -10,12 +12,30 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from stinfer.errors import InputError
 
-__all__ = ["override_config"]
+__all__ = ["override_config", "resolve_preset"]
+
+
+def resolve_preset(
+    presets: Mapping[str, Callable[[], Any]], preset: Any, config_class: type, where: str
+) -> Any:
+    """A config of ``config_class`` from a preset name, a config, or ``None`` (``"paper"``).
+
+    ``presets`` maps each name to its constructor (a model module's ``PRESETS``); every call
+    builds a new config, so a caller's changes never reach another's. A config object is
+    returned as it is; an unknown name is an :class:`InputError` listing the names.
+    """
+    if preset is None:
+        preset = "paper"
+    if isinstance(preset, config_class):
+        return preset
+    if isinstance(preset, str) and preset in presets:
+        return presets[preset]()
+    raise InputError(f"unknown {where} preset {preset!r}; choose one of {sorted(presets)}")
 
 
 def override_config(config: Any, overrides: Mapping[str, Any], where: str) -> Any:

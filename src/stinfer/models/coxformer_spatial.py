@@ -73,6 +73,7 @@ from stinfer.errors import InputError
 from stinfer.io.slide_data import as_dense, panel_counts, slide_meta, spot_coordinates_px
 from stinfer.metrics import cluster_ari, cluster_domains
 from stinfer.modalities import canonical_modality
+from stinfer.models.configs import resolve_preset
 from stinfer.models.gene_baselines import choose_knn_k
 from stinfer.models.persistence import LEGACY_LAYOUTS, read_saved_model, write_model_folder
 from stinfer.nn.coxformer import (
@@ -100,7 +101,9 @@ __all__ = [
     "aggregate_sub_spots",
     "coxformer_spatial_config",
     "embedding_table",
+    "fast_preset",
     "measured_genes",
+    "paper_preset",
     "slide_log1p_cp10k",
     "standardise_embeddings",
     "sub_spot_offsets",
@@ -200,61 +203,6 @@ class CoxFormerSpatialConfig:
         if not 0.0 <= self.min_spot_fraction < 1.0:
             raise InputError(f"min_spot_fraction must be in [0, 1), got {self.min_spot_fraction}")
 
-    @classmethod
-    def paper(cls, **overrides: Any) -> CoxFormerSpatialConfig:
-        """The paper's hyperparameters (CoxFormer Suppl. S3); ``overrides`` replace fields."""
-        return dataclasses.replace(cls(preset="paper"), **overrides)
-
-    @classmethod
-    def fast(cls, **overrides: Any) -> CoxFormerSpatialConfig:
-        """For a 2-core CPU; every difference from ``paper``:
-
-        - ``d_model`` 128 (512), ``feedforward_dim`` 256 (1024), ``location_dim`` and
-          ``image_dim`` 128 (512), gene MLP width 128 (512), 1 spot attention layer (2),
-          attention groups of 1,024 spots (4,096), at most 2,048 random spots per step
-          (20,000): about 16x fewer multiply-adds per step, bounded on large slides;
-        - lr 1e-3 (1e-4) with gradients clipped at norm 1 (none), 256 genes per batch (64;
-          the spot pipeline, the cost of a step, is shared by the batch), at least 20 batches
-          per epoch (1), at most 60 epochs (200) with patience 5 (10): the smaller model
-          converges in fewer, larger steps;
-        - ``attention_loss="mse"`` (the weighted Huber of S3): the attention readout is fit
-          to the squared error of log1p CP10k, the quantity the held-out-gene protocol
-          scores. S3's loss gives the zero entries half the weight whatever their share; on
-          a synthetic slide, fitting the attention to it lowered the held-out genes' loss
-          while their MSE and median PCC got worse; on the squared error both improved
-          (``docs/results.md`` "CoxFormer spatial readout"). The spot decoder keeps S3's
-          loss (on the squared error its sub-spot detail fell apart in the tests);
-        - ``attention_dropout`` 0 (S3's dropout, 0.1) on the spot attention's probabilities
-          only: it draws ``heads x group_size^2`` random numbers per layer and step, which
-          costs more on a CPU than the rest of the spot attention (see
-          :class:`~stinfer.nn.coxformer.SpotContext`); the residual and feed-forward dropout
-          stay at 0.1;
-        - ``image_features="handcrafted"`` (a ViT): without pretrained weights a random ViT's
-          features carry less than colour and texture statistics, and they are slow to
-          compute on a CPU.
-        """
-        config = cls(
-            d_model=128,
-            feedforward_dim=256,
-            location_dim=128,
-            image_dim=128,
-            gene_hidden_dim=128,
-            n_spot_layers=1,
-            group_size=1024,
-            max_spots_per_step=2048,
-            lr=1e-3,
-            gradient_clip_val=1.0,
-            batch_genes=256,
-            min_steps_per_epoch=20,
-            max_epochs=60,
-            patience=5,
-            attention_loss="mse",
-            attention_dropout=0.0,
-            image_features="handcrafted",
-            preset="fast",
-        )
-        return dataclasses.replace(config, **overrides)
-
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-serialisable dict (stored with a saved model)."""
         return dataclasses.asdict(self)
@@ -277,19 +225,69 @@ class CoxFormerSpatialConfig:
         )
 
 
-PRESETS = {"paper": CoxFormerSpatialConfig.paper, "fast": CoxFormerSpatialConfig.fast}
+def paper_preset() -> CoxFormerSpatialConfig:
+    """The paper's hyperparameters (CoxFormer Suppl. S3)."""
+    return CoxFormerSpatialConfig(preset="paper")
+
+
+def fast_preset() -> CoxFormerSpatialConfig:
+    """For a 2-core CPU; every difference from ``paper``:
+
+    - ``d_model`` 128 (512), ``feedforward_dim`` 256 (1024), ``location_dim`` and
+      ``image_dim`` 128 (512), gene MLP width 128 (512), 1 spot attention layer (2),
+      attention groups of 1,024 spots (4,096), at most 2,048 random spots per step
+      (20,000): about 16x fewer multiply-adds per step, bounded on large slides;
+    - lr 1e-3 (1e-4) with gradients clipped at norm 1 (none), 256 genes per batch (64;
+      the spot pipeline, the cost of a step, is shared by the batch), at least 20 batches
+      per epoch (1), at most 60 epochs (200) with patience 5 (10): the smaller model
+      converges in fewer, larger steps;
+    - ``attention_loss="mse"`` (the weighted Huber of S3): the attention readout is fit
+      to the squared error of log1p CP10k, the quantity the held-out-gene protocol
+      scores. S3's loss gives the zero entries half the weight whatever their share; on
+      a synthetic slide, fitting the attention to it lowered the held-out genes' loss
+      while their MSE and median PCC got worse; on the squared error both improved
+      (``docs/results.md`` "CoxFormer spatial readout"). The spot decoder keeps S3's
+      loss (on the squared error its sub-spot detail fell apart in the tests);
+    - ``attention_dropout`` 0 (S3's dropout, 0.1) on the spot attention's probabilities
+      only: it draws ``heads x group_size^2`` random numbers per layer and step, which
+      costs more on a CPU than the rest of the spot attention (see
+      :class:`~stinfer.nn.coxformer.SpotContext`); the residual and feed-forward dropout
+      stay at 0.1;
+    - ``image_features="handcrafted"`` (a ViT): without pretrained weights a random ViT's
+      features carry less than colour and texture statistics, and they are slow to
+      compute on a CPU.
+    """
+    return CoxFormerSpatialConfig(
+        d_model=128,
+        feedforward_dim=256,
+        location_dim=128,
+        image_dim=128,
+        gene_hidden_dim=128,
+        n_spot_layers=1,
+        group_size=1024,
+        max_spots_per_step=2048,
+        lr=1e-3,
+        gradient_clip_val=1.0,
+        batch_genes=256,
+        min_steps_per_epoch=20,
+        max_epochs=60,
+        patience=5,
+        attention_loss="mse",
+        attention_dropout=0.0,
+        image_features="handcrafted",
+        preset="fast",
+    )
+
+
+PRESETS = {"paper": paper_preset, "fast": fast_preset}
 
 
 def coxformer_spatial_config(
     config: CoxFormerSpatialConfig | str | None = None, **overrides: Any
 ) -> CoxFormerSpatialConfig:
-    """A config from a preset name (``paper``, ``fast``), a config, or ``None`` (``paper``)."""
-    if config is None:
-        config = "paper"
-    if isinstance(config, str):
-        if config not in PRESETS:
-            raise InputError(f"unknown preset {config!r}; choose one of {', '.join(PRESETS)}.")
-        return PRESETS[config](**overrides)
+    """A config from a preset name (``paper``, ``fast``), a config, or ``None`` (``paper``),
+    with ``overrides`` (field -> value) replacing fields."""
+    config = resolve_preset(PRESETS, config, CoxFormerSpatialConfig, "CoxFormer spatial")
     return dataclasses.replace(config, **overrides) if overrides else config
 
 

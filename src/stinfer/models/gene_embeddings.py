@@ -25,7 +25,7 @@ copying its input correlation. ``label_fraction=0`` uses the graph corpora thems
 corpora (the completion then only fills pairs they cannot measure).
 
 Presets (named configs, :data:`PRESETS`): ``paper`` holds the paper's hyperparameters;
-``fast`` is for a CPU and differs only in (each also stated in :meth:`GeneEmbeddingConfig.fast`):
+``fast`` is for a CPU and differs only in (each also stated in :func:`fast_preset`):
 
 - completion: 32 SVD node features (paper preset 64), hidden width 64 (128); full-graph
   message passing (sampled 2-hop subgraphs) with batches of 2,048 target edges (512) and lr
@@ -52,6 +52,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import anndata as ad
 import numpy as np
@@ -88,6 +89,7 @@ from stinfer.io.gene_embeddings import (
     read_gene_embeddings,
     write_gene_embeddings,
 )
+from stinfer.models.configs import resolve_preset
 from stinfer.train import TrainerConfig
 
 logger = logging.getLogger("stinfer")
@@ -97,8 +99,11 @@ __all__ = [
     "CoxFormerEmbeddings",
     "GeneEmbeddingConfig",
     "SVDGeneEmbeddings",
+    "fast_preset",
     "gene_embedding_config",
+    "paper_preset",
     "split_corpus_cells",
+    "upgrade_gene_embedding_config_dict",
 ]
 
 CorporaLike = Sequence[ad.AnnData | Corpus] | Mapping[str, ad.AnnData | Corpus] | ad.AnnData
@@ -128,75 +133,6 @@ class GeneEmbeddingConfig:
                 f"autoencoder_input must be 'top_k' or 'dense', got {self.autoencoder_input!r}."
             )
 
-    @classmethod
-    def paper(cls, **overrides: object) -> GeneEmbeddingConfig:
-        """The paper's hyperparameters (Suppl. S1-S2); ``overrides`` replace top-level fields."""
-        return replace(cls(preset="paper"), **overrides)
-
-    @classmethod
-    def fast(cls, **overrides: object) -> GeneEmbeddingConfig:
-        """A CPU-friendly preset; differences from ``paper`` (everything else is the paper's):
-
-        - completion: ``n_node_features`` 32 (64), ``hidden_dim`` 64 (128),
-          ``message_passing`` ``"full"`` (``"sampled"``), ``batch_size`` 2,048 (512),
-          ``learning_rate`` 2e-3 (1e-3), ``max_epochs`` 40 (200), ``t_max`` 40 (200),
-          ``edges_per_epoch`` 65,536 (all training edges), ``validation_edges`` 16,384 (all
-          validation edges). Why: on a top-K graph of ~10^4 genes a sampled 2-hop subgraph
-          around 1,000 seeds already covers most of the graph, so a step costs a full-graph
-          pass either way; with full-graph message passing (exact, no sampling) a step costs
-          the same for 512 or 2,048 edges, so larger batches with a larger step size reach the
-          sampled mode's test R2 in a quarter of the steps;
-        - autoencoder: ``n_tokens`` 16 (64), ``d_model`` 64 (512), ``feedforward_dim`` 128
-          (2048), ``batch_size`` 64 (32), ``learning_rate`` 1e-3 (1e-4), ``max_epochs`` 10
-          (200), ``t_max`` 10 (50). Why: the small autoencoder's cost is its epochs, and with
-          the paper's step size it needs tens of epochs to reach the reconstruction error a
-          ten times larger step size reaches in a few;
-        - autoencoder input and loss: ``autoencoder_input`` ``"dense"`` (``"top_k"``),
-          ``geometry_weight`` 1 (0) and ``partner_fraction`` 0.5 (0). Why (measured in
-          ``benchmarks/gene_embedding_quality.py``, figures in ``docs/results``): the
-          autoencoder barely learns a top-K row, whose
-          ``K`` small values sit among ``n_genes`` zeros, and its bottleneck then puts every
-          gene on one shared direction (median pairwise cosine ~1: cosine similarity says
-          nothing) and loses co-expression a 64-d SVD of the same corpus keeps. Dense rows
-          (:func:`~stinfer.coexpression.completion.dense_completed_coexpression`) carry each
-          gene's co-expression with every gene, and the geometry term
-          (:func:`~stinfer.coexpression.autoencoder.geometry_loss`) asks the cosine of two
-          embeddings to approximate their genes' co-expression. In shuffled batches two
-          co-expressed genes almost never meet, so the term would only push genes apart;
-          partner batches (:class:`~stinfer.coexpression.autoencoder.PartnerBatchSampler`)
-          give it the co-expressed pairs to pull together. Measured alternatives that
-          did worse: centring or whitening the output, weighting the non-zero entries of
-          the top-K rows, normalising the rows, the cosine of the input rows as the
-          geometry target, and 4 epochs instead of 10.
-        """
-        config = cls(
-            completion=CompletionConfig(
-                n_node_features=32,
-                hidden_dim=64,
-                message_passing="full",
-                batch_size=2048,
-                learning_rate=2e-3,
-                max_epochs=40,
-                t_max=40,
-                edges_per_epoch=65536,
-                validation_edges=16384,
-            ),
-            autoencoder=AutoencoderConfig(
-                n_tokens=16,
-                d_model=64,
-                feedforward_dim=128,
-                batch_size=64,
-                learning_rate=1e-3,
-                max_epochs=10,
-                t_max=10,
-                geometry_weight=1.0,
-                partner_fraction=0.5,
-            ),
-            autoencoder_input="dense",
-            preset="fast",
-        )
-        return replace(config, **overrides)
-
     def trainer(self) -> TrainerConfig:
         """The :class:`~stinfer.train.TrainerConfig` shared by both training stages."""
         return TrainerConfig(
@@ -208,16 +144,96 @@ class GeneEmbeddingConfig:
         )
 
 
-PRESETS = {"paper": GeneEmbeddingConfig.paper, "fast": GeneEmbeddingConfig.fast}
+def paper_preset() -> GeneEmbeddingConfig:
+    """The paper's hyperparameters (CoxFormer Suppl. S1-S2)."""
+    return GeneEmbeddingConfig(preset="paper")
+
+
+def fast_preset() -> GeneEmbeddingConfig:
+    """A CPU-friendly preset; differences from ``paper`` (everything else is the paper's):
+
+    - completion: ``n_node_features`` 32 (64), ``hidden_dim`` 64 (128),
+      ``message_passing`` ``"full"`` (``"sampled"``), ``batch_size`` 2,048 (512),
+      ``lr`` 2e-3 (1e-3), ``max_epochs`` 40 (200), ``t_max`` 40 (200),
+      ``edges_per_epoch`` 65,536 (all training edges), ``validation_edges`` 16,384 (all
+      validation edges). Why: on a top-K graph of ~10^4 genes a sampled 2-hop subgraph
+      around 1,000 seeds already covers most of the graph, so a step costs a full-graph
+      pass either way; with full-graph message passing (exact, no sampling) a step costs
+      the same for 512 or 2,048 edges, so larger batches with a larger step size reach the
+      sampled mode's test R2 in a quarter of the steps;
+    - autoencoder: ``n_tokens`` 16 (64), ``d_model`` 64 (512), ``feedforward_dim`` 128
+      (2048), ``batch_size`` 64 (32), ``lr`` 1e-3 (1e-4), ``max_epochs`` 10
+      (200), ``t_max`` 10 (50). Why: the small autoencoder's cost is its epochs, and with
+      the paper's step size it needs tens of epochs to reach the reconstruction error a
+      ten times larger step size reaches in a few;
+    - autoencoder input and loss: ``autoencoder_input`` ``"dense"`` (``"top_k"``),
+      ``geometry_weight`` 1 (0) and ``partner_fraction`` 0.5 (0). Why (measured in
+      ``benchmarks/gene_embedding_quality.py``, figures in ``docs/results``): the
+      autoencoder barely learns a top-K row, whose
+      ``K`` small values sit among ``n_genes`` zeros, and its bottleneck then puts every
+      gene on one shared direction (median pairwise cosine ~1: cosine similarity says
+      nothing) and loses co-expression a 64-d SVD of the same corpus keeps. Dense rows
+      (:func:`~stinfer.coexpression.completion.dense_completed_coexpression`) carry each
+      gene's co-expression with every gene, and the geometry term
+      (:func:`~stinfer.coexpression.autoencoder.geometry_loss`) asks the cosine of two
+      embeddings to approximate their genes' co-expression. In shuffled batches two
+      co-expressed genes almost never meet, so the term would only push genes apart;
+      partner batches (:class:`~stinfer.coexpression.autoencoder.PartnerBatchSampler`)
+      give it the co-expressed pairs to pull together. Measured alternatives that
+      did worse: centring or whitening the output, weighting the non-zero entries of
+      the top-K rows, normalising the rows, the cosine of the input rows as the
+      geometry target, and 4 epochs instead of 10.
+    """
+    return GeneEmbeddingConfig(
+        completion=CompletionConfig(
+            n_node_features=32,
+            hidden_dim=64,
+            message_passing="full",
+            batch_size=2048,
+            lr=2e-3,
+            max_epochs=40,
+            t_max=40,
+            edges_per_epoch=65536,
+            validation_edges=16384,
+        ),
+        autoencoder=AutoencoderConfig(
+            n_tokens=16,
+            d_model=64,
+            feedforward_dim=128,
+            batch_size=64,
+            lr=1e-3,
+            max_epochs=10,
+            t_max=10,
+            geometry_weight=1.0,
+            partner_fraction=0.5,
+        ),
+        autoencoder_input="dense",
+        preset="fast",
+    )
+
+
+PRESETS = {"paper": paper_preset, "fast": fast_preset}
+
+
+def upgrade_gene_embedding_config_dict(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` (a saved ``config`` or overrides) with the stages' old ``learning_rate``
+    renamed ``lr``, as in every stinfer config; a value under ``lr`` wins over the old one."""
+    values = dict(values)
+    for stage in ("completion", "autoencoder"):
+        if isinstance(values.get(stage), Mapping) and "learning_rate" in values[stage]:
+            options = dict(values[stage])
+            old = options.pop("learning_rate")
+            options.setdefault("lr", old)
+            values[stage] = options
+    return values
 
 
 def gene_embedding_config(
     preset: str = "paper", top_k: int | None = None, **overrides: object
 ) -> GeneEmbeddingConfig:
     """The named preset (``paper`` or ``fast``) with ``top_k`` and top-level ``overrides``."""
-    if preset not in PRESETS:
-        raise InputError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
-    config = PRESETS[preset](**overrides)
+    config = resolve_preset(PRESETS, preset, GeneEmbeddingConfig, "gene embedding")
+    config = replace(config, **overrides) if overrides else config
     if top_k is not None:
         config = replace(config, graph=replace(config.graph, top_k=int(top_k)))
     return config
@@ -269,7 +285,7 @@ class CoxFormerEmbeddings:
     model_type = "coxformer_embeddings"  # the registry name, saved in config.json
 
     def __init__(self, config: GeneEmbeddingConfig | None = None) -> None:
-        self.config = config or GeneEmbeddingConfig.paper()
+        self.config = config or paper_preset()
         self.graph: CorrelationGraph | None = None
         self.completion: CompletionResult | None = None
         self.autoencoder_result: AutoencoderResult | None = None
@@ -490,7 +506,9 @@ class CoxFormerEmbeddings:
 
         saved = read_saved_model(path, cls.model_type, LEGACY_LAYOUTS["coxformer_embeddings"])
         folder = saved.directory
-        raw = dict(saved.config["config"] if saved.format_version == 0 else saved.config)
+        raw = upgrade_gene_embedding_config_dict(
+            saved.config["config"] if saved.format_version == 0 else saved.config
+        )
         config = GeneEmbeddingConfig(
             graph=CorrelationGraphConfig(**raw.pop("graph")),
             completion=CompletionConfig(**raw.pop("completion")),

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from stinfer.errors import InputError
-from stinfer.models.configs import override_config
+from stinfer.models.configs import override_config, resolve_preset
 
 __all__ = [
     "MODEL_TYPES",
@@ -137,9 +137,18 @@ def _no_presets(name: str, config_class: str) -> Callable[[Any], Any]:
 
 
 def _stnet_base(preset: Any) -> Any:
-    from stinfer.models.baselines import STNetConfig, stnet_config
+    from stinfer.models.baselines import STNET_PRESETS, STNetConfig
 
-    return preset if isinstance(preset, STNetConfig) else stnet_config(preset or "paper")
+    return resolve_preset(STNET_PRESETS, preset, STNetConfig, "ST-Net")
+
+
+def _stnet_shorthands(overrides: dict[str, Any]) -> dict[str, Any]:
+    """``epochs: N`` sets ``trainer.max_epochs`` (unless given); the old flat names
+    (``learning_rate``, ``accelerator``, ...) move to their place
+    (:func:`stinfer.models.baselines.upgrade_stnet_config_dict`)."""
+    from stinfer.models.baselines import upgrade_stnet_config_dict
+
+    return upgrade_stnet_config_dict(overrides)
 
 
 def _stevs_base(preset: Any) -> Any:
@@ -149,17 +158,19 @@ def _stevs_base(preset: Any) -> Any:
 
 
 def _stevs_shorthands(overrides: dict[str, Any]) -> dict[str, Any]:
-    """``epochs: N`` sets ``module.epochs`` and ``training.trainer.max_epochs`` (unless given)."""
+    """``epochs: N`` sets ``training.trainer.max_epochs`` (unless given); the old fields
+    ``module.epochs``/``module.batch_size`` move to the training config
+    (:func:`stinfer.models.stevs.upgrade_config_dict`)."""
+    from stinfer.models.stevs import upgrade_config_dict
+
     overrides = dict(overrides)
     epochs = overrides.pop("epochs", None)
-    if epochs is None:
-        return overrides
-    module = dict(overrides.get("module", {}))
-    training = dict(overrides.get("training", {}))
-    trainer = dict(training.get("trainer", {}))
-    module.setdefault("epochs", int(epochs))
-    trainer.setdefault("max_epochs", int(epochs))
-    return {**overrides, "module": module, "training": {**training, "trainer": trainer}}
+    if epochs is not None:
+        training = dict(overrides.get("training", {}))
+        trainer = dict(training.get("trainer", {}))
+        trainer.setdefault("max_epochs", int(epochs))
+        overrides["training"] = {**training, "trainer": trainer}
+    return upgrade_config_dict(overrides)
 
 
 def _coxformer_spatial_base(preset: Any) -> Any:
@@ -174,6 +185,14 @@ def _gene_embeddings_base(preset: Any) -> Any:
     if isinstance(preset, GeneEmbeddingConfig):
         return preset
     return gene_embedding_config(preset or "paper")
+
+
+def _gene_embeddings_shorthands(overrides: dict[str, Any]) -> dict[str, Any]:
+    """The stages' old ``learning_rate`` is ``lr``
+    (:func:`stinfer.models.gene_embeddings.upgrade_gene_embedding_config_dict`)."""
+    from stinfer.models.gene_embeddings import upgrade_gene_embedding_config_dict
+
+    return upgrade_gene_embedding_config_dict(overrides)
 
 
 MODEL_TYPES: dict[str, ModelType] = {
@@ -219,7 +238,9 @@ MODEL_TYPES: dict[str, ModelType] = {
             reads_images=True,
             accepts_patches=True,
             presets=("paper", "fast"),
+            seed_field="trainer.seed",
             base_config=_stnet_base,
+            shorthands=_stnet_shorthands,
         ),
         ModelType(
             "stevs",
@@ -269,6 +290,7 @@ MODEL_TYPES: dict[str, ModelType] = {
             "CoxFormer gene embeddings from co-expression corpora",
             presets=("paper", "fast"),
             base_config=_gene_embeddings_base,
+            shorthands=_gene_embeddings_shorthands,
         ),
     )
 }
@@ -303,8 +325,11 @@ def model_config(name: str, preset: Any = None, seed: int | None = None, **overr
         Sets the config's seed (:attr:`ModelType.seed_field`); ignored by models without one.
     **overrides
         Config fields, nested as the config is (``training={"augment": False}`` for STEvs,
-        ``patch={"patch_size_px": 64}``); STEvs also takes ``epochs=N`` for its module's and
-        trainer's epochs. An unknown field is an :class:`InputError` naming its path.
+        ``patch={"patch_size_px": 64}``); STEvs and ST-Net also take ``epochs=N`` for their
+        trainer's ``max_epochs``, and the field names of their older configs (see
+        :func:`stinfer.models.stevs.upgrade_config_dict`,
+        :func:`stinfer.models.baselines.upgrade_stnet_config_dict`). An unknown field is an
+        :class:`InputError` naming its path.
     """
     entry = model_type(name)
     config = copy.deepcopy(entry.base_config(preset))  # the caller's config stays untouched

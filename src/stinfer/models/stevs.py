@@ -26,7 +26,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,9 +49,11 @@ from stinfer.io.slide_data import (
     slide_id,
     slide_meta,
     spot_coordinates_um,
+    validation_spot_mask,
 )
 from stinfer.metrics import per_gene_pearson
 from stinfer.modalities import canonical_modality
+from stinfer.models.configs import resolve_preset
 from stinfer.models.persistence import LEGACY_LAYOUTS, read_saved_model, write_model_folder
 from stinfer.nn.encoders import SlideColourNormaliser, colour_moments
 from stinfer.nn.fusion import PoEFusion, calibration_offsets
@@ -106,7 +108,7 @@ class STEvsTrainingConfig:
     patch_normalization: str = "minmax"  # STEvs Eq. 39
     colour_normalization: str = "none"  # "slide": per-slide colour standardisation (stinfer)
     patch_cache_dir: str | None = None  # on-disk patch cache, reused across runs
-    val_fraction: float = 0.1  # held-out training spots for model selection (val median PCC)
+    val_fraction: float = 0.1  # validation spots drawn when no obs[SPLIT_KEY] marks them
     batch_size: int = 128  # public STEvs code
     augment: bool = False  # random flips / 90-degree rotations of training patches
     colour_jitter: float = 0.0  # sd of per-patch, per-channel gain and offset (with augment)
@@ -157,6 +159,9 @@ class STEvsModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> STEvsModelConfig:
+        """Build from :meth:`to_dict`'s layout; older layouts are upgraded first
+        (:func:`upgrade_config_dict`)."""
+        values = upgrade_config_dict(values)
         training = dict(values.get("training", {}))
         if "patch" in training:
             training["patch"] = PatchSpec(**training["patch"])
@@ -166,6 +171,40 @@ class STEvsModelConfig:
             module=STEvsConfig.from_dict(values.get("module", {})),
             training=STEvsTrainingConfig(**training),
         )
+
+
+# Module fields that older configs carried beside the training config's, and their one place now
+# (a path under `training`).
+MOVED_MODULE_FIELDS = {"epochs": ("trainer", "max_epochs"), "batch_size": ("batch_size",)}
+
+
+def upgrade_config_dict(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` (a saved ``config`` or nested overrides) with moved fields in their one place.
+
+    ``module.epochs`` and ``module.batch_size`` duplicated ``training.trainer.max_epochs`` and
+    ``training.batch_size``, and only the training values were ever used. An old saved config
+    has both, so its module copies are dropped; an override that sets only the module field
+    (an old YAML) sets the training field instead. When both are given, the training one wins.
+    """
+    values = dict(values)
+    module, training = values.get("module") or {}, values.get("training") or {}
+    if not isinstance(module, Mapping) or not isinstance(training, Mapping):
+        return values  # a config object given whole: override_config names any old field
+    module = dict(module)
+    moved = {name: module.pop(name) for name in MOVED_MODULE_FIELDS if name in module}
+    if not moved or not isinstance(training.get("trainer") or {}, Mapping):
+        return values
+    values["module"] = module
+    training = dict(training)
+    trainer = dict(training.get("trainer") or {})
+    for name, value in moved.items():
+        *parents, field_name = MOVED_MODULE_FIELDS[name]
+        target = trainer if parents else training
+        target.setdefault(field_name, value)
+    if trainer:
+        training["trainer"] = trainer
+    values["training"] = training
+    return values
 
 
 def paper_preset() -> STEvsModelConfig:
@@ -254,9 +293,7 @@ def fast_preset() -> STEvsModelConfig:
         decoder_channels=(64, 32, 16, 8),
         image_recon_size=40,
         lr=1e-3,
-        batch_size=32,
         kl_anneal_epochs=20,
-        epochs=30,
         coord_encoder="fourier",
         fourier_scale=1.0,
     )
@@ -279,13 +316,7 @@ PRESETS = {"paper": paper_preset, "fast": fast_preset}
 
 def resolve_config(config: STEvsModelConfig | str | None) -> STEvsModelConfig:
     """A config object from a preset name, a config, or ``None`` (the ``paper`` preset)."""
-    if config is None:
-        return paper_preset()
-    if isinstance(config, str):
-        if config not in PRESETS:
-            raise InputError(f"unknown STEvs preset {config!r}; choose one of {sorted(PRESETS)}")
-        return PRESETS[config]()
-    return config
+    return resolve_preset(PRESETS, config, STEvsModelConfig, "STEvs")
 
 
 # --------------------------------------------------------------------------- slide tensors
@@ -334,6 +365,30 @@ def _numbered_chunks(chunks: Iterator[np.ndarray]) -> Iterator[tuple[slice, np.n
 
 # --------------------------------------------------------------------------- Lightning task
 EXPERT_WEIGHT_KEYS = ("image_expert_weight", "spatial_expert_weight")
+
+
+def validation_split(
+    slides: Sequence[ad.AnnData], val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Training and validation spots of ``slides`` (indices into their spots, slide after slide).
+
+    When the slides carry the protocol's split (``obs[SPLIT_KEY]``, e.g. the intra-slice
+    protocol's 7:1:2 split, ``docs/DESIGN.md`` "Protocols"), its ``"val"`` spots are the
+    validation spots, as for every other model. Otherwise a seeded ``val_fraction`` of the
+    spots is drawn (none below 20 spots).
+
+    Returns
+    -------
+    train_idx, val_idx : numpy.ndarray
+        int64 indices; ``val_idx`` sorted (``train_idx`` in the drawn order when drawn).
+    """
+    marked = validation_spot_mask(slides)
+    if marked is not None:
+        return np.flatnonzero(~marked), np.flatnonzero(marked)
+    n_spots = sum(slide.n_obs for slide in slides)
+    order = np.random.default_rng(seed).permutation(n_spots)
+    n_val = round(val_fraction * n_spots) if n_spots >= 20 else 0
+    return order[n_val:].astype(np.int64), np.sort(order[:n_val]).astype(np.int64)
 
 
 class STEvsTask(L.LightningModule):
@@ -633,10 +688,8 @@ class STEvs:
 
     def _loaders(self, dataset: SpotDataset, seed: int) -> tuple[DataLoader, DataLoader | None]:
         training = self.config.training
-        n_spots = len(dataset)
-        order = np.random.default_rng(seed).permutation(n_spots)
-        n_val = round(training.val_fraction * n_spots) if n_spots >= 20 else 0
-        val_idx, train_idx = order[:n_val], order[n_val:]
+        train_idx, val_idx = validation_split(self.train_slides, training.val_fraction, seed)
+        n_val = len(val_idx)
         generator = torch.Generator().manual_seed(seed)
         train_loader = DataLoader(
             torch.utils.data.Subset(dataset, train_idx.tolist()),
@@ -649,7 +702,7 @@ class STEvs:
         val_loader = None
         if n_val:
             val_loader = DataLoader(
-                torch.utils.data.Subset(dataset, np.sort(val_idx).tolist()),
+                torch.utils.data.Subset(dataset, val_idx.tolist()),
                 batch_size=training.predict_batch_size,
                 collate_fn=stacked_batch,
             )

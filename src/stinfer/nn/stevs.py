@@ -102,11 +102,10 @@ class STEvsConfig:
     alignment: bool = True  # STEvs Eq. 2; False is "w/o Alignment Loss" (Tables 3-4)
     library_weight: float = 1.0  # stinfer: log-library MSE (profile scale only; not in STEvs)
     kl_anneal_epochs: int = 50  # E_anneal of STEvs Eq. 38; 50 in the public code
-    # optimisation
+    # optimisation (the number of epochs and the batch size are the model's training config:
+    # stinfer.models.stevs.STEvsTrainingConfig.batch_size and its trainer's max_epochs)
     lr: float = 1e-4  # STEvs Sec. 4.2 (AdamW, C.4.2)
     weight_decay: float = 0.01  # AdamW default, as in the public code
-    epochs: int = 100  # STEvs Sec. 4.2
-    batch_size: int = 128  # public code notebook
 
     def __post_init__(self) -> None:
         for name in ("coord_hidden_dims", "decoder_channels", "gene_hidden_dims"):
@@ -123,7 +122,7 @@ class STEvsConfig:
                 raise InputError(
                     f"STEvsConfig.{name} = {getattr(self, name)!r} is not one of {allowed}"
                 )
-        for name in ("latent_dim", "patch_size", "in_chans", "epochs", "batch_size"):
+        for name in ("latent_dim", "patch_size", "in_chans"):
             if getattr(self, name) <= 0:
                 raise InputError(f"STEvsConfig.{name} must be positive; got {getattr(self, name)}")
         if self.image_recon_size is not None and (
