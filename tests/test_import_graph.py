@@ -17,6 +17,7 @@ Two rules:
    ==  ==================  ============================================================
    0   ``errors``          the one user-error type
    1   ``modalities``,     the modality vocabulary (``fused``/``image``/``spatial``);
+       ``logs``,           what a run prints (each line once, third-party noise filtered);
        ``stinfer``         the package's front door (``__version__``, lazy submodules)
    2   ``io``, ``nn``,     readers and the slide data model (never torch); pure torch
        ``train``           modules; the one Lightning training path
@@ -52,7 +53,7 @@ SOURCE = Path(__file__).resolve().parents[1] / "src" / PACKAGE
 
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors",),
-    ("modalities", PACKAGE),
+    ("modalities", "logs", PACKAGE),
     ("io", "nn", "train"),
     ("preprocess",),
     ("metrics", "plot"),

@@ -14,6 +14,8 @@ from scipy import stats
 from stinfer.errors import InputError
 from stinfer.preprocess import (
     align_genes,
+    grid_adjacency,
+    grid_type,
     highly_variable_genes,
     morans_i,
     normalise_log1p_cp10k,
@@ -126,6 +128,116 @@ def test_constant_gene_has_no_moran_statistic_and_is_not_a_hypothesis():
     np.testing.assert_allclose(
         result.loc[finite, "pval_fdr"], stats.false_discovery_control(result.loc[finite, "pval"])
     )
+
+
+def _square_grid(side: int) -> tuple[np.ndarray, np.ndarray]:
+    """``array_row``, ``array_col`` of a ``side`` x ``side`` legacy-ST grid."""
+    return np.indices((side, side)).reshape(2, -1)
+
+
+def _hex_grid(n_rows: int, n_cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """``array_row``, ``array_col`` of a Visium grid: ``row + col`` even, rows 2 columns apart."""
+    rows, cols = np.indices((n_rows, n_cols)).reshape(2, -1)
+    on_lattice = rows % 2 == cols % 2
+    return rows[on_lattice], cols[on_lattice]
+
+
+def _grid_slide(values: np.ndarray, rows: np.ndarray, cols: np.ndarray, hexagonal: bool):
+    """A slide of ``values`` on a grid, spot centres in microns (Visium or ST pitch)."""
+    if hexagonal:
+        coords = np.column_stack([cols * 50.0, rows * 50.0 * np.sqrt(3)])
+    else:
+        coords = np.column_stack([cols * 200.0, rows * 200.0])
+    slide = ad.AnnData(
+        X=np.asarray(values, dtype=np.float64).reshape(len(rows), -1),
+        obs=pd.DataFrame(
+            {"array_row": rows, "array_col": cols}, index=[f"s{i}" for i in range(len(rows))]
+        ),
+    )
+    slide.obsm["spatial"] = coords
+    return slide
+
+
+def _dense_morans_i(values: np.ndarray, adjacency: np.ndarray) -> np.ndarray:
+    """Moran's I of every column with row-standardised ``adjacency``, dense numpy."""
+    weights = adjacency / adjacency.sum(axis=1, keepdims=True)
+    z = values - values.mean(axis=0)
+    return len(values) / weights.sum() * np.sum(z * (weights @ z), axis=0) / np.sum(z**2, axis=0)
+
+
+def test_grid_adjacency_links_4_neighbours_on_a_square_grid_and_6_on_a_hex_grid():
+    rows, cols = _square_grid(5)
+    square = grid_adjacency(rows, cols)
+    degree = np.diff(square.indptr).reshape(5, 5)
+    assert grid_type(rows, cols) == "square"
+    assert (degree[1:-1, 1:-1] == 4).all() and degree[0, 0] == 2 and degree[0, 2] == 3
+    assert (square != square.T).nnz == 0 and square.diagonal().sum() == 0
+    centre = 12  # (2, 2)
+    linked = sorted(zip(rows[square[centre].indices], cols[square[centre].indices], strict=True))
+    assert linked == [(1, 2), (2, 1), (2, 3), (3, 2)]
+
+    rows, cols = _hex_grid(7, 14)
+    hexagonal = grid_adjacency(rows, cols)
+    assert grid_type(rows, cols) == "hex"
+    interior = (rows > 0) & (rows < 6) & (cols > 1) & (cols < 12)
+    assert (np.diff(hexagonal.indptr)[interior] == 6).all()
+    assert (hexagonal != hexagonal.T).nnz == 0
+    slide = _grid_slide(np.zeros(len(rows)), rows, cols, hexagonal=True)
+    source, target = hexagonal.nonzero()
+    distances = np.linalg.norm(
+        slide.obsm["spatial"][source] - slide.obsm["spatial"][target], axis=1
+    )
+    np.testing.assert_allclose(distances, 100.0)  # every grid neighbour is one pitch away
+
+
+def test_grid_adjacency_refuses_two_spots_on_one_grid_position():
+    with pytest.raises(InputError, match="share a grid position"):
+        grid_adjacency(np.array([0, 0, 1]), np.array([0, 0, 1]))
+
+
+@pytest.mark.parametrize("hexagonal", [True, False], ids=["visium_hex", "st_square"])
+def test_morans_i_of_a_slide_uses_grid_neighbours_and_equals_dense_reference_and_scanpy(
+    hexagonal,
+):
+    import scanpy as sc
+
+    rows, cols = _hex_grid(12, 24) if hexagonal else _square_grid(12)
+    rng = np.random.default_rng(5)
+    values = np.column_stack(
+        [cols + rng.normal(0, 3, len(rows)), rng.normal(size=len(rows)), np.sin(rows / 2.0)]
+    )
+    slide = _grid_slide(values, rows, cols, hexagonal)
+    result = morans_i(slide, normalise=False)
+    adjacency = grid_adjacency(rows, cols).toarray()
+    expected = _dense_morans_i(values, adjacency)
+    np.testing.assert_allclose(result["I"], expected, rtol=1e-10)
+    weights = sp.csr_matrix(adjacency / adjacency.sum(axis=1, keepdims=True))
+    np.testing.assert_allclose(result["I"], sc.metrics.morans_i(weights, values.T), rtol=1e-6)
+    _, pval = _reference_morans_i(values[:, 0], weights.toarray())
+    assert result["pval"].iloc[0] == pytest.approx(pval, rel=1e-8, abs=1e-300)
+    if not hexagonal:  # k = 6 nearest spots would add 2 of the 4 equidistant diagonals
+        assert not np.allclose(result["I"], morans_i(slide, normalise=False, n_neighbors=6)["I"])
+    no_grid = slide.copy()
+    no_grid.obs = no_grid.obs.drop(columns=["array_row", "array_col"])
+    knn = _dense_morans_i(values, spatial_weights(slide.obsm["spatial"], 6).toarray() > 0)
+    np.testing.assert_allclose(morans_i(no_grid, normalise=False)["I"], knn, rtol=1e-10)
+    scattered = slide[::5].copy()  # a subsample: most spots have no grid neighbour left
+    knn = _dense_morans_i(values[::5], spatial_weights(scattered.obsm["spatial"], 6).toarray() > 0)
+    np.testing.assert_allclose(morans_i(scattered, normalise=False)["I"], knn, rtol=1e-10)
+
+
+def test_checkerboard_has_morans_i_minus_one_and_a_smooth_gradient_a_positive_one():
+    rows, cols = _square_grid(6)
+    checkerboard = ((rows + cols) % 2).astype(float)
+    # Closed form: every neighbour of a spot has the opposite centred value, so z'Wz = -z'z
+    # with row-standardised W and S0 = n: I = -1 exactly.
+    statistic = morans_i(_grid_slide(checkerboard, rows, cols, False), normalise=False)["I"]
+    assert statistic.iloc[0] == pytest.approx(-1.0, abs=1e-12)
+    gradient = rows + cols / 10.0
+    statistic = morans_i(_grid_slide(gradient, rows, cols, False), normalise=False)["I"]
+    adjacency = grid_adjacency(rows, cols).toarray()
+    assert statistic.iloc[0] == pytest.approx(_dense_morans_i(gradient[:, None], adjacency)[0])
+    assert statistic.iloc[0] > 0.6
 
 
 def _cohort(rng: np.random.Generator, n_slides: int = 3) -> list[ad.AnnData]:

@@ -41,7 +41,8 @@ from sklearn.mixture import GaussianMixture
 from threadpoolctl import threadpool_limits
 
 from stinfer.errors import InputError
-from stinfer.io.slide_data import as_dense
+from stinfer.io.prediction_layout import expected_counts
+from stinfer.io.slide_data import as_dense, slide_id
 from stinfer.preprocess import normalise_log1p_cp10k
 
 logger = logging.getLogger("stinfer")
@@ -53,16 +54,23 @@ _SINGLE_THREAD_CLUSTERING = 2_000_000  # PCA entries below which k-means runs on
 Matrix = np.ndarray | sp.spmatrix
 
 __all__ = [
+    "DOMAIN_METHODS",
+    "DomainClustering",
     "ExpressionMetrics",
     "cluster_ari",
     "cluster_domains",
+    "count_violation",
     "depth_normalise",
+    "domain_ari",
     "evaluate_anndata",
     "evaluate_expression",
+    "fit_domains",
     "hest_pcc_top50",
     "mse_log1p",
     "per_gene_pearson",
     "per_gene_spearman",
+    "section_id",
+    "section_mismatch",
     "top_variable_genes",
 ]
 
@@ -389,11 +397,89 @@ def _expression_of(adata: ad.AnnData, layer: str | None, name: str) -> Matrix:
     return adata.layers[layer]
 
 
+def section_id(adata: ad.AnnData) -> str | None:
+    """The section an AnnData (a slide or a prediction of one) belongs to, or ``None``.
+
+    ``uns["stinfer"]["sample_id"]`` (stinfer's slides and predictions carry it), else the one
+    value of ``obs["sample_id"]`` when every spot has the same.
+    """
+    name = slide_id(adata, default="")
+    if name:
+        return name
+    if "sample_id" in adata.obs.columns:
+        values = pd.unique(adata.obs["sample_id"].astype(str))
+        if len(values) == 1:
+            return str(values[0])
+    return None
+
+
+def section_mismatch(pred_adata: ad.AnnData, truth_adata: ad.AnnData) -> str | None:
+    """Why a prediction and a truth look like different sections, or ``None`` when they do not.
+
+    They differ when both name their section (:func:`section_id`) and the names differ, or
+    when they share no spot name (spot names carry the sample id, so the spots of two
+    sections never share one). Scoring one section's prediction against another's counts
+    gives meaningless, often plausible-looking numbers, so callers refuse it unless told.
+    """
+    pred_id, truth_id = section_id(pred_adata), section_id(truth_adata)
+    if pred_id is not None and truth_id is not None and pred_id != truth_id:
+        return f"the prediction is of section {pred_id!r} but the truth is section {truth_id!r}"
+    if not truth_adata.obs_names.isin(pred_adata.obs_names).any():
+        return (
+            f"the prediction (section {pred_id or 'unknown'!r}, spots e.g. "
+            f"{list(pred_adata.obs_names[:2])}) and the truth (section {truth_id or 'unknown'!r}, "
+            f"spots e.g. {list(truth_adata.obs_names[:2])}) share no spot names"
+        )
+    return None
+
+
+def count_violation(matrix: Matrix) -> str | None:
+    """How ``matrix`` fails to be raw counts (whole non-negative numbers), or ``None``.
+
+    E.g. ``"negative values (min -0.31)"`` or ``"non-integer values (e.g. 2.47)"``: a
+    prediction (non-integer means) or a normalised matrix where raw counts belong.
+    """
+    values = _values(matrix)
+    if values.size == 0:
+        return None
+    if not np.all(np.isfinite(values)):
+        return "NaN or infinite values"
+    if values.min() < 0:
+        return f"negative values (min {values.min():g})"
+    if values.dtype.kind in "biu":
+        return None
+    fractional = np.abs(values - np.round(values)) > 1e-6
+    if fractional.any():
+        return f"non-integer values (e.g. {values[fractional][0]:g})"
+    return None
+
+
+def _match_on_spot_ids(pred_adata: ad.AnnData, truth_adata: ad.AnnData) -> ad.AnnData:
+    """``pred_adata`` renamed to the truth's spot names where ``obs["spot_id"]`` agrees.
+
+    For a forced comparison of two sections: their spot names differ by the sample id, but
+    the same array position (``spot_id``) can be paired. Without ``spot_id`` on both sides
+    the prediction is returned unchanged.
+    """
+    if "spot_id" not in pred_adata.obs or "spot_id" not in truth_adata.obs:
+        return pred_adata
+    truth_names = pd.Series(
+        np.asarray(truth_adata.obs_names), index=truth_adata.obs["spot_id"].astype(str).to_numpy()
+    )
+    truth_names = truth_names[~truth_names.index.duplicated()]
+    matched = truth_names.reindex(pred_adata.obs["spot_id"].astype(str).to_numpy())
+    names = np.where(matched.isna(), np.asarray(pred_adata.obs_names), matched.to_numpy())
+    renamed = pred_adata.copy()
+    renamed.obs_names = pd.Index(names.astype(str))
+    return renamed
+
+
 def evaluate_anndata(
     pred_adata: ad.AnnData,
     truth_adata: ad.AnnData,
     layer: str | None = None,
     truth_layer: str | None = None,
+    force: bool = False,
 ) -> ExpressionMetrics:
     """:func:`evaluate_expression` of a predicted AnnData against the true one, matched by name.
 
@@ -404,15 +490,29 @@ def evaluate_anndata(
     Parameters
     ----------
     pred_adata
-        Predictions (``X``, or the layer ``layer``), e.g. from a model's ``predict``.
+        Predictions (``X``, or the layer ``layer``), e.g. from a model's ``predict``. ``X``
+        holds expected counts in every prediction stinfer writes
+        (:mod:`stinfer.io.prediction_layout`); a file from before that convention whose
+        ``X`` is log1p CP10k is refused rather than scored against counts.
     truth_adata
         The test slide: raw counts in ``X`` (or ``truth_layer``), sparse or dense.
+    force
+        Score a prediction of one section against the truth of another
+        (:func:`section_mismatch`) instead of refusing; spots are then paired by
+        ``obs["spot_id"]`` (the same array position) when both sides have it.
 
     Raises
     ------
     InputError
-        When the two share no spot or no gene name (the message names both sides).
+        When the prediction and the truth are of different sections (unless ``force``), or
+        share no spot or no gene name (the message names both sides).
     """
+    mismatch = section_mismatch(pred_adata, truth_adata)
+    if mismatch is not None:
+        if not force:
+            raise InputError(f"{mismatch}; pass force=True to score them anyway.")
+        logger.warning("scoring anyway (force): %s.", mismatch)
+        pred_adata = _match_on_spot_ids(pred_adata, truth_adata)
     spots = truth_adata.obs_names[truth_adata.obs_names.isin(pred_adata.obs_names)]
     genes = truth_adata.var_names[truth_adata.var_names.isin(pred_adata.var_names)]
     if len(spots) == 0:
@@ -442,7 +542,10 @@ def evaluate_anndata(
                 f"{key.removeprefix('n_')}={value}" for key, value in counts.items() if value
             ),
         )
-    pred = _expression_of(pred_adata, layer, "the prediction")
+    if layer is None:
+        pred = expected_counts(pred_adata)
+    else:
+        pred = _expression_of(pred_adata, layer, "the prediction")
     truth = _expression_of(truth_adata, truth_layer, "the truth")
     pred = _take(
         pred, pred_adata.obs_names.get_indexer(spots), pred_adata.var_names.get_indexer(genes)
@@ -463,54 +566,157 @@ def _take(matrix: Matrix, rows: np.ndarray, columns: np.ndarray) -> Matrix:
 
 
 # --------------------------------------------------------------------------- spatial domains
-def cluster_domains(
+DOMAIN_METHODS = ("kmeans", "gmm", "leiden")
+"""Clusterings :func:`fit_domains` offers: k-means, a Gaussian mixture, Leiden (scanpy)."""
+
+LEIDEN_NEIGHBOURS = 15  # scanpy's sc.pp.neighbors default
+LEIDEN_ITERATIONS = 2  # scanpy's recommended n_iterations for flavor="igraph"
+LEIDEN_MAX_TRIES = 20  # Leiden runs of the resolution search
+
+
+@dataclass(frozen=True)
+class DomainClustering:
+    """Spatial domains of spots found by :func:`fit_domains`."""
+
+    labels: np.ndarray  # (n_spots,) int domain of each spot
+    method: str  # one of DOMAIN_METHODS
+    n_domains: int  # distinct labels; Leiden may fall short of the request (logged)
+    resolution: float | None = None  # Leiden's chosen resolution; None for k-means and GMM
+
+
+def fit_domains(
     expression: Matrix,
     n_clusters: int,
     n_pcs: int = 30,
     seed: int = 0,
-    method: Literal["kmeans", "gmm"] = "kmeans",
-) -> np.ndarray:
+    method: Literal["kmeans", "gmm", "leiden"] = "kmeans",
+) -> DomainClustering:
     """Cluster spots into ``n_clusters`` domains from their (true or predicted) expression.
 
-    log1p-CP10k over the given genes -> PCA (``n_pcs`` components, capped by the data) ->
-    k-means (``n_init=10``) or a full-covariance Gaussian mixture (the mclust-like choice of
-    spatial-domain papers), both seeded by ``seed``.
+    log1p-CP10k over the given genes -> PCA (``n_pcs`` components, capped by the data) -> one of
+
+    - ``"kmeans"``: k-means (``n_init=10``), STEvs Appendix H;
+    - ``"gmm"``: a full-covariance Gaussian mixture (the mclust-like choice of spatial-domain
+      papers);
+    - ``"leiden"``: what the single-cell and spatial field does (``sc.pp.neighbors``, 15
+      neighbours on the PCs, then ``sc.tl.leiden(flavor="igraph", n_iterations=2,
+      directed=False)``), with the resolution found by bisection (at most
+      :data:`LEIDEN_MAX_TRIES` runs: doubling from 1 until too many domains, then halving the
+      bracket) so that Leiden returns ``n_clusters`` domains. When no tried resolution gives
+      exactly ``n_clusters``, the closest count is kept and a warning logged.
+
+    All are seeded by ``seed``.
 
     Returns
     -------
-    numpy.ndarray
-        ``(n_spots,)`` int cluster labels.
+    DomainClustering
+        The labels, the number of domains found and, for Leiden, the chosen resolution.
     """
+    if method not in DOMAIN_METHODS:
+        raise InputError(
+            f"domain clustering method must be one of {DOMAIN_METHODS}, got {method!r}."
+        )
     features = depth_normalise(expression)
     n_spots, n_genes = features.shape
     if not 1 <= n_clusters <= n_spots:
         raise InputError(f"n_clusters must be in [1, {n_spots}], got {n_clusters}.")
     n_components = max(1, min(n_pcs, n_spots - 1, n_genes))
     embedding = PCA(n_components=n_components, random_state=seed).fit_transform(features)
+    if method == "leiden":
+        labels, resolution = _leiden_domains(embedding, n_clusters, seed)
+        return DomainClustering(labels, method, len(np.unique(labels)), resolution)
     if method == "kmeans":
         model = KMeans(n_clusters=n_clusters, n_init=10, random_state=seed)
-    elif method == "gmm":
-        model = GaussianMixture(n_components=n_clusters, covariance_type="full", random_state=seed)
     else:
-        raise InputError(f"method must be 'kmeans' or 'gmm', got {method!r}.")
+        model = GaussianMixture(n_components=n_clusters, covariance_type="full", random_state=seed)
     # OpenMP threads cost more than they save on a few thousand spots (and stall badly on a
     # shared, oversubscribed CPU); large inputs keep sklearn's default threading.
     threads = 1 if embedding.size < _SINGLE_THREAD_CLUSTERING else None
     with threadpool_limits(limits=threads):
-        return np.asarray(model.fit_predict(embedding))
+        labels = np.asarray(model.fit_predict(embedding))
+    return DomainClustering(labels, method, len(np.unique(labels)))
 
 
-def cluster_ari(
+def _leiden_domains(embedding: np.ndarray, n_domains: int, seed: int) -> tuple[np.ndarray, float]:
+    """Leiden labels on the kNN graph of ``embedding`` at the resolution giving ``n_domains``."""
+    import scanpy as sc  # deferred: scanpy is slow to import and only Leiden needs it
+
+    from stinfer.preprocess import torch_threads_kept
+
+    n_spots = embedding.shape[0]
+    graph = ad.AnnData(
+        obs=pd.DataFrame(index=pd.RangeIndex(n_spots).astype(str)),
+        obsm={"X_latent": np.asarray(embedding, dtype=np.float32)},
+    )
+    with torch_threads_kept():
+        sc.pp.neighbors(
+            graph,
+            n_neighbors=max(2, min(LEIDEN_NEIGHBOURS, n_spots - 1)),
+            use_rep="X_latent",
+            random_state=seed,
+        )
+
+    def leiden(resolution: float) -> np.ndarray:
+        sc.tl.leiden(
+            graph,
+            resolution=resolution,
+            random_state=seed,
+            flavor="igraph",
+            n_iterations=LEIDEN_ITERATIONS,
+            directed=False,
+            key_added="domain",
+        )
+        return graph.obs["domain"].cat.codes.to_numpy(dtype=np.int64)
+
+    too_few, too_many = 0.0, None  # resolutions bracketing the target
+    resolution = 1.0
+    best: tuple[int, float, np.ndarray] | None = None
+    for _ in range(LEIDEN_MAX_TRIES):
+        labels = leiden(resolution)
+        found = len(np.unique(labels))
+        if best is None or abs(found - n_domains) < best[0]:
+            best = (abs(found - n_domains), resolution, labels)
+        if found == n_domains:
+            break
+        if found < n_domains:
+            too_few = resolution
+        else:
+            too_many = resolution
+        resolution = 2.0 * resolution if too_many is None else (too_few + too_many) / 2.0
+    miss, resolution, labels = best
+    if miss:
+        logger.warning(
+            "Leiden: no resolution in %d tries gives %d domains; kept %d at resolution %.4g.",
+            LEIDEN_MAX_TRIES,
+            n_domains,
+            len(np.unique(labels)),
+            resolution,
+        )
+    return labels, float(resolution)
+
+
+def cluster_domains(
+    expression: Matrix,
+    n_clusters: int,
+    n_pcs: int = 30,
+    seed: int = 0,
+    method: Literal["kmeans", "gmm", "leiden"] = "kmeans",
+) -> np.ndarray:
+    """The ``(n_spots,)`` int domain labels of :func:`fit_domains`."""
+    return fit_domains(expression, n_clusters, n_pcs=n_pcs, seed=seed, method=method).labels
+
+
+def domain_ari(
     expression: Matrix,
     labels: np.ndarray | pd.Series | list,
     n_clusters: int | None = None,
     n_pcs: int = 30,
     seed: int = 0,
-    method: Literal["kmeans", "gmm"] = "kmeans",
-) -> float:
+    method: Literal["kmeans", "gmm", "leiden"] = "kmeans",
+) -> tuple[float, DomainClustering]:
     """Adjusted Rand index between annotated domains and clusters of the expression.
 
-    The domain-recovery metric: cluster the spots (:func:`cluster_domains`) into as many
+    The domain-recovery metric: cluster the spots (:func:`fit_domains`) into as many
     clusters as there are annotated domains and compare with
     :func:`sklearn.metrics.adjusted_rand_score`. Spots without a label (NaN/None) are left out
     of both the clustering and the score (e.g. unannotated DLPFC spots).
@@ -526,8 +732,9 @@ def cluster_ari(
 
     Returns
     -------
-    float
-        ARI in [-1, 1]; 1 is perfect recovery, about 0 is chance.
+    tuple
+        The ARI in [-1, 1] (1 is perfect recovery, about 0 is chance) and the clustering of
+        the annotated spots (with Leiden's resolution).
     """
     labels = pd.Series(np.asarray(labels, dtype=object))
     if len(labels) != expression.shape[0]:
@@ -540,5 +747,17 @@ def cluster_ari(
         labels = labels[annotated]
     if n_clusters is None:
         n_clusters = labels.nunique()
-    predicted = cluster_domains(expression, n_clusters, n_pcs=n_pcs, seed=seed, method=method)
-    return float(adjusted_rand_score(labels.astype(str).to_numpy(), predicted))
+    clustering = fit_domains(expression, n_clusters, n_pcs=n_pcs, seed=seed, method=method)
+    return float(adjusted_rand_score(labels.astype(str).to_numpy(), clustering.labels)), clustering
+
+
+def cluster_ari(
+    expression: Matrix,
+    labels: np.ndarray | pd.Series | list,
+    n_clusters: int | None = None,
+    n_pcs: int = 30,
+    seed: int = 0,
+    method: Literal["kmeans", "gmm", "leiden"] = "kmeans",
+) -> float:
+    """The ARI of :func:`domain_ari` alone (unannotated spots left out)."""
+    return domain_ari(expression, labels, n_clusters, n_pcs=n_pcs, seed=seed, method=method)[0]

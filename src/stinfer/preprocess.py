@@ -34,6 +34,8 @@ _GENE_CHUNK = 2048  # genes densified at once by the Moran's I kernel (bounds me
 
 __all__ = [
     "align_genes",
+    "grid_adjacency",
+    "grid_type",
     "highly_variable_genes",
     "morans_i",
     "normalise_log1p_cp10k",
@@ -139,8 +141,9 @@ def spatial_weights(
     Each spot is linked to its ``n_neighbors`` nearest other spots (6 = the hexagonal Visium
     ring, squidpy's default for generic coordinates), or, when ``radius`` is given, to every
     other spot within ``radius`` (same units as ``coords``); on a square legacy-ST grid pass
-    ``n_neighbors=4`` or a radius, since 6 would pick 2 of the 4 equidistant diagonals. Rows are divided by their sum
-    (PySAL's ``transform="r"``, squidpy's ``transformation=True``); a spot without neighbours
+    ``n_neighbors=4`` or a radius, since 6 would pick 2 of the 4 equidistant diagonals (slides
+    with array coordinates get grid neighbours from :func:`grid_adjacency` instead, the
+    default of :func:`morans_i`). Rows are divided by their sum (PySAL's ``transform="r"``, squidpy's ``transformation=True``); a spot without neighbours
     keeps an all-zero row.
 
     Parameters
@@ -171,13 +174,150 @@ def spatial_weights(
     adjacency = sp.csr_matrix(adjacency, dtype=np.float64)
     adjacency.setdiag(0)
     adjacency.eliminate_zeros()
+    return _row_standardise(adjacency, f"radius={radius}")
+
+
+def _row_standardise(adjacency: sp.csr_matrix, neighbourhood: str) -> sp.csr_matrix:
+    """``adjacency`` with rows divided by their sums; isolated spots keep a zero row (logged)."""
     row_sums = np.asarray(adjacency.sum(axis=1)).ravel()
     n_isolated = int(np.sum(row_sums == 0))
     if n_isolated:
         logger.warning(
-            "%d of %d spots have no spatial neighbour (radius=%s).", n_isolated, n_spots, radius
+            "%d of %d spots have no spatial neighbour (%s).",
+            n_isolated,
+            adjacency.shape[0],
+            neighbourhood,
         )
     return sp.csr_matrix(sp.diags(_safe_scale(row_sums, 1.0)) @ adjacency)
+
+
+GRID_OFFSETS = {
+    # Visium: rows of a hexagonal lattice, columns of a row 2 apart, odd rows shifted by one.
+    "hex": ((0, -2), (0, 2), (-1, -1), (-1, 1), (1, -1), (1, 1)),
+    # Legacy ST: a square lattice, rook neighbours.
+    "square": ((-1, 0), (1, 0), (0, -1), (0, 1)),
+}
+"""``(d_row, d_col)`` of the grid neighbours of a spot, as squidpy's ``coord_type="grid"``."""
+
+
+def _grid_positions(array_row: np.ndarray, array_col: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    positions = []
+    for name, values in (("array_row", array_row), ("array_col", array_col)):
+        values = np.asarray(values, dtype=np.float64).ravel()
+        if not np.all(np.isfinite(values)) or np.any(values != np.round(values)):
+            raise InputError(
+                f"obs[{name!r}] holds missing or non-integer values; grid neighbours need whole "
+                "array coordinates (pass n_neighbors= to use k nearest spots instead)."
+            )
+        positions.append(values.astype(np.int64))
+    if positions[0].shape != positions[1].shape:
+        raise InputError(
+            f"{positions[0].size} array_row values but {positions[1].size} array_col values."
+        )
+    return positions[0], positions[1]
+
+
+def grid_type(array_row: np.ndarray, array_col: np.ndarray) -> Literal["hex", "square"]:
+    """``"hex"`` (Visium) when every ``array_row + array_col`` has the same parity, else ``"square"``.
+
+    Visium numbers a hexagonal lattice so that even rows hold even columns and odd rows odd
+    columns (``row + col`` always even); a square legacy-ST grid holds both parities.
+    """
+    array_row, array_col = _grid_positions(array_row, array_col)
+    return "hex" if np.unique((array_row + array_col) % 2).size <= 1 else "square"
+
+
+def grid_adjacency(
+    array_row: np.ndarray, array_col: np.ndarray, grid: Literal["hex", "square"] | None = None
+) -> sp.csr_matrix:
+    """Binary, symmetric adjacency of spots that are grid neighbours (squidpy ``coord_type="grid"``).
+
+    Six neighbours ``(r, c +- 2)``, ``(r +- 1, c +- 1)`` on Visium's hexagonal grid, four
+    ``(r +- 1, c)``, ``(r, c +- 1)`` on a square legacy-ST grid (:data:`GRID_OFFSETS`); spots on
+    the tissue edge have fewer. Found by a join on integer grid keys, without a loop over spots.
+
+    Parameters
+    ----------
+    array_row, array_col
+        ``(n_spots,)`` integer grid coordinates, e.g. ``slide.obs["array_row"]``.
+    grid
+        ``"hex"`` or ``"square"``; default detected by :func:`grid_type`.
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix
+        ``(n_spots, n_spots)`` float64 of 0/1, zero diagonal.
+
+    Raises
+    ------
+    InputError
+        When coordinates are missing or non-integer, or two spots share a grid position (e.g.
+        several slides concatenated: compute per slide).
+    """
+    array_row, array_col = _grid_positions(array_row, array_col)
+    grid = grid or grid_type(array_row, array_col)
+    if grid not in GRID_OFFSETS:
+        raise InputError(f"grid must be 'hex' or 'square', got {grid!r}.")
+    n_spots = array_row.size
+    row, col = array_row - array_row.min() + 1, array_col - array_col.min() + 2
+    width = int(col.max()) + 3
+    spot_at = pd.Index(row * width + col)
+    if not spot_at.is_unique:
+        raise InputError(
+            f"{int(spot_at.duplicated().sum())} spots share a grid position with another; grid "
+            "neighbours need one slide at a time (or pass n_neighbors= for k nearest spots)."
+        )
+    sources, targets = [], []
+    for d_row, d_col in GRID_OFFSETS[grid]:
+        neighbour = spot_at.get_indexer((row + d_row) * width + (col + d_col))
+        found = neighbour >= 0
+        sources.append(np.flatnonzero(found))
+        targets.append(neighbour[found])
+    sources, targets = np.concatenate(sources), np.concatenate(targets)
+    return sp.csr_matrix(
+        (np.ones(sources.size), (sources, targets)), shape=(n_spots, n_spots), dtype=np.float64
+    )
+
+
+def _moran_weights(
+    data: ad.AnnData | np.ndarray | sp.spmatrix,
+    coords: np.ndarray,
+    n_neighbors: int | None,
+    radius: float | None,
+) -> sp.csr_matrix:
+    """Grid neighbours when the slide has array coordinates and no neighbourhood is asked for,
+    else :func:`spatial_weights` (``n_neighbors`` nearest spots, default 6, or a radius).
+
+    When most spots have no grid neighbour the spots do not tile the grid (e.g. a subsample of
+    a slide), so the 6 nearest spots are used instead, with a warning.
+    """
+    on_grid = (
+        isinstance(data, ad.AnnData)
+        and n_neighbors is None
+        and radius is None
+        and {"array_row", "array_col"} <= set(data.obs.columns)
+    )
+    if not on_grid:
+        return spatial_weights(
+            coords, n_neighbors=6 if n_neighbors is None else n_neighbors, radius=radius
+        )
+    if data.n_obs < 3:
+        raise InputError(f"Moran's I needs at least 3 spots, got {data.n_obs}.")
+    array_row, array_col = data.obs["array_row"].to_numpy(), data.obs["array_col"].to_numpy()
+    grid = grid_type(array_row, array_col)
+    adjacency = grid_adjacency(array_row, array_col, grid)
+    n_isolated = int(np.sum(np.diff(adjacency.indptr) == 0))
+    if n_isolated > data.n_obs / 2:
+        logger.warning(
+            "Moran's I: %d of %d spots have no %s-grid neighbour (the spots do not tile the "
+            "grid); using the 6 nearest spots instead.",
+            n_isolated,
+            data.n_obs,
+            grid,
+        )
+        return spatial_weights(coords, n_neighbors=6)
+    logger.debug("Moran's I on %s-grid neighbours of %d spots.", grid, data.n_obs)
+    return _row_standardise(adjacency, f"{grid} grid")
 
 
 def _weight_moments(weights: sp.csr_matrix) -> tuple[float, float, float]:
@@ -197,7 +337,7 @@ def morans_i(
     data: ad.AnnData | np.ndarray | sp.spmatrix,
     coords: np.ndarray | None = None,
     *,
-    n_neighbors: int = 6,
+    n_neighbors: int | None = None,
     radius: float | None = None,
     genes: Sequence[str] | None = None,
     gene_names: Sequence[str] | None = None,
@@ -207,8 +347,13 @@ def morans_i(
     """Global Moran's I of every gene, with analytic p-values and BH-FDR.
 
     ``I = n / S0 * (z' W z) / (z' z)`` with ``z`` the centred expression of a gene and ``W``
-    from :func:`spatial_weights`; computed for a chunk of genes at once with one sparse
-    product. The p-value uses the normality assumption of PySAL/esda ``Moran`` (squidpy's
+    the row-standardised spatial weights; computed for a chunk of genes at once with one
+    sparse product. By default ``W`` links grid neighbours, as squidpy's
+    ``spatial_neighbors(coord_type="grid")``: 6 on Visium's hexagonal grid, 4 on a square
+    legacy-ST grid (:func:`grid_adjacency` on ``obs["array_row"]``/``obs["array_col"]``, the
+    grid told apart by :func:`grid_type`); without array coordinates, or when ``n_neighbors``
+    or ``radius`` is given, the k nearest spots in ``coords`` (:func:`spatial_weights`, k = 6
+    by default). The p-value uses the normality assumption of PySAL/esda ``Moran`` (squidpy's
     ``pval_norm``): ``E[I] = -1/(n-1)`` and
     ``Var[I] = (n^2 S1 - n S2 + 3 S0^2) / ((n-1)(n+1) S0^2) - E[I]^2``.
 
@@ -226,7 +371,7 @@ def morans_i(
     coords
         ``(n_spots, 2)`` spot centres; defaults to ``data.obsm["spatial"]`` for an AnnData.
     n_neighbors, radius
-        Neighbourhood of :func:`spatial_weights`.
+        Neighbourhood of :func:`spatial_weights` instead of the grid neighbours.
     genes
         Genes to test (default all). Normalisation still uses every gene of ``data``, so the
         library size is the spot's full total.
@@ -254,7 +399,7 @@ def morans_i(
         position = np.arange(len(names))
     if normalise:
         matrix = normalise_log1p_cp10k(matrix)
-    weights = spatial_weights(coords, n_neighbors=n_neighbors, radius=radius)
+    weights = _moran_weights(data, coords, n_neighbors, radius)
     if matrix.shape[0] != weights.shape[0]:
         raise InputError(
             f"{matrix.shape[0]} spots of expression but {weights.shape[0]} coordinates."
@@ -374,7 +519,9 @@ def _shared_expressed_genes(slides: list[ad.AnnData], min_spot_fraction: float) 
     if not genes:
         raise InputError(
             f"no shared gene is detected in at least {min_spot_fraction:.1%} of the spots of every "
-            "slide; lower min_spot_fraction."
+            "slide; check that the slides hold raw counts under the same gene names, or give the "
+            "panel as a gene list (`stinfer train --genes FILE`; genes= in Python, or lower "
+            "min_spot_fraction=)."
         )
     dropped = len(shared) - len(genes)
     if dropped:
@@ -394,7 +541,7 @@ def spatially_variable_genes(
     fdr: float = 0.05,
     min_slides: int = 2,
     min_spot_fraction: float = 0.01,
-    n_neighbors: int = 6,
+    n_neighbors: int | None = None,
     radius: float | None = None,
 ) -> pd.DataFrame:
     """Moran's I of the cohort's genes on every slide, and which genes count as SVGs.
@@ -492,7 +639,7 @@ def select_genes(
     fdr: float = 0.05,
     *,
     min_spot_fraction: float = 0.01,
-    n_neighbors: int = 6,
+    n_neighbors: int | None = None,
     radius: float | None = None,
 ) -> list[str]:
     """The gene panel of a group of slides (STEvs D.1.4; ``docs/DESIGN.md`` "Genes").
@@ -501,9 +648,10 @@ def select_genes(
        (count > 0) in at least ``min_spot_fraction`` of the spots of every slide, so no slide
        contributes a gene it (almost) never measures: such a gene would be constant in that
        slide's truth and count as correlation 0.
-    2. ``method="svg"``: Moran's I per slide (:func:`morans_i`, log1p-CP10k, ``n_neighbors``
-       k-NN weights); SVG of the group when the BH-adjusted p < ``fdr`` on at least
-       ``min(min_slides, n_slides)`` slides; ranked by mean Moran's I over the slides.
+    2. ``method="svg"``: Moran's I per slide (:func:`morans_i`, log1p-CP10k, grid-neighbour
+       weights, or k-NN ones with ``n_neighbors``); SVG of the group when the BH-adjusted
+       p < ``fdr`` on at least ``min(min_slides, n_slides)`` slides; ranked by mean Moran's I
+       over the slides.
     3. When fewer than ``n_genes`` SVGs pass, or ``method="hvg"``, the panel is filled with
        the most highly variable remaining candidates (:func:`highly_variable_genes`); the fill
        is logged as a warning.

@@ -3,8 +3,10 @@
 A model supplies a ``LightningModule`` (its ``training_step``, ``validation_step`` and
 ``configure_optimizers``) and data loaders; :func:`fit` builds the ``lightning.Trainer`` with
 the project's conventions: seeded, device auto-selected (cuda, mps, cpu), bf16/fp16 autocast on
-GPU, multi-GPU DDP through ``devices``/``strategy``, a progress bar, per-epoch metric history,
-and the best weights by a monitored validation metric restored at the end.
+GPU, multi-GPU DDP through ``devices``/``strategy``, a progress bar (or, without one, one log
+line per epoch: :class:`EpochLog`), per-epoch metric history, and the best weights by a monitored
+validation metric restored at the end. Third-party noise is kept out of the log
+(:func:`stinfer.logs.quiet_third_party`).
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
 import torch
+
+from stinfer.errors import InputError
+from stinfer.logs import quiet_third_party, verbose
 
 logger = logging.getLogger("stinfer")
 
@@ -49,15 +53,81 @@ class TrainerConfig:
     swa_epoch_start: float | None = None
     swa_lr: float | None = None  # learning rate during averaging (None: the optimiser's)
 
+    def __post_init__(self) -> None:
+        # a run of 0 epochs would save an untrained model as if it were trained
+        if isinstance(self.max_epochs, bool) or not isinstance(self.max_epochs, int):
+            raise InputError(
+                f"max_epochs (--epochs) must be a whole number >= 1, got {self.max_epochs!r}."
+            )
+        if self.max_epochs < 1:
+            raise InputError(
+                f"max_epochs (--epochs) must be >= 1, got {self.max_epochs}: a model trained "
+                "for no epochs is not trained."
+            )
+
+
+GPU_ACCELERATORS = ("gpu", "cuda")
+
+
+def check_accelerator(accelerator: str) -> None:
+    """Refuse a GPU accelerator when no CUDA GPU is visible, before any data is read.
+
+    Called by :func:`fit` (every model trains through it) and by the CLI commands before they
+    read their inputs, so ``--accelerator gpu`` on a CPU machine fails in a second with a fix
+    instead of deep inside Lightning.
+    """
+    if accelerator in GPU_ACCELERATORS and not torch.cuda.is_available():
+        raise InputError(
+            f"--accelerator {accelerator} (accelerator={accelerator!r}): no GPU is visible "
+            "(torch.cuda.is_available() is False); use --accelerator cpu or auto."
+        )
+
 
 @dataclass
 class FitResult:
     """What :func:`fit` returns: per-epoch metrics, the best epoch and the wall time."""
 
     history: list[dict[str, float]] = field(default_factory=list)
-    best_epoch: int | None = None
+    best_epoch: int | None = None  # 0-based, of the monitored metric (weights restored)
     best_score: float | None = None
     train_seconds: float = 0.0
+    monitor: str | None = None  # the metric of best_epoch/best_score when a monitor chose them
+
+    def best_logged(self, metric: str, mode: str = "max") -> tuple[int, float] | None:
+        """``(epoch, value)`` of the best value of ``metric`` in :attr:`history` (epoch 0-based),
+        ``None`` when it was never logged; NaN epochs never count. What a run reports when no
+        monitor chose (and restored) a best epoch."""
+        logged = [
+            (int(row["epoch"]), row[metric])
+            for row in self.history
+            if metric in row and not math.isnan(row[metric])
+        ]
+        if not logged:
+            return None
+        pick = max if mode == "max" else min
+        return pick(logged, key=lambda epoch_value: epoch_value[1])
+
+    def describe_best(self, metric: str, label: str, mode: str = "max") -> str:
+        """The best value of ``metric`` (called ``label``) and its epoch, for a log line.
+
+        With a monitor (:attr:`best_score` set, of that metric) the restored epoch; without,
+        the best epoch of :attr:`history`, saying that the final weights were kept. Epochs are
+        1-based here, as in :class:`EpochLog`'s lines.
+        """
+        epochs = len(self.history)
+        if self.monitor == metric and self.best_score is not None and self.best_epoch is not None:
+            return (
+                f"best {label} {self.best_score:.4f} at epoch {self.best_epoch + 1} of {epochs}, "
+                "its weights restored"
+            )
+        best = self.best_logged(metric, mode)
+        if best is None:
+            return f"{epochs} epochs, no {label} logged"
+        epoch, value = best
+        return (
+            f"best {label} {value:.4f} at epoch {epoch + 1} of {epochs}; "
+            "the weights at the end of training kept"
+        )
 
 
 def cpu_has_native_bf16() -> bool:
@@ -103,6 +173,44 @@ class MetricHistory(L.Callback):
             if torch.is_tensor(value) and value.numel() == 1:
                 row[name] = float(value)
         self.history.append(row)
+
+
+class EpochLog(L.Callback):
+    """One INFO line per training epoch, for runs without a progress bar (logs, schedulers).
+
+    ``epoch 3/15: train/loss 0.512, val/pcc_median 0.231 (4.2 s)``: the training loss (every
+    ``train/`` metric when none is called ``train/loss``, and with ``stinfer -v``), every
+    validation metric, and the epoch's wall time. ``fit`` adds it when
+    ``TrainerConfig.progress_bar`` is off.
+    """
+
+    def __init__(self, max_epochs: int) -> None:
+        self.max_epochs = max_epochs
+        self._epoch_start = time.perf_counter()
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._epoch_start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        scalars = {
+            name: float(value)
+            for name, value in sorted(trainer.callback_metrics.items())
+            if torch.is_tensor(value) and value.numel() == 1
+        }
+        if "train/loss" in scalars and not verbose():
+            scalars = {k: v for k, v in scalars.items() if not k.startswith("train/")} | {
+                "train/loss": scalars["train/loss"]
+            }
+        metrics = ", ".join(f"{name} {value:.4g}" for name, value in sorted(scalars.items()))
+        logger.info(
+            "epoch %d/%d: %s (%.1f s)",
+            trainer.current_epoch + 1,
+            self.max_epochs,
+            metrics or "no metrics logged",
+            time.perf_counter() - self._epoch_start,
+        )
 
 
 class BestWeights(L.Callback):
@@ -222,12 +330,46 @@ class EMAEarlyStopping(L.Callback):
 
 
 class WeightAveraging(L.pytorch.callbacks.StochasticWeightAveraging):
-    """Lightning's SWA, except that BatchNorm layers kept in eval mode are left alone.
+    """Lightning's SWA, with its BatchNorm pass after training instead of as an extra epoch.
 
-    Lightning resets every BatchNorm's running statistics before its final pass over the
-    training data; a frozen backbone stays in eval mode during that pass, so its statistics
-    would stay reset (zero mean, unit variance) and its features would change.
+    Two changes. Lightning recomputes the BatchNorm statistics of the averaged weights in an
+    epoch it adds to ``max_epochs`` (no backward pass, but shown, logged and validated as epoch
+    ``max_epochs + 1``); here the same pass (every training batch through ``training_step`` in
+    train mode, without gradients or logging, as ``torch.optim.swa_utils.update_bn`` does)
+    runs once training has ended, so ``--epochs 15`` trains, shows and logs 15 epochs. And
+    BatchNorm layers kept in eval mode are left alone: a frozen backbone stays in eval mode
+    during that pass, so statistics reset before it (zero mean, unit variance) would stay
+    reset and the backbone's features would change.
     """
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        if self._model_contains_batch_norm and self._max_epochs != -1:
+            trainer.fit_loop.max_epochs -= 1  # undo Lightning's extra epoch: see on_train_end
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)  # loads the averaged weights after the last epoch
+        averaged = trainer.current_epoch - 1 == self.swa_end and self._average_model is not None
+        if self._model_contains_batch_norm and self._max_epochs != -1 and averaged:
+            self.update_batch_norm(trainer, pl_module)
+
+    @torch.no_grad()
+    def update_batch_norm(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Recompute the BatchNorm statistics of the current weights over the training data."""
+        self.reset_batch_norm_and_save_state(pl_module)  # momentum None: an exact mean
+        was_training = pl_module.training
+        pl_module.train()
+        # the pass is not an epoch: nothing it computes is logged
+        pl_module.log = pl_module.log_dict = lambda *args, **kwargs: None
+        try:
+            for batch_index, batch in enumerate(trainer.train_dataloader):
+                batch = trainer.strategy.batch_to_device(batch)
+                with trainer.precision_plugin.train_step_context():
+                    pl_module.training_step(batch, batch_index)
+        finally:
+            del pl_module.log, pl_module.log_dict
+            pl_module.train(was_training)
+            self.reset_momenta()
 
     def reset_batch_norm_and_save_state(self, pl_module: L.LightningModule) -> None:
         frozen = [
@@ -273,9 +415,12 @@ def fit(
     after ``config.early_stopping_patience`` epochs without improvement, if set).
     """
     config = config or TrainerConfig()
+    check_accelerator(config.accelerator)
     L.seed_everything(config.seed, workers=True, verbose=False)
     history = MetricHistory()
     all_callbacks: list[L.Callback] = [history, *(callbacks or [])]
+    if not config.progress_bar:
+        all_callbacks.append(EpochLog(config.max_epochs))
     best = None
     if config.monitor and val_loader is not None:
         best = BestWeights(config.monitor, config.monitor_mode)
@@ -292,34 +437,28 @@ def fit(
     swa = swa_callback(module, config) if config.swa_epoch_start is not None else None
     if swa is not None:
         all_callbacks.append(swa)
-    trainer = L.Trainer(
-        max_epochs=config.max_epochs,
-        accelerator=config.accelerator,
-        devices=config.devices,
-        strategy=config.strategy,
-        precision=config.precision or default_precision(config.accelerator, config.cpu_bf16),
-        gradient_clip_val=config.gradient_clip_val,
-        callbacks=all_callbacks,
-        enable_progress_bar=config.progress_bar,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        logger=False,
-        num_sanity_val_steps=0,
-        check_val_every_n_epoch=config.check_val_every_n_epoch,
-        deterministic=config.deterministic,
-    )
-    module.train()  # Lightning keeps the mode it is given; a model used for prediction is in eval
-    start = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        warnings.filterwarnings("ignore", message=".*number of training batches.*")
-        warnings.filterwarnings(
-            "ignore", message=".*validation_step. but have no .val_dataloader.*"
+    with quiet_third_party():  # the Trainer logs its device summary when it is built
+        trainer = L.Trainer(
+            max_epochs=config.max_epochs,
+            accelerator=config.accelerator,
+            devices=config.devices,
+            strategy=config.strategy,
+            precision=config.precision or default_precision(config.accelerator, config.cpu_bf16),
+            gradient_clip_val=config.gradient_clip_val,
+            callbacks=all_callbacks,
+            enable_progress_bar=config.progress_bar,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            logger=False,
+            num_sanity_val_steps=0,
+            check_val_every_n_epoch=config.check_val_every_n_epoch,
+            deterministic=config.deterministic,
         )
+        module.train()  # Lightning keeps the mode it is given: a model that predicted is in eval
+        start = time.perf_counter()
         trainer.fit(module, train_loader, val_loader)
-    # weight averaging adds one pass without updates (BatchNorm statistics): not an epoch
-    epochs = history.history[: config.max_epochs]
-    result = FitResult(history=epochs, train_seconds=time.perf_counter() - start)
+    result = FitResult(history=history.history, train_seconds=time.perf_counter() - start)
     if best is not None:
         result.best_epoch, result.best_score = best.best_epoch, best.best_score
+        result.monitor = config.monitor
     return result

@@ -101,6 +101,10 @@ def test_user_errors_exit_2_with_one_line_and_no_traceback(tmp_path, capsys):
     config_path.write_text(yaml.safe_dump(CONFIG))
     assert main(["benchmark", "--config", str(config_path), "--out", str(busy)]) == 2
     assert "--overwrite" in capsys.readouterr().err
+    overwrite = ["benchmark", "--config", str(config_path), "--out", str(busy), "--overwrite"]
+    assert main(overwrite) == 2  # --overwrite never deletes a folder stinfer did not write
+    assert "not a stinfer benchmark output" in capsys.readouterr().err
+    assert [p.name for p in busy.iterdir()] == ["x.txt"] and (busy / "x.txt").read_text() == "x"
 
 
 def test_help_tells_the_whole_story(capsys):

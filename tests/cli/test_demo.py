@@ -25,3 +25,13 @@ def test_demo_trains_predicts_prints_metrics_beside_the_baseline_and_draws_figur
     assert set(table["slide"]) == {"synthetic_section2", "synthetic_section3"}
     assert (table.loc[table["model"] == "mean", "pcc_median"] == 0).all()
     assert main(["demo", "--out", str(out)]) == 2  # never overwrites silently
+
+
+def test_demo_never_writes_into_a_folder_it_did_not_create(tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    for flags in ([], ["--overwrite"]):
+        assert main(["demo", "--out", str(out), *flags]) == 2
+        assert "not a demo output stinfer wrote" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]

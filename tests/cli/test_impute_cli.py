@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import anndata as ad
 import numpy as np
@@ -41,7 +42,10 @@ def write_inputs(tmp_path):
     embeddings_to_anndata(table.to_numpy(), list(table.index)).write_h5ad(tmp_path / "genes.h5ad")
 
 
-def test_impute_held_out_genes_writes_predictions_and_metrics_beside_them(tmp_path, monkeypatch):
+def test_impute_held_out_genes_writes_predictions_and_metrics_beside_them(
+    tmp_path, monkeypatch, caplog
+):
+    caplog.set_level(logging.INFO)
     write_inputs(tmp_path)
     monkeypatch.chdir(tmp_path)
     argv = (
@@ -49,6 +53,16 @@ def test_impute_held_out_genes_writes_predictions_and_metrics_beside_them(tmp_pa
         "--preset fast --out C2_imputed.h5ad"
     ).split()
     assert main([*argv, "--epochs", "2", "--no-progress"]) == 0
+    # without a progress bar every stage and every epoch says so in one line
+    messages = [record.getMessage() for record in caplog.records]
+    epochs = [m.split(":")[0] for m in messages if m.startswith("epoch ")]
+    assert epochs == ["epoch 1/2", "epoch 2/2"] * 2  # the model, then the shuffled control
+    for stage in (
+        "CoxFormer spatial (spatial): training on",
+        "held-out genes: shuffled-embedding control",
+        "writing C2_imputed.h5ad and",
+    ):
+        assert any(m.startswith(stage) for m in messages), stage
     prediction = ad.read_h5ad(tmp_path / "C2_imputed.h5ad")
     metrics = json.loads((tmp_path / "C2_imputed.metrics.json").read_text())
     assert prediction.n_vars == metrics["n_test_genes"] == 8
@@ -70,19 +84,64 @@ def test_impute_named_genes_including_one_not_on_the_slide(tmp_path, monkeypatch
     assert list(prediction.var_names) == ["ERBB2", "GRB7"]
     assert list(prediction.var["measured_on_slide"]) == [True, False]
     assert prediction.n_obs == 100 and np.all(np.isfinite(prediction.X))
+    assert "C2" in prediction.uns["spatial"]  # written through prepare_for_h5ad
+    # the convention of every prediction (the same as `stinfer predict`'s): X expected counts
+    # with the measured panel's library, layers["log1p_cp10k"] what the model predicts
+    record = prediction.uns["stinfer"]["expression"]
+    slide = ad.read_h5ad(tmp_path / "C2.h5ad")
+    assert record["X"] == "expected_counts" and record["library_size"] == "obs/library_size"
+    assert record["normalisation_panel"] == f"the measured panel of {slide.n_vars} genes"
+    library = prediction.obs["library_size"].to_numpy(dtype=np.float64)
+    np.testing.assert_allclose(library, np.asarray(slide.X.sum(axis=1)).ravel(), rtol=1e-6)
+    expected = np.log1p(np.asarray(prediction.X, dtype=np.float64) / library[:, None] * 1e4)
+    np.testing.assert_allclose(prediction.layers["log1p_cp10k"], expected, rtol=1e-4, atol=1e-5)
     capsys.readouterr()
     bad = "impute --slide C2.h5ad --embeddings genes.h5ad --genes NOPE --out other.h5ad"
     assert main(bad.split()) == 2
     assert "no embedding for 1 of the --genes (NOPE)" in capsys.readouterr().err
 
 
-def test_the_default_preset_is_the_papers_on_a_gpu_and_fast_on_a_cpu(monkeypatch):
+def test_the_default_preset_is_the_papers_on_a_gpu_and_fast_on_a_cpu(monkeypatch, caplog):
     import torch
 
-    from stinfer.cli.impute import resolve_preset
+    from stinfer.cli import build_parser
+    from stinfer.models.configs import auto_preset
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert resolve_preset("auto") == "fast"
+    with caplog.at_level("INFO", logger="stinfer"):
+        assert auto_preset("auto") == "fast"
+    assert "preset auto: fast (no CUDA GPU is available)" in caplog.text
+    assert auto_preset("auto", "gpu") == "paper"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert resolve_preset("auto") == "paper"
-    assert resolve_preset("fast") == "fast" and resolve_preset("paper") == "paper"
+    assert auto_preset("auto") == "paper" and auto_preset("auto", "cpu") == "fast"
+    assert auto_preset("fast") == "fast" and auto_preset("paper") == "paper"
+    # the same default in every command with presets
+    parser = build_parser()
+    impute = parser.parse_args("impute --slide s --embeddings e --genes A --out o.h5ad".split())
+    embed = parser.parse_args("embed-genes --corpus c.h5ad --out o.h5ad".split())
+    assert impute.preset == embed.preset == "auto"
+    train = parser.parse_args("train --train s.h5ad --out r".split())
+    assert train.preset is None  # "auto" for a model with presets (an error for one without)
+
+
+def test_super_resolution_output_opens_in_scanpy_with_the_sub_spot_size(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import scanpy as sc
+
+    write_inputs(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    argv = (
+        "impute --slide C2.h5ad --embeddings genes.h5ad --genes ERBB2,GRB7 --modality location "
+        "--sub-spot-grid 2 --preset fast --epochs 1 --no-progress --out C2_sub.h5ad"
+    )
+    assert main(argv.split()) == 0
+    prediction = ad.read_h5ad(tmp_path / "C2_sub.h5ad")
+    assert prediction.n_obs == 400
+    scalefactors = prediction.uns["spatial"]["C2"]["scalefactors"]
+    # sub-spots 50 px apart (2 x 2 tiles of the 100-px spot pitch), not the spot's size
+    assert scalefactors["spot_diameter_fullres"] == pytest.approx(0.55 * 50.0)
+    assert sc.pl.spatial(prediction, color="ERBB2", img_key=None, show=False) is not None
+    plt.close("all")

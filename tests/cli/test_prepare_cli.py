@@ -109,6 +109,11 @@ def test_legacy_st_line_as_documented_writes_the_reader_slide(stinfer, tmp_path,
     expected = read_legacy_st("C2.tsv.gz", "C2_selection.tsv", image="C2.jpg", sample_id="C2")
     np.testing.assert_array_equal(written.X.toarray(), expected.X.toarray())
     assert list(written.obs_names) == list(expected.obs_names)
+    assert all(name.startswith("C2_") for name in written.obs_names)
+    assert list(written.obs["spot_id"]) == list(expected.obs["spot_id"])
+    assert set(written.obs["sample_id"]) == {"C2"}
+    # reading the prepared file back keeps its names (the sample id is not prefixed twice)
+    assert list(read_h5ad_slide("C2.h5ad").obs_names) == list(written.obs_names)
     np.testing.assert_array_equal(written.obsm["spatial"], expected.obsm["spatial"])
     meta = slide_meta(written)
     assert meta["sample_id"] == "C2"
@@ -223,9 +228,9 @@ def test_interrupted_write_leaves_no_output(stinfer, tmp_path, monkeypatch, caps
             "A1.tsv.gz: not a readable JPEG/PNG image",
         ),
         (
-            "--format legacy-st --counts A1.tsv.gz --spots A1_selection.tsv --cache-patches DIR "
+            "--format legacy-st --counts A1.tsv.gz --spots A1_selection.tsv --patch-cache DIR "
             "--out x.h5ad",
-            "--cache-patches needs a slide with an image",
+            "--patch-cache needs a slide with an image",
         ),
     ],
 )
@@ -247,7 +252,7 @@ def test_cache_patches_are_written_and_reused(stinfer, tmp_path, monkeypatch, ca
     monkeypatch.chdir(tmp_path)
     line = (
         "prepare --format legacy-st --counts C2.tsv.gz --spots C2_selection.tsv --image C2.jpg "
-        "--cache-patches cache --out C2.h5ad"
+        "--patch-cache cache --out C2.h5ad"
     ).split()
     assert stinfer(line) == 0
     cached = sorted(Path("cache").glob("patches-*.npy"))
@@ -258,6 +263,18 @@ def test_cache_patches_are_written_and_reused(stinfer, tmp_path, monkeypatch, ca
         assert stinfer([*line, "--overwrite"]) == 0
     assert "reusing" in caplog.text
     assert sorted(Path("cache").glob("patches-*.npy")) == cached
+
+
+def test_prepare_and_train_name_the_patch_cache_alike_and_the_old_flag_still_works():
+    from stinfer.cli import build_parser
+
+    parser = build_parser()
+    common = ["--format", "h5ad", "--path", "S.h5ad", "--out", "o.h5ad"]
+    new = parser.parse_args(["prepare", *common, "--patch-cache", "cache"])
+    old = parser.parse_args(["prepare", *common, "--cache-patches", "cache"])
+    assert new.patch_cache == old.patch_cache == "cache"
+    train = parser.parse_args(["train", "--train", "S.h5ad", "--out", "r", "--patch-cache", "c"])
+    assert train.patch_cache == "c"
 
 
 def test_python_dash_m_stinfer_prints_user_errors_without_traceback(tmp_path):

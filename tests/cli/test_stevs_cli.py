@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 from pathlib import Path
 
 import anndata as ad
@@ -25,6 +27,16 @@ ISSUE_KEYS = {
     "n_spots",
     "n_constant_genes",
 }
+
+
+def assert_expression_convention(prediction: ad.AnnData, panel: str) -> None:
+    """X expected counts, layers["log1p_cp10k"] its log1p CP10k with the library uns names."""
+    record = prediction.uns["stinfer"]["expression"]
+    assert record["X"] == "expected_counts" and record["normalisation_panel"] == panel
+    assert record["library_size"] == "obs/library_size"
+    library = prediction.obs["library_size"].to_numpy(dtype=np.float64)[:, None]
+    expected = np.log1p(np.asarray(prediction.X, dtype=np.float64) / library * 1e4)
+    np.testing.assert_allclose(prediction.layers["log1p_cp10k"], expected, rtol=1e-4, atol=1e-5)
 
 
 def stinfer(command: str) -> int:
@@ -69,6 +81,34 @@ def test_train_writes_a_loadable_run_with_its_history(run_folder):
     assert saved["model_type"] == "stevs" and len(saved["state"]["genes"]) == 20
 
 
+def test_train_logs_each_epoch_once_without_third_party_noise_and_reports_its_best_val_pcc(
+    slide_files, tmp_path, caplog, capfd
+):
+    caplog.set_level(logging.INFO)
+    out = tmp_path / "run"
+    status = stinfer(
+        f"train --model stevs --train {slide_files[0]} --genes svg --n-genes 20 --preset fast "
+        f"--epochs 3 --no-progress --out {out}"
+    )
+    assert status == 0
+    printed = capfd.readouterr()
+    messages = [record.getMessage() for record in caplog.records]
+    # the fast preset averages weights from epoch 2: its BatchNorm pass is not an epoch
+    epochs = [m.split(":")[0] for m in messages if m.startswith("epoch ")]
+    assert epochs == ["epoch 1/3", "epoch 2/3", "epoch 3/3"]
+    summary = next(m for m in messages if m.startswith("STEvs trained in"))
+    assert re.search(r"best val median PCC -?\d\.\d{4} at epoch [1-3] of 3", summary), summary
+    assert "None" not in summary and "best val median PCC" in printed.out
+    history = json.loads((out / "train_history.json").read_text())
+    logged = [row["val/pcc_median"] for row in history["history"]]
+    assert len(logged) == 3 and history["best_val_pcc_median"] == max(logged)
+    everything = caplog.text + printed.err
+    for noise in ("Tip:", "litlogger", "LeafSpec", "GPU available", "many workers", "categorical"):
+        assert noise not in everything, noise
+    assert everything.count("`Trainer.fit` stopped: `max_epochs=3` reached") == 1
+    assert "max_epochs=4" not in everything
+
+
 def test_train_predict_evaluate_round_trip_gives_the_issue_keys(run_folder, slide_files, tmp_path):
     pred = tmp_path / "pred.h5ad"
     metrics = tmp_path / "metrics.json"
@@ -78,6 +118,7 @@ def test_train_predict_evaluate_round_trip_gives_the_issue_keys(run_folder, slid
     )
     prediction = ad.read_h5ad(pred)
     assert prediction.n_vars == 20 and "nb_theta" in prediction.layers
+    assert_expression_convention(prediction, "the 20 predicted genes")
     assert stinfer(f"evaluate --pred {pred} --truth {slide_files[1]} --out {metrics}") == 0
     summary = json.loads(metrics.read_text())
     assert ISSUE_KEYS <= set(summary)

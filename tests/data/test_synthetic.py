@@ -103,6 +103,9 @@ def test_slides_follow_the_make_slide_contract(sections: list[ad.AnnData]) -> No
         assert set(meta) == set(SLIDE_META_KEYS)
         assert meta["source_format"] == "synthetic"
         assert meta["sample_id"] == f"synthetic_section{number}"
+        assert all(name.startswith(f"synthetic_section{number}_") for name in slide.obs_names)
+        assert set(slide.obs["sample_id"]) == {meta["sample_id"]}
+        assert slide.obs["spot_id"].is_unique
         assert Path(meta["image_path"]).is_absolute() and Path(meta["image_path"]).is_file()
         assert meta["pixel_size_um"] == 2.0
         assert meta["spot_diameter_px"] == pytest.approx(55.0 / 2.0)

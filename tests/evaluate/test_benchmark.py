@@ -13,7 +13,7 @@ from stinfer.data.synthetic import SyntheticConfig, make_synthetic_sections
 from stinfer.errors import InputError
 from stinfer.evaluate import benchmark as bench
 from stinfer.evaluate.benchmark import parse_config, run_benchmark
-from stinfer.evaluate.benchmark_layout import CELLS_DIR
+from stinfer.evaluate.benchmark_layout import CELLS_DIR, MANIFEST
 from stinfer.evaluate.robustness import ImageDegradation
 from stinfer.io.atomic import write_h5ad
 from stinfer.io.slide_data import prepare_for_h5ad
@@ -294,11 +294,23 @@ def test_an_existing_folder_that_is_not_a_benchmark_is_refused(tmp_path):
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     config = parse_config(_raw(models=[{"type": "mean"}], protocols=["cross_slice"]))
-    with pytest.raises(InputError, match="not a stinfer benchmark output"):
-        run_benchmark(config, out, progress=None)
-    assert (out / "notes.txt").read_text() == "mine"
+    for overwrite in (False, True):  # --overwrite never deletes what stinfer did not write
+        with pytest.raises(InputError, match="not a stinfer benchmark output"):
+            run_benchmark(config, out, progress=None, overwrite=overwrite)
+        assert (out / "notes.txt").read_text() == "mine"
+        assert {p.name for p in out.iterdir()} == {"notes.txt"}
+
+
+def test_overwrite_replaces_only_the_runs_own_outputs(tmp_path):
+    out = tmp_path / "results"
+    config = parse_config(_raw(models=[{"type": "mean"}], protocols=["cross_slice"]))
+    run_benchmark(config, out, progress=None, figures=False)
+    (out / "notes.txt").write_text("mine")  # a user's file beside the run's outputs
+    stale = out / CELLS_DIR / "from-an-earlier-config"
+    stale.mkdir()
     run_benchmark(config, out, progress=None, overwrite=True, figures=False)
-    assert not (out / "notes.txt").exists() and (out / "results.csv").is_file()
+    assert (out / "notes.txt").read_text() == "mine"
+    assert not stale.exists() and (out / "results.csv").is_file() and (out / MANIFEST).is_file()
 
 
 def test_cross_slice_predictions_ignore_the_test_slides_counts(tmp_path):

@@ -99,7 +99,7 @@ def test_strip_counts_keeps_positions_and_drops_all_expression(sections):
     stripped = strip_counts(slide)
     assert stripped.shape == slide.shape
     assert sp.issparse(stripped.X) and stripped.X.nnz == 0
-    assert list(stripped.obs.columns) == ["array_row", "array_col"]
+    assert list(stripped.obs.columns) == ["sample_id", "spot_id", "array_row", "array_col"]
     assert not stripped.layers and list(stripped.obsm) == ["spatial"]
     np.testing.assert_array_equal(stripped.obsm["spatial"], slide.obsm["spatial"])
     assert stripped.uns["stinfer"]["image_path"] == slide.uns["stinfer"]["image_path"]

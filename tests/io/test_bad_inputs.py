@@ -297,7 +297,10 @@ def test_legacy_pixel_size_from_collinear_spots_cannot_be_estimated(tmp_path: Pa
         {"x": [1, 2, 3], "y": [1, 1, 1], "pixel_x": [1.0, 2, 3], "pixel_y": [1.0, 1, 1]}
     )
     paths = write_legacy(tmp_path, "\tG\n1x1\t1\n2x1\t1\n3x1\t1\n", spots)
-    with pytest.raises(InputError, match=r"cannot estimate the pixel size .* pass pixel_size_um"):
+    with pytest.raises(
+        InputError,
+        match=r"cannot estimate the pixel size .* pass --pixel-size-um \(pixel_size_um=\)",
+    ):
         read_legacy_st(*paths)
 
 
@@ -364,7 +367,7 @@ def test_h5ad_duplicated_spot_ids(tmp_path: Path) -> None:
     adata = small_anndata()
     adata.obs_names = ["a", "b", "a"]
     adata.write_h5ad(tmp_path / "s.h5ad")
-    with pytest.raises(InputError, match=r"s.h5ad: 1 spot ids occur more than once \(e.g. a\)"):
+    with pytest.raises(InputError, match=r"s.h5ad: 1 spot ids occur more than once \(e.g. a\)\."):
         read_h5ad_slide(tmp_path / "s.h5ad")
 
 

@@ -94,6 +94,11 @@ def test_stinfer_written_h5ad_round_trips_its_metadata(tmp_path: Path) -> None:
     assert meta["spot_diameter_px"] == pytest.approx(68.75)
     assert "kept 30 spots." in meta["notes"]
     np.testing.assert_array_equal(slide.X.toarray(), original.X.toarray())
+    # re-reading keeps the names: the sample id prefix is not added twice
+    assert list(original.obs_names) == [f"patient-7_spot{index}" for index in range(30)]
+    assert list(slide.obs_names) == list(original.obs_names)
+    assert list(slide.obs["spot_id"]) == [f"spot{index}" for index in range(30)]
+    assert set(slide.obs["sample_id"]) == {"patient-7"}
 
 
 def test_relative_stored_image_path_is_resolved_next_to_the_h5ad(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
@@ -64,7 +65,9 @@ def test_generated_section_joins_on_array_coordinates(tmp_path: Path) -> None:
     slide = read_legacy_st(written["counts_path"], written["spots_path"])
 
     kept = written["counts"].index[:-1]  # all but the counts-only spot 30x30, in count order
-    assert list(slide.obs_names) == list(kept)
+    assert list(slide.obs_names) == [f"S1_{name}" for name in kept]
+    assert list(slide.obs["spot_id"]) == list(kept)
+    assert set(slide.obs["sample_id"]) == {"S1"}
     assert list(slide.var_names) == ["ERBB2", "ACTB", "GAPDH", "ACTB-1", "KRT8"]
     np.testing.assert_array_equal(slide.X.toarray(), written["counts"].loc[kept].to_numpy())
     spots = written["spots"].assign(name=lambda t: t.x.astype(str) + "x" + t.y.astype(str))
@@ -83,6 +86,25 @@ def test_generated_section_joins_on_array_coordinates(tmp_path: Path) -> None:
         "dropped 1 count rows without a spot-table row and 1 spot-table rows without counts" in note
         for note in meta["notes"]
     )
+
+
+def test_two_sections_with_the_same_spot_ids_concatenate_with_unique_names(
+    tmp_path: Path,
+) -> None:
+    first, second = (write_section(tmp_path / name, seed=seed) for seed, name in enumerate("ab"))
+    slides = [
+        read_legacy_st(written["counts_path"], written["spots_path"], sample_id=sample_id)
+        for written, sample_id in ((first, "C2"), (second, "C3"))
+    ]
+    assert list(slides[0].obs["spot_id"]) == list(slides[1].obs["spot_id"])  # e.g. both 5x11
+
+    both = ad.concat(slides)
+
+    assert both.obs_names.is_unique and both.n_obs == slides[0].n_obs + slides[1].n_obs
+    assert "C2_5x11" in both.obs_names and "C3_5x11" in both.obs_names
+    from_c3 = (both.obs["sample_id"] == "C3").to_numpy()
+    assert from_c3.sum() == slides[1].n_obs
+    np.testing.assert_array_equal(both[from_c3].X.toarray(), slides[1].X.toarray())
 
 
 @pytest.mark.parametrize("angle_deg", [0.0, 7.0, 90.0])
@@ -168,11 +190,13 @@ def test_real_her2st_sections_match_the_tsv_files(her2st_section: tuple, her2st_
     section, slide, counts, spots = her2st_section
     common = counts.index.intersection(spots.index)
     assert slide.n_obs == len(common)
-    assert set(slide.obs_names) == set(common)
+    assert set(slide.obs["spot_id"]) == set(common)
+    assert set(slide.obs_names) == {f"{section}_{name}" for name in common}
     assert list(slide.var_names) == list(counts.columns)
 
-    np.testing.assert_array_equal(slide.X.toarray(), counts.loc[slide.obs_names].to_numpy())
-    matched = spots.loc[slide.obs_names]
+    spot_ids = slide.obs["spot_id"]
+    np.testing.assert_array_equal(slide.X.toarray(), counts.loc[spot_ids].to_numpy())
+    matched = spots.loc[spot_ids]
     np.testing.assert_array_equal(slide.obsm["spatial"], matched[["pixel_x", "pixel_y"]])
     np.testing.assert_array_equal(slide.obs["array_col"], matched["x"])
     np.testing.assert_array_equal(slide.obs["array_row"], matched["y"])
@@ -193,5 +217,5 @@ def test_real_her2st_a1_is_counts_only(her2st_dir: Path) -> None:
     assert any("2 spot-table rows without counts" in note for note in slide.uns["stinfer"]["notes"])
     spots.index = spots["x"].astype(str) + "x" + spots["y"].astype(str)
     np.testing.assert_array_equal(
-        slide.obsm["spatial"], spots.loc[slide.obs_names, ["pixel_x", "pixel_y"]]
+        slide.obsm["spatial"], spots.loc[slide.obs["spot_id"], ["pixel_x", "pixel_y"]]
     )

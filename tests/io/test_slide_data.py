@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 
@@ -17,8 +18,10 @@ from stinfer.io.slide_data import (
     panel_counts,
     panel_counts_csr,
     slide_id,
+    slide_spot_names,
     spot_coordinates_px,
     spot_coordinates_um,
+    spot_obs,
 )
 
 
@@ -45,6 +48,67 @@ def test_slide_id_reads_the_sample_id_and_falls_back_only_when_asked():
     assert slide_id(bare, default="slide 3") == "slide 3"
     with pytest.raises(InputError, match="no uns\\['stinfer'\\]"):
         slide_id(bare)
+
+
+def test_spot_names_carry_the_sample_id_once_and_keep_the_file_id_in_obs():
+    slide = small_slide()
+    assert list(slide.obs_names) == ["C2_s0", "C2_s1", "C2_s2"]
+    assert list(slide.obs["spot_id"]) == ["s0", "s1", "s2"]
+    assert isinstance(slide.obs["sample_id"].dtype, pd.CategoricalDtype)
+    assert list(slide.obs["sample_id"]) == ["C2"] * 3
+    assert list(slide_spot_names("C2", ["C2_s0", "s1"])) == ["C2_s0", "C2_s1"]
+    # a slide rebuilt from its own names (a stinfer-written h5ad) is not prefixed twice
+    again = make_slide(
+        slide.X,
+        slide.obs_names,
+        slide.var_names,
+        slide.obsm["spatial"],
+        sample_id="C2",
+        source_format="h5ad",
+        source="test",
+        obs_columns=slide.obs[["spot_id", "sample_id"]],
+    )
+    assert list(again.obs_names) == list(slide.obs_names)
+    assert list(again.obs["spot_id"]) == ["s0", "s1", "s2"]
+
+
+def test_spots_of_two_slides_with_the_same_ids_stay_apart_when_concatenated():
+    first = small_slide()
+    second = make_slide(
+        np.ones((3, 3)),
+        ["s0", "s1", "s2"],
+        ["A", "B", "C"],
+        np.zeros((3, 2)),
+        sample_id="C3",
+        source_format="h5ad",
+        source="test",
+    )
+    both = ad.concat([first, second])
+    assert both.obs_names.is_unique and both.n_obs == 6
+    assert list(both.obs["sample_id"]) == ["C2"] * 3 + ["C3"] * 3
+    assert list(both.obs["spot_id"]) == ["s0", "s1", "s2"] * 2
+
+
+def test_spot_obs_copies_names_grid_and_sample_of_the_slide():
+    slide = make_slide(
+        np.ones((2, 1)),
+        ["1x2", "3x4"],
+        ["A"],
+        np.zeros((2, 2)),
+        sample_id="C2",
+        source_format="legacy-st",
+        source="test",
+        array_row=[2, 4],
+        array_col=[1, 3],
+        obs_columns=pd.DataFrame({"domain": ["tumour", "stroma"]}),
+    )
+    obs = spot_obs(slide)
+    assert list(obs.index) == ["C2_1x2", "C2_3x4"]
+    assert list(obs.columns) == ["sample_id", "spot_id", "array_row", "array_col"]
+    assert list(obs["array_row"]) == [2, 4] and list(obs["array_col"]) == [1, 3]
+    bare = ad.AnnData(np.zeros((2, 1)))
+    bare.uns["stinfer"] = {"sample_id": "S9"}
+    assert list(spot_obs(bare)["sample_id"]) == ["S9", "S9"]
 
 
 def test_coordinates_are_pixels_or_microns_and_centre_moves_the_origin():

@@ -154,7 +154,9 @@ def test_generated_folder_round_trips_counts_positions_and_scales(
     written = write_spaceranger(tmp_path / "outs", positions_layout, matrix_layout)
     slide = read_visium(tmp_path / "outs")
 
-    assert list(slide.obs_names) == written["barcodes"]
+    assert list(slide.obs_names) == [f"outs_{barcode}" for barcode in written["barcodes"]]
+    assert list(slide.obs["spot_id"]) == written["barcodes"]
+    assert set(slide.obs["sample_id"]) == {"outs"}
     assert list(slide.var_names) == ["GENEA", "GENEB", "GENEC", "GENEB-1", "GENED"]
     assert list(slide.var["gene_ids"]) == written["gene_ids"][:5]
     assert sp.isspmatrix_csr(slide.X) or sp.issparse(slide.X)
@@ -221,7 +223,8 @@ def test_barcode_mismatch_keeps_the_intersection_and_reports_both_sides(
     with caplog.at_level(logging.WARNING, logger="stinfer"):
         slide = read_visium(tmp_path / "s1")
 
-    assert list(slide.obs_names) == written["barcodes"][3:]
+    assert list(slide.obs["spot_id"]) == written["barcodes"][3:]
+    assert list(slide.obs_names) == [f"s1_{barcode}" for barcode in written["barcodes"][3:]]
     note = next(note for note in slide.uns["stinfer"]["notes"] if note.startswith("kept"))
     assert f"kept {len(written['barcodes']) - 3} spots" in note
     assert "dropped 1 of" in note and "not in the count matrix" in note

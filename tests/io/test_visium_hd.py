@@ -78,7 +78,9 @@ def test_8um_bins_round_trip_counts_positions_and_scales(generated: SyntheticHDF
     positions = pd.read_parquet(bin_dir / "spatial/tissue_positions.parquet")
 
     assert sp.isspmatrix_csr(slide.X) and slide.X.dtype == np.float32
-    assert list(slide.obs_names) == barcodes  # every matrix bin is under tissue, in matrix order
+    # every matrix bin is under tissue, in matrix order
+    assert list(slide.obs["spot_id"]) == barcodes
+    assert list(slide.obs_names) == [f"outs_{barcode}" for barcode in barcodes]
     assert slide.n_obs == generated.n_bins_in_tissue[8] == int(positions["in_tissue"].sum())
     assert len(positions) == N_BINS_SIDE**2 > slide.n_obs  # bins off the tissue are left out
     np.testing.assert_array_equal(slide.X.toarray(), counts.toarray())
@@ -93,7 +95,7 @@ def test_8um_bins_round_trip_counts_positions_and_scales(generated: SyntheticHDF
     np.testing.assert_allclose(
         slide.obsm["spatial"], MARGIN_PX + (np.column_stack([cols, rows]) + 0.5) * BIN_PX
     )
-    assert slide.obs_names[0] == f"s_008um_{rows[0]:05d}_{cols[0]:05d}-1"
+    assert slide.obs_names[0] == f"outs_s_008um_{rows[0]:05d}_{cols[0]:05d}-1"
 
     meta = slide.uns["stinfer"]
     assert meta["source_format"] == "visium-hd"

@@ -76,6 +76,41 @@ def test_mean_expression_predicts_the_pooled_training_mean_for_every_spot():
     assert list(prediction.var_names) == genes
     assert prediction.X.dtype == np.float32
     np.testing.assert_allclose(prediction.X, np.tile(pooled.mean(axis=0), (3, 1)), rtol=1e-6)
+    # the one convention of every prediction: X counts, log1p CP10k over the predicted genes
+    record = prediction.uns["stinfer"]["expression"]
+    assert (
+        record["X"] == "expected_counts"
+        and record["normalisation_panel"] == "the 2 predicted genes"
+    )
+    library = prediction.X.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(
+        prediction.obs["library_size"].to_numpy()[:, None], library, rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        prediction.layers["log1p_cp10k"], np.log1p(prediction.X / library * 1e4), rtol=1e-5
+    )
+
+
+def test_predictions_keep_the_slide_spot_names_grid_and_sample_id():
+    slide = make_slide(
+        np.ones((3, 2)),
+        ["1x2", "3x4", "5x6"],
+        ["gene0", "gene1"],
+        np.zeros((3, 2)),
+        sample_id="C3",
+        source_format="legacy-st",
+        source="test",
+        array_row=[2, 4, 6],
+        array_col=[1, 3, 5],
+    )
+    model = MeanExpression([slide], ["gene1"])
+    model.train()
+    prediction = model.predict(slide)
+    assert list(prediction.obs_names) == ["C3_1x2", "C3_3x4", "C3_5x6"]
+    assert list(prediction.obs["sample_id"]) == ["C3"] * 3
+    assert list(prediction.obs["spot_id"]) == ["1x2", "3x4", "5x6"]
+    assert list(prediction.obs["array_row"]) == [2, 4, 6]
+    assert list(prediction.obs["array_col"]) == [1, 3, 5]
 
 
 def test_models_reject_genes_missing_from_a_training_slide():

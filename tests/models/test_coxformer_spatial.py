@@ -102,7 +102,9 @@ def grid_slide(counts: np.ndarray, side: int, genes: list[str], pitch: float = 1
     rows, cols = np.divmod(np.arange(side * side), side)
     slide = ad.AnnData(
         X=sp.csr_matrix(counts.astype(np.float32)),
-        obs=pd.DataFrame(index=[f"s{i}" for i in range(side * side)]),
+        obs=pd.DataFrame(
+            {"array_row": rows, "array_col": cols}, index=[f"s{i}" for i in range(side * side)]
+        ),
         var=pd.DataFrame(index=genes),
     )
     slide.obsm["spatial"] = np.stack([cols, rows], axis=1).astype(np.float64) * pitch
@@ -142,9 +144,10 @@ def test_super_resolution_recovers_a_planted_sub_spot_pattern_better_than_upsamp
     sub = model.super_resolve(genes)
     assert sub.n_obs == n_spots * n_sub and sub.obsm["spatial"].shape == (n_spots * n_sub, 2)
     assert list(sub.obs["spot"][:n_sub]) == ["s0"] * n_sub
+    np.testing.assert_array_equal(sub.obs["array_row"], np.repeat(slide.obs["array_row"], n_sub))
     truth = np.log1p(sub_cp10k.reshape(n_spots * n_sub, n_genes))
     upsampled = np.repeat(np.log1p(spot_cp10k), n_sub, axis=0)
-    model_pcc = np.median(per_gene_pearson(np.asarray(sub.X), truth)[0])
+    model_pcc = np.median(per_gene_pearson(np.asarray(sub.layers["log1p_cp10k"]), truth)[0])
     upsampled_pcc = np.median(per_gene_pearson(upsampled, truth)[0])
     print(f"sub-spot median PCC: model {model_pcc:.3f}, upsampled spot values {upsampled_pcc:.3f}")
     assert model_pcc > upsampled_pcc + 0.1
@@ -182,7 +185,7 @@ def test_impute_returns_genes_never_measured_on_the_slide(planted):
     assert imputed.shape == (slide.n_obs, 3)
     assert list(imputed.var["measured_on_slide"]) == [True, False, False]
     assert np.all(np.isfinite(imputed.X)) and np.all(imputed.X >= 0)
-    assert imputed.uns["coxformer_spatial"]["scale"] == "log1p_cp10k"
+    assert imputed.uns["stinfer"]["expression"]["X"] == "expected_counts"
     with pytest.raises(InputError, match="no embedding"):
         model.impute(["NOT_A_GENE"])
 
@@ -190,7 +193,7 @@ def test_impute_returns_genes_never_measured_on_the_slide(planted):
 def test_held_out_genes_are_predicted_from_their_module_mates(planted):
     model, slide, _ = planted
     held_out = [f"g{i}" for i in range(50, 60)]
-    imputed = np.asarray(model.impute(held_out).X)
+    imputed = np.asarray(model.impute(held_out).layers["log1p_cp10k"])
     truth = np.log1p(slide[:, held_out].X.toarray() / slide.X.sum(axis=1).A * 1e4)
     pcc = per_gene_pearson(imputed, truth)[0]
     print("held-out planted genes, PCC:", np.round(pcc, 2))
@@ -203,12 +206,12 @@ def test_a_new_slide_that_measures_the_training_genes_is_predicted_from_its_meas
     shuffled = slide[order].copy()  # same genes, each spot's counts moved to another spot
     shuffled.obsm["spatial"] = slide.obsm["spatial"]
     held_out = [f"g{i}" for i in range(50, 60)]
-    on_new = np.asarray(model.predict(shuffled, held_out).X)
+    on_new = np.asarray(model.predict(shuffled, held_out).layers["log1p_cp10k"])
     truth = np.log1p(shuffled[:, held_out].X.toarray() / shuffled.X.sum(axis=1).A * 1e4)
     assert np.median(per_gene_pearson(on_new, truth)[0]) > 0.7
     # without the training genes measured, the decoder's prediction of them stands in
     panel = shuffled[:, held_out].copy()
-    from_decoder = np.asarray(model.predict(panel, held_out).X)
+    from_decoder = np.asarray(model.predict(panel, held_out).layers["log1p_cp10k"])
     assert np.all(np.isfinite(from_decoder)) and not np.allclose(from_decoder, on_new)
 
 
@@ -218,6 +221,8 @@ def test_prediction_on_a_new_slide_uses_its_own_coordinates(planted):
     prediction = model.predict(new_slide, ["g1", "new2"])
     assert prediction.shape == (new_slide.n_obs, 2)
     assert list(prediction.obs_names) == list(new_slide.obs_names)
+    np.testing.assert_array_equal(prediction.obs["array_row"], new_slide.obs["array_row"])
+    np.testing.assert_array_equal(prediction.obs["array_col"], new_slide.obs["array_col"])
 
 
 def test_region_detection_clusters_imputed_expression_and_scores_ari(planted):
@@ -270,9 +275,14 @@ def test_training_on_a_random_subset_of_spots_per_step_runs_with_sub_spots(plant
     assert model.fit_result.history and np.isfinite(model.fit_result.history[-1]["train/loss"])
     sub = model.super_resolve(["new0"])
     assert sub.shape == (4 * slide.n_obs, 1)
-    spots = model.impute(["new0"]).X[:, 0]
-    expected = np.log1p(np.expm1(np.asarray(sub.X[:, 0])).reshape(-1, 4).mean(axis=1))
+    spots = model.impute(["new0"]).layers["log1p_cp10k"][:, 0]
+    expected = np.log1p(
+        np.expm1(np.asarray(sub.layers["log1p_cp10k"][:, 0])).reshape(-1, 4).mean(axis=1)
+    )
     np.testing.assert_allclose(spots, expected, rtol=1e-5, atol=1e-6)
+    # expected counts add up too: each sub-spot holds an equal share of its spot's library
+    sub_counts = np.asarray(sub.X[:, 0], dtype=np.float64).reshape(-1, 4).sum(axis=1)
+    np.testing.assert_allclose(sub_counts, model.impute(["new0"]).X[:, 0], rtol=1e-4, atol=1e-6)
 
 
 def test_validation_split_is_seeded_disjoint_and_empty_for_tiny_panels():
@@ -318,7 +328,7 @@ def test_validation_genes_stay_out_of_the_attention_loss_but_train_the_decoder(p
 def test_a_measured_training_gene_is_returned_as_measured(planted):
     model, slide, _ = planted
     measured = slide_log1p_cp10k(slide, ["g3", "g7"])
-    imputed = np.asarray(model.impute(["g3", "g7"]).X)
+    imputed = np.asarray(model.impute(["g3", "g7"]).layers["log1p_cp10k"])
     np.testing.assert_allclose(imputed, measured + 0.01, rtol=1e-5, atol=1e-5)  # ELU offset
 
 
@@ -336,7 +346,7 @@ def test_attention_only_training_leaves_the_spot_decoder_untouched_and_predicts_
         torch.testing.assert_close(value, decoder_before[name])
     assert not torch.equal(model.module.readout.relevance.detach(), relevance_before)
     held_out = [f"g{i}" for i in range(50, 60)]
-    imputed = np.asarray(model.impute(held_out).X)
+    imputed = np.asarray(model.impute(held_out).layers["log1p_cp10k"])
     truth = np.log1p(slide[:, held_out].X.toarray() / slide.X.sum(axis=1).A * 1e4)
     assert np.median(per_gene_pearson(imputed, truth)[0]) > 0.7
     with pytest.raises(InputError, match="without its spot decoder"):

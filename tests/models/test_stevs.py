@@ -112,6 +112,8 @@ def test_prediction_is_deterministic_anndata_with_the_documented_layout(trained,
     np.testing.assert_array_equal(first.X, second.X)
     assert first.shape == (section.n_obs, len(trained.genes))
     assert list(first.obs_names) == list(section.obs_names)
+    for column in ("sample_id", "spot_id", "array_row", "array_col"):
+        assert list(first.obs[column]) == list(section.obs[column])
     assert list(first.var_names) == trained.genes
     assert first.X.dtype == np.float32 and (first.X >= 0).all()
     assert first.layers["nb_theta"].shape == first.shape and (first.layers["nb_theta"] > 0).all()
@@ -433,9 +435,14 @@ def test_chunked_prediction_equals_one_shot_and_writes_the_same_h5ad(
     path = trained.write_prediction(section, tmp_path / "pred.h5ad")
     written = ad.read_h5ad(path)
     assert list(written.obs_names) == list(section.obs_names)
+    for column in ("sample_id", "array_row", "array_col"):
+        assert list(written.obs[column]) == list(section.obs[column])
     assert list(written.var_names) == trained.genes
     np.testing.assert_array_equal(written.X, one_shot.X)
     np.testing.assert_array_equal(written.layers["nb_theta"], one_shot.layers["nb_theta"])
+    np.testing.assert_allclose(written.layers["log1p_cp10k"], one_shot.layers["log1p_cp10k"])
+    np.testing.assert_allclose(written.obs["library_size"], one_shot.obs["library_size"])
+    assert written.uns["stinfer"]["expression"] == one_shot.uns["stinfer"]["expression"]
     for key in ("X_stevs", "stevs_posterior_var", "spatial"):
         np.testing.assert_array_equal(written.obsm[key], one_shot.obsm[key])
     for key in ("stevs_image_expert_weight", "stevs_spatial_expert_weight"):

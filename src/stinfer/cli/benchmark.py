@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import shlex
-import signal
 from pathlib import Path
 
+from stinfer.cli.options import HelpFormatter, checked_output_folder
 from stinfer.errors import InputError
 
 logger = logging.getLogger("stinfer")
@@ -32,7 +32,10 @@ Writes into --out:
 tables the docs show).
 
 Rerunning the same command resumes: finished cells are skipped, a cell that was interrupted
-is recomputed. --overwrite discards the earlier run.
+is recomputed. --overwrite discards the earlier run's outputs (the names above, config.yaml,
+data/, patch_cache/); any other file in --out is kept. A non-empty --out that is not a benchmark
+output (no benchmark.json) is refused, with or without --overwrite. SIGTERM or Ctrl-C drops the
+cell in progress (exit 143 / 130); rerun to resume.
 """
 
 
@@ -46,7 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "write results.csv, summary.md and figures."
         ),
         epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--config", required=True, type=Path, help="benchmark YAML")
     parser.add_argument(
@@ -82,30 +85,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 SUMMARY_HEADER = "# Benchmark: "  # the first line of every summary.md the report writes
 
 
-def _interrupt_on_sigterm() -> None:
-    """Make ``kill PID`` (SIGTERM) stop the run like Ctrl-C: the cell in progress is dropped.
-
-    Lightning keeps this handler beside its own while a network trains, so a SIGTERM there
-    also ends the process instead of being deferred.
-    """
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, handler)
-
-
 def run(args: argparse.Namespace) -> None:
     from stinfer.evaluate.benchmark import load_config, run_benchmark
 
     config = load_config(args.config, data_root=args.data_root)
+    checked_output_folder(args.out, overwrite=True)  # resumed if it exists: writable is enough
+    if args.publish:
+        check_publishable(args.publish / config.name)
     command = f"stinfer benchmark --config {shlex.quote(str(args.config))}"
     if args.data_root:
         command += f" --data-root {shlex.quote(str(args.data_root))}"
     command += f" --out {shlex.quote(str(args.out))}"
     if args.publish:
         command += f" --publish {shlex.quote(str(args.publish))}"
-    _interrupt_on_sigterm()
     run_benchmark(
         config,
         args.out,
@@ -117,6 +109,18 @@ def run(args: argparse.Namespace) -> None:
     )
     if args.publish:
         publish(args.out, args.publish / config.name)
+
+
+def check_publishable(destination: Path) -> None:
+    """Refuse, before any cell runs, a ``--publish`` folder whose tables ``publish`` would not
+    replace (a user's ``summary.md``) or cannot write."""
+    earlier = destination / "summary.md"
+    if earlier.exists() and not earlier.read_text().startswith(SUMMARY_HEADER):
+        raise InputError(
+            f"--publish {destination.parent}: {earlier} exists and was not written by "
+            "`stinfer benchmark`; move it or choose another --publish."
+        )
+    checked_output_folder(destination, overwrite=True, flag="--publish")
 
 
 def publish(run_folder: Path, destination: Path) -> None:

@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from stinfer.errors import InputError
+from stinfer.cli.options import checked_output_folder, int_at_least, non_negative_int, positive_int
 
 logger = logging.getLogger("stinfer")
 
@@ -37,18 +37,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--overwrite", action="store_true", help="replace an earlier demo's outputs"
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic tissue")
     parser.add_argument(
-        "--epochs", type=int, default=DEMO_EPOCHS, help=f"training epochs ({DEMO_EPOCHS})"
+        "--seed", type=non_negative_int, default=0, help="seed of the synthetic tissue"
+    )
+    parser.add_argument(
+        "--epochs", type=positive_int, default=DEMO_EPOCHS, help=f"training epochs ({DEMO_EPOCHS})"
     )
     parser.add_argument(
         "--spots",
-        type=int,
+        type=int_at_least(50),
         default=1000,
         help="approximate spots per synthetic section (1000)",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(func=run)
+
+
+DEMO_MANIFEST = "stinfer_demo.json"  # marks a folder as a demo's output
+
+
+def check_demo_folder(out: Path, overwrite: bool) -> None:
+    """Refuse, before any work, an ``--out`` the demo may not write: a non-empty folder without
+    :data:`DEMO_MANIFEST` (not an earlier demo: with or without ``--overwrite``), or an earlier
+    demo without ``--overwrite``. The demo's files are replaced one by one (``run/`` whole);
+    other files in the folder are never touched."""
+    from stinfer.io.atomic import check_replaceable_folder, visible_entries
+    from stinfer.models.persistence import check_model_destination
+
+    is_own = (out / DEMO_MANIFEST).is_file()
+    # the demo deletes nothing, so a user's file beside its outputs does not block --overwrite
+    check_replaceable_folder(out, overwrite, is_own, visible_entries(out), "demo output")
+    check_model_destination(out / "run", overwrite)
 
 
 def metrics_table(rows: list[dict]) -> str:
@@ -63,6 +82,7 @@ def metrics_table(rows: list[dict]) -> str:
 
 def run(args: argparse.Namespace) -> None:
     import dataclasses
+    import json
 
     import numpy as np
     import pandas as pd
@@ -76,14 +96,10 @@ def run(args: argparse.Namespace) -> None:
     from stinfer.models.stevs import STEvs, fast_preset
     from stinfer.plot import plot_latent_umap, plot_slide_overview, plot_spatial_maps, save_figure
 
-    out: Path = args.out
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise InputError(
-            f"{out}: folder exists and is not empty; pass --overwrite or another --out."
-        )
-    if args.epochs < 1 or args.spots < 50:
-        raise InputError("--epochs must be >= 1 and --spots >= 50.")
+    check_demo_folder(args.out, args.overwrite)
+    out: Path = checked_output_folder(args.out, args.overwrite)
     out.mkdir(parents=True, exist_ok=True)
+    write_text(json.dumps({"tool": "stinfer demo"}) + "\n", out / DEMO_MANIFEST, overwrite=True)
     patch_cache = out / "patch_cache"
 
     print(f"[1/5] generating synthetic sections into {out}/images")
@@ -138,8 +154,10 @@ def run(args: argparse.Namespace) -> None:
     ][:3]
     test, test_name = tests[0], names[1]
     save_figure(plot_slide_overview(train, shown[0]), out / "overview.png", args.overwrite)
+    # the per-gene PCC of the titles, by the metric path of the table above
+    shown_pcc = evaluate_anndata(predictions[test_name][:, shown], test[:, shown]).per_gene["pcc"]
     save_figure(
-        plot_spatial_maps(test, {"STEvs": predictions[test_name]}, shown),
+        plot_spatial_maps(test, {"STEvs": predictions[test_name]}, shown, {"STEvs": shown_pcc}),
         out / "spatial_maps.png",
         args.overwrite,
     )
@@ -148,10 +166,8 @@ def run(args: argparse.Namespace) -> None:
         "slice": np.concatenate([[n] * s.n_obs for n, s in zip(names, slides, strict=True)]),
         "domain": np.concatenate([s.obs["domain"].astype(str).to_numpy() for s in slides]),
     }
-    save_figure(
-        plot_latent_umap(np.concatenate(latents), labels, seed=args.seed),
-        out / "latent_umap.png",
-        args.overwrite,
-    )
+    umap_figure = plot_latent_umap(np.concatenate(latents), labels, seed=args.seed)
+    umap_figure.suptitle(f"STEvs fused latent (posterior mean), trained on {names[0]}", fontsize=10)
+    save_figure(umap_figure, out / "latent_umap.png", args.overwrite)
     for name in ("overview.png", "spatial_maps.png", "latent_umap.png", "metrics.csv"):
         print(f"wrote {out / name}")

@@ -7,7 +7,15 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-from stinfer.cli.options import add_output_arguments, checked_output
+from stinfer.cli.options import (
+    HelpFormatter,
+    add_accelerator_argument,
+    add_output_arguments,
+    checked_output,
+    fraction_in,
+    non_negative_int,
+    positive_int,
+)
 from stinfer.errors import InputError
 
 logger = logging.getLogger("stinfer")
@@ -48,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "GraphSAGE and compress each gene's co-expression vector with a Transformer "
         "autoencoder into a gene embedding.",
         epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument(
         "--corpus",
@@ -74,17 +82,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--n-components",
-        type=int,
+        type=positive_int,
         default=64,
         help="with --method svd: embedding width (default 64)",
     )
-    parser.add_argument("--top-k", type=int, default=50, help="partners kept per gene (default 50)")
+    parser.add_argument(
+        "--top-k", type=positive_int, default=50, help="partners kept per gene (default 50)"
+    )
     parser.add_argument(
         "--preset",
-        choices=["paper", "fast"],
-        default="paper",
+        choices=["auto", "paper", "fast"],
+        default="auto",
         help="paper: the paper's hyperparameters (GPU); fast: fewer epochs and a smaller "
-        "autoencoder for a CPU (default paper)",
+        "autoencoder for a CPU; auto (default): paper on a GPU, fast on a CPU (--accelerator, "
+        "else whether a CUDA GPU is available)",
     )
     parser.add_argument("--layer", help="layer holding the raw counts (default X)")
     parser.add_argument(
@@ -109,22 +120,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "cells (= pooling cells after per-corpus standardisation)",
     )
     parser.add_argument(
-        "--min-cells", type=int, default=10, help="drop genes detected in fewer cells (default 10)"
+        "--min-cells",
+        type=non_negative_int,
+        default=10,
+        help="drop genes detected in fewer cells (default 10)",
     )
     parser.add_argument(
         "--label-fraction",
-        type=float,
+        type=fraction_in(include_one=False),
         default=0.5,
         help="without --label-corpus: fraction of each corpus's cells held out for the "
         "targets (default 0.5; 0 = use the corpora themselves)",
     )
-    parser.add_argument("--completion-epochs", type=int, help="override the preset's GNN epochs")
-    parser.add_argument("--autoencoder-epochs", type=int, help="override the preset's AE epochs")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument(
-        "--accelerator",
+        "--completion-epochs", type=positive_int, help="override the preset's GNN epochs"
+    )
+    parser.add_argument(
+        "--autoencoder-epochs", type=positive_int, help="override the preset's AE epochs"
+    )
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default 0)")
+    add_accelerator_argument(
+        parser,
+        "auto (GPU when present), cpu, gpu; also runs the graph GEMMs on the GPU",
         default="auto",
-        help="auto (GPU when present), cpu, gpu; also runs the graph GEMMs on the GPU",
     )
     parser.add_argument(
         "--save-model", type=Path, metavar="DIR", help="also save the trained model in this folder"
@@ -157,10 +175,12 @@ def build_config(args: argparse.Namespace):
     """The preset with the command-line overrides applied."""
     import torch
 
+    from stinfer.models.configs import auto_preset
     from stinfer.models.gene_embeddings import gene_embedding_config
+    from stinfer.train import check_accelerator
 
-    if args.top_k < 1:
-        raise InputError(f"--top-k must be at least 1, got {args.top_k}.")
+    check_accelerator(args.accelerator)
+    args.preset = auto_preset(args.preset, args.accelerator)
     use_gpu = args.accelerator in ("gpu", "cuda") or (
         args.accelerator == "auto" and torch.cuda.is_available()
     )
@@ -190,9 +210,9 @@ def build_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> None:
-    from stinfer.io.atomic import check_writable
     from stinfer.io.gene_embeddings import embedding_format, write_gene_embeddings
     from stinfer.models.gene_embeddings import CoxFormerEmbeddings
+    from stinfer.models.persistence import check_model_destination
 
     out = checked_output(args)
     embedding_format(out)
@@ -200,7 +220,7 @@ def run(args: argparse.Namespace) -> None:
         run_svd(args, out)
         return
     if args.save_model is not None:
-        check_writable(args.save_model / "embeddings.h5ad", args.overwrite)
+        check_model_destination(args.save_model, args.overwrite)  # before any work
     config = build_config(args)
     corpora = read_corpora(args.corpus)
     label_corpora = read_corpora(args.label_corpus) if args.label_corpus else None
@@ -227,8 +247,6 @@ def run_svd(args: argparse.Namespace, out: Path) -> None:
 
     if args.save_model is not None or args.label_corpus:
         raise InputError("--save-model and --label-corpus apply to --method coxformer only.")
-    if args.n_components < 1:
-        raise InputError(f"--n-components must be at least 1, got {args.n_components}.")
     config = build_config(args)
     model = SVDGeneEmbeddings(args.n_components, graph=config.graph, seed=args.seed)
     embeddings = model.train(read_corpora(args.corpus), layer=args.layer).get_embeddings()

@@ -12,7 +12,14 @@ import argparse
 import json
 from pathlib import Path
 
-from stinfer.cli.options import add_output_arguments, checked_output
+from stinfer.cli.options import (
+    HelpFormatter,
+    add_output_arguments,
+    checked_output,
+    int_at_least,
+    non_negative_int,
+    positive_int,
+)
 from stinfer.errors import InputError
 
 EXAMPLES = """\
@@ -48,7 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "co-expressed gene pairs of a held-out corpus (cosine ROC-AUC) and by its geometry, "
         "beside the truncated SVD of an expression corpus.",
         epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument(
         "--embeddings",
@@ -72,13 +79,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="raw-count corpora of the SVD baseline (default: half of each --corpus's cells)",
     )
     parser.add_argument(
-        "--pairs", type=int, default=2000, help="co-expressed and random pairs (default 2000)"
+        "--pairs",
+        type=int_at_least(2),
+        default=2000,
+        help="co-expressed and random pairs (default 2000)",
     )
     parser.add_argument(
-        "--n-components", type=int, default=64, help="SVD baseline width (default 64)"
+        "--n-components", type=positive_int, default=64, help="SVD baseline width (default 64)"
     )
-    parser.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument(
+        "--folds", type=int_at_least(2), default=5, help="cross-validation folds (default 5)"
+    )
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default 0)")
     add_output_arguments(parser, "results JSON")
     parser.set_defaults(func=run)
 
@@ -105,8 +117,6 @@ def run(args: argparse.Namespace) -> None:
     out = checked_output(args)
     if args.labels is None and args.corpus is None:
         raise InputError("give --labels, --corpus, or both: there is nothing to score.")
-    if args.pairs < 2 or args.n_components < 1 or args.folds < 2:
-        raise InputError("--pairs must be >= 2, --n-components >= 1 and --folds >= 2.")
     embeddings = read_gene_embeddings(args.embeddings)
     labels = read_gene_labels(args.labels) if args.labels is not None else None
     corpora = read_corpora(args.corpus) if args.corpus else None

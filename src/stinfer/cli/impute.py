@@ -8,7 +8,16 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-from stinfer.cli.options import add_output_arguments, checked_output
+from stinfer.cli.options import (
+    HelpFormatter,
+    add_accelerator_argument,
+    add_output_arguments,
+    checked_output,
+    fraction,
+    non_negative_int,
+    open_fraction,
+    positive_int,
+)
 from stinfer.errors import InputError
 from stinfer.modalities import MODALITY_ALIASES, canonical_modality
 
@@ -22,8 +31,9 @@ examples:
 
 Held-out genes (--test-fraction): a seeded split of the slide's measured genes (with an
 embedding, detected in at least --min-spot-fraction of the spots); the model learns from the
-rest and predicts them. The output holds the model's predictions for the held-out genes in X
-(log1p CP10k), the truth in layers["truth"] and each baseline in its own layer; the metrics
+rest and predicts them. The output holds the model's predictions for the held-out genes
+(layers["log1p_cp10k"], X their expected counts), the truth in layers["truth"] and each
+baseline in its own layer (log1p CP10k over the visible genes' spot totals); the metrics
 JSON beside it (<out>.metrics.json, or --metrics) holds pcc_median, pcc_mean, scc_median,
 scc_mean, mse (log1p CP10k), n_test_genes for the model ("coxformer") and for each baseline:
 "mean_profile", "knn" (k chosen by cross-validation over the training genes) and
@@ -33,6 +43,13 @@ Named genes (--genes, comma-separated or a file with one gene a line): the model
 every measured gene and predicts the named ones, measured on the slide or not; every one needs
 an embedding. Embeddings: .h5ad from `stinfer embed-genes` or a table (.csv, .tsv, .parquet,
 .pkl: gene -> vector).
+
+What the output holds (the same convention as `stinfer predict`): X = expected counts on the
+slide's count scale, expm1(log1p CP10k) x library / 1e4 with each spot's library
+(obs["library_size"]: its total counts over the slide's measured genes; a sub-spot's is its
+spot's over r x r); layers["log1p_cp10k"] = the model's prediction, log1p CP10k;
+uns["stinfer"]["expression"] says what X and each layer hold and over which gene panel the
+library is summed.
 """
 
 
@@ -41,9 +58,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "impute",
         help="predict (unmeasured) genes on a slide from their gene embeddings (CoxFormer)",
         description="Train the CoxFormer spatial model on the measured genes of a slide and "
-        "predict held-out or named genes from their embeddings.",
+        "predict held-out or named genes from their embeddings. The output .h5ad has expected "
+        "counts in X and the predicted log1p CP10k in layers['log1p_cp10k'] (see below).",
         epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--slide", required=True, type=Path, help="slide .h5ad (stinfer prepare)")
     parser.add_argument(
@@ -51,7 +69,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     task = parser.add_mutually_exclusive_group(required=True)
     task.add_argument(
-        "--test-fraction", type=float, help="held-out genes protocol: fraction of genes held out"
+        "--test-fraction",
+        type=open_fraction,
+        help="held-out genes protocol: fraction of genes held out, in (0, 1)",
     )
     task.add_argument("--genes", help="genes to predict: comma-separated, or a file of names")
     parser.add_argument(
@@ -67,17 +87,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=["auto", "paper", "fast"],
         default="auto",
         help="paper: the paper's hyperparameters (for a GPU); fast: a smaller model for a CPU; "
-        "auto (default): paper when a CUDA GPU is available, else fast",
+        "auto (default): paper on a GPU, fast on a CPU (--accelerator, else whether a CUDA GPU "
+        "is available)",
     )
-    parser.add_argument("--epochs", type=int, help="override the preset's maximum epochs")
+    parser.add_argument(
+        "--epochs", type=positive_int, help="override the preset's maximum epochs (>= 1)"
+    )
     parser.add_argument(
         "--min-spot-fraction",
-        type=float,
+        type=fraction,
         help="training genes must be detected in this fraction of spots (default 0.1)",
     )
     parser.add_argument(
         "--sub-spot-grid",
-        type=int,
+        type=positive_int,
         default=1,
         help="r > 1: predict an r x r sub-spot grid per spot (super-resolution); with --genes "
         "the output then holds the sub-spots",
@@ -89,14 +112,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "genes (default), the decoder's bilinear readout alone, or the public code's additive "
         "token (ablations)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="split and training seed (default 0)")
+    parser.add_argument(
+        "--seed", type=non_negative_int, default=0, help="split and training seed (default 0)"
+    )
     parser.add_argument("--no-baselines", action="store_true", help="skip mean profile and k-NN")
     parser.add_argument(
         "--no-shuffled", action="store_true", help="skip the shuffled-embedding control"
     )
     parser.add_argument("--metrics", type=Path, help="metrics JSON (default <out>.metrics.json)")
     parser.add_argument("--save-model", type=Path, metavar="DIR", help="also save the model")
-    parser.add_argument("--accelerator", default="auto", help="auto, cpu or gpu")
+    add_accelerator_argument(parser, "auto, cpu or gpu (default auto)", default="auto")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_output_arguments(parser, "predictions (.h5ad)")
     parser.set_defaults(func=run)
@@ -122,19 +147,11 @@ def metrics_path(args: argparse.Namespace) -> Path:
     return args.out.with_name(f"{args.out.stem}.metrics.json")
 
 
-def resolve_preset(preset: str) -> str:
-    """``auto``: the paper's model where it trains in minutes (a CUDA GPU), else ``fast``."""
-    if preset != "auto":
-        return preset
-    import torch
-
-    return "paper" if torch.cuda.is_available() else "fast"
-
-
 def build_config(args: argparse.Namespace):
+    from stinfer.models.configs import auto_preset
     from stinfer.models.coxformer_spatial import coxformer_spatial_config
 
-    args.preset = resolve_preset(args.preset)
+    args.preset = auto_preset(args.preset, args.accelerator)
     logger.info("CoxFormer spatial preset: %s", args.preset)
     config = coxformer_spatial_config(
         args.preset,
@@ -155,13 +172,21 @@ def build_config(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> None:
     from stinfer.io.atomic import check_writable, write_h5ad, write_text
     from stinfer.io.h5ad import read_h5ad_slide
+    from stinfer.io.slide_data import prepare_for_h5ad
     from stinfer.models.coxformer_spatial import CoxFormerSpatial, embedding_table
+    from stinfer.models.persistence import check_model_destination
+    from stinfer.train import check_accelerator
 
     out = checked_output(args)
     if args.out.suffix.lower() != ".h5ad":
         raise InputError(f"{args.out}: --out must be a .h5ad file.")
+    if args.test_fraction is not None:
+        metrics_file = check_writable(metrics_path(args), args.overwrite)
+    elif args.metrics is not None:
+        raise InputError("--metrics is written by the held-out protocol (--test-fraction) only.")
+    check_accelerator(args.accelerator)
     if args.save_model is not None:
-        check_writable(args.save_model / "weights.safetensors", args.overwrite)
+        check_model_destination(args.save_model, args.overwrite)  # before any work
     for path, what in ((args.slide, "slide"), (args.embeddings, "embeddings")):
         if not path.is_file():
             raise FileNotFoundError(2, f"no such {what}", str(path))
@@ -173,7 +198,6 @@ def run(args: argparse.Namespace) -> None:
     if args.test_fraction is not None:
         from stinfer.evaluate.held_out_genes import held_out_genes_evaluation
 
-        metrics_file = check_writable(metrics_path(args), args.overwrite)
         result = held_out_genes_evaluation(
             slide,
             table,
@@ -196,7 +220,8 @@ def run(args: argparse.Namespace) -> None:
             **result["metrics"]["coxformer"],
             "baselines": {k: v for k, v in result["metrics"].items() if k != "coxformer"},
         }
-        write_h5ad(prediction, out, overwrite=args.overwrite)
+        logger.info("writing %s and %s", out, metrics_file)
+        write_h5ad(prepare_for_h5ad(prediction), out, overwrite=args.overwrite)
         write_text(json.dumps(record, indent=2), metrics_file, overwrite=args.overwrite)
         summary = ", ".join(
             f"{name} {values['pcc_median']:.3f}" for name, values in result["metrics"].items()
@@ -216,12 +241,14 @@ def run(args: argparse.Namespace) -> None:
         model = CoxFormerSpatial(slide, table, None, args.modality, config)
         model.train()
         prediction = model.super_resolve(genes) if args.sub_spot_grid > 1 else model.impute(genes)
-        write_h5ad(prediction, out, overwrite=args.overwrite)
+        logger.info("writing %s", out)
+        write_h5ad(prepare_for_h5ad(prediction), out, overwrite=args.overwrite)
         measured = int(prediction.var["measured_on_slide"].sum())
         print(
             f"wrote {out}: {len(genes)} genes ({measured} measured on the slide) x "
             f"{prediction.n_obs} {'sub-spots' if args.sub_spot_grid > 1 else 'spots'}, "
-            f"log1p CP10k; trained on {len(model.train_genes)} genes"
+            f"expected counts in X, log1p CP10k in layers['log1p_cp10k']; trained on "
+            f"{len(model.train_genes)} genes"
         )
     if args.save_model is not None:
         model.save(args.save_model, overwrite=args.overwrite)

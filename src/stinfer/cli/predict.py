@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from stinfer.cli.options import add_output_arguments, checked_output
+from stinfer.cli.options import HelpFormatter, add_output_arguments, checked_output
 from stinfer.modalities import MODALITY_ALIASES
 
 
@@ -16,8 +16,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Predict the run's genes at every spot of a prepared slide with the model the run "
             "folder holds (any expression model `stinfer train` saves: its config.json names "
-            "the type). The output .h5ad has predicted counts (raw-count scale) in X. A STEvs "
-            "run also writes the NB inverse dispersion in "
+            "the type). The output .h5ad holds, as every prediction stinfer writes: expected "
+            "counts on the training slides' count scale in X; their log1p CP10k in "
+            "layers['log1p_cp10k'], log1p(1e4 * X / library), the library (obs['library_size']) "
+            "being each spot's predicted total over the predicted genes; and what X and each "
+            "layer hold, with the gene panel the library sums over, in "
+            "uns['stinfer']['expression']. A STEvs run also writes the NB inverse dispersion in "
             "layers['nb_theta'], the posterior mean in obsm['X_stevs'] and its variance in "
             "obsm['stevs_posterior_var'], and how much each spot trusted each expert (image, "
             "coordinates: their share of the fused posterior mean) in "
@@ -32,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "  stinfer predict --run runs/c2 --slide C3.h5ad --out C3_pred.h5ad --mode fused\n"
             "  stinfer predict --run runs/hd --slide HD_008um.h5ad --out HD_pred.h5ad --no-tta"
         ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--run", required=True, type=Path, help="run folder from `stinfer train`")
     parser.add_argument("--slide", required=True, help="prepared slide (.h5ad)")

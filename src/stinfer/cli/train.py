@@ -8,6 +8,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from stinfer.cli.options import (
+    HelpFormatter,
+    add_accelerator_argument,
+    checked_output_folder,
+    devices,
+    non_negative_int,
+    positive_int,
+)
 from stinfer.errors import InputError
 from stinfer.models import list_models, model_type
 
@@ -44,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="train an expression model (STEvs, ST-Net, baselines) and save the run folder",
         description="Train a histology-to-expression model on one or more prepared slides.",
         epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument(
         "--model",
@@ -61,14 +69,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="'svg' (Moran's I SVGs shared by the slides, STEvs D.1.4), 'hvg', or a text file "
         "with one gene per line (default svg)",
     )
-    parser.add_argument("--n-genes", type=int, default=300, help="panel size for svg/hvg (300)")
+    parser.add_argument(
+        "--n-genes", type=positive_int, default=300, help="panel size for svg/hvg (300)"
+    )
     parser.add_argument(
         "--preset",
-        choices=["paper", "fast"],
-        help="named config of models that have presets (stevs, stnet; default fast)",
+        choices=["auto", "paper", "fast"],
+        help="named config of models that have presets (stevs, stnet): paper (the paper's "
+        "hyperparameters, for a GPU), fast (for a CPU) or auto (default): paper on a GPU, fast "
+        "on a CPU (--accelerator, else whether a CUDA GPU is available)",
     )
-    parser.add_argument("--epochs", type=int, help="override the preset's number of epochs")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    parser.add_argument(
+        "--epochs", type=positive_int, help="override the preset's number of epochs (>= 1)"
+    )
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="random seed (0)")
     parser.add_argument(
         "--pretrained",
         help="'hub' (downloads) or a local backbone weights file (stevs, stnet, feature_ridge)",
@@ -81,8 +95,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--patch-cache", help="folder to cache spot patches across runs (image models)"
     )
-    parser.add_argument("--accelerator", help="auto | cpu | gpu | mps (auto; stevs, stnet)")
-    parser.add_argument("--devices", help="number of devices, e.g. 4 (auto; stevs, stnet)")
+    add_accelerator_argument(
+        parser, "auto | cpu | gpu | mps (auto; stevs, stnet); gpu needs a visible CUDA GPU"
+    )
+    parser.add_argument(
+        "--devices",
+        type=devices,
+        help="'auto', a number of devices (e.g. 4) or device indices (e.g. 0,1) "
+        "(auto; stevs, stnet)",
+    )
     parser.add_argument("--strategy", help="STEvs: Lightning strategy, e.g. ddp (auto)")
     parser.add_argument(
         "--precision",
@@ -141,9 +162,7 @@ def parse_options(items: list[str]) -> dict[str, Any]:
 def flag_overrides(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     """The config overrides of the model-specific flags, or an :class:`InputError` naming a
     flag that ``kind`` has no setting for."""
-    devices = None
-    if args.devices is not None:
-        devices = int(args.devices) if str(args.devices).isdigit() else args.devices
+    devices = args.devices  # "auto", a count or "0,1" indices (checked by options.devices)
     precision = None if args.precision in (None, "auto") else args.precision
     given = {
         "--epochs": args.epochs,
@@ -208,16 +227,21 @@ def run(args: argparse.Namespace) -> None:
     from stinfer.io.atomic import write_text
     from stinfer.io.h5ad import read_h5ad_slide
     from stinfer.models import create_model, model_config
+    from stinfer.models.configs import auto_preset
+    from stinfer.models.persistence import check_model_destination, model_folder
     from stinfer.preprocess import select_genes
+    from stinfer.train import check_accelerator
 
     entry = model_type(args.model)
     if args.preset is not None and not entry.presets:
         raise InputError(f"--preset {args.preset}: model {args.model!r} has no presets.")
-    preset = (args.preset or "fast") if entry.presets else None
+    preset = auto_preset(args.preset or "auto", args.accelerator) if entry.presets else None
     overrides = deep_merge_loose(flag_overrides(args.model, args), parse_options(args.option))
     config = model_config(args.model, preset, args.seed, **overrides)  # checked before reading
-    if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
-        raise InputError(f"{args.out}: run folder exists and is not empty; pass --overwrite.")
+    if args.accelerator is not None:
+        check_accelerator(args.accelerator)
+    check_model_destination(args.out, args.overwrite)  # a saved model or nothing: see persistence
+    checked_output_folder(args.out, args.overwrite)
     slides = [read_h5ad_slide(path) for path in args.train]
     if args.genes in ("svg", "hvg"):
         genes = select_genes(slides, method=args.genes, n_genes=args.n_genes)
@@ -227,9 +251,13 @@ def run(args: argparse.Namespace) -> None:
     print(f"training {label} on {len(slides)} slide(s), {len(genes)} genes")
     model = create_model(args.model, slides, genes, config=config)
     result = model.train()
-    model.save(args.out, overwrite=args.overwrite)
     best_score = getattr(result, "best_score", None)
     score_name = {"stevs": "val median PCC", "stnet": "val MSE"}.get(args.model, "val score")
+    # the validation metric each model logs per epoch: (name, label, which way is better)
+    score = {
+        "stevs": ("val/pcc_median", score_name, "max"),
+        "stnet": ("val/mse", score_name, "min"),
+    }
     history = {
         "model_type": args.model,
         "train_seconds": result.train_seconds,
@@ -239,10 +267,13 @@ def run(args: argparse.Namespace) -> None:
         "train_slides": [str(Path(p).resolve()) for p in args.train],
         "history": getattr(result, "history", []),
     }
-    if args.model == "stevs":
-        history["best_val_pcc_median"] = best_score
-    write_text(json.dumps(history, indent=2), args.out / "train_history.json", args.overwrite)
+    if args.model == "stevs":  # the best logged, also when no monitor restored its epoch
+        best_logged = result.best_logged("val/pcc_median")
+        history["best_val_pcc_median"] = None if best_logged is None else best_logged[1]
+    with model_folder(args.out, args.overwrite) as run_folder:  # the run appears whole or not
+        model.save(run_folder, overwrite=True)
+        write_text(json.dumps(history, indent=2), run_folder / "train_history.json")
     summary = f"wrote {args.out}: {result.train_seconds:.1f} s"
-    if best_score is not None:
-        summary += f", best epoch {history['best_epoch']}, {score_name} {round(best_score, 4)}"
+    if args.model in score:
+        summary += f", {result.describe_best(*score[args.model])}"
     print(summary)

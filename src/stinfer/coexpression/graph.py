@@ -391,7 +391,7 @@ def standardise_corpora(
         if not keep.any():
             raise InputError(
                 f"no gene is detected in at least {config.min_cells} cells of the corpora; "
-                "lower min_cells or check the corpora."
+                "lower --min-cells (min_cells=) or check that the corpora hold raw counts."
             )
         gene_names = gene_names[keep]
         sources = [source[keep] for source in sources]

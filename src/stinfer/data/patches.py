@@ -47,7 +47,7 @@ import numpy as np
 from stinfer.errors import InputError
 from stinfer.io.atomic import atomic_output
 from stinfer.io.slide_data import image_pixel_size_um, slide_meta, spot_coordinates_px
-from stinfer.io.slide_image import SlideImage, open_slide, round_half_up
+from stinfer.io.slide_image import SlideImage, image_source_file, open_slide, round_half_up
 
 logger = logging.getLogger("stinfer")
 
@@ -372,14 +372,14 @@ def iter_spot_patches(
 def patch_cache_key(slide: ad.AnnData, spec: PatchSpec) -> str:
     """Hex digest identifying the patches of ``slide`` under ``spec``.
 
-    Hashes the image's resolved path, size and modification time (ns), the spot coordinates'
-    bytes, the image scale and pixel size, the spec and a format version, so a change of any
-    of them gives a new key.
+    Hashes the image's resolved path, its file's size and modification time (ns; for an
+    image stored in an .h5ad, the .h5ad's), the spot coordinates' bytes, the image scale and
+    pixel size, the spec and a format version, so a change of any of them gives a new key.
     """
     meta = slide_meta(slide)
     image_path = _image_path(meta).resolve()
     try:
-        stat = image_path.stat()
+        stat = image_source_file(image_path).stat()
     except FileNotFoundError as error:
         raise InputError(f"{image_path}: slide image not found.") from error
     digest = hashlib.sha256()

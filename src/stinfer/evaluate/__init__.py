@@ -6,12 +6,15 @@ for users who look for them under ``stinfer.evaluate``.
 """
 
 from stinfer.metrics import (
+    DomainClustering,
     ExpressionMetrics,
     cluster_ari,
     cluster_domains,
     depth_normalise,
+    domain_ari,
     evaluate_anndata,
     evaluate_expression,
+    fit_domains,
     hest_pcc_top50,
     mse_log1p,
     per_gene_pearson,
@@ -20,12 +23,15 @@ from stinfer.metrics import (
 )
 
 __all__ = [
+    "DomainClustering",
     "ExpressionMetrics",
     "cluster_ari",
     "cluster_domains",
     "depth_normalise",
+    "domain_ari",
     "evaluate_anndata",
     "evaluate_expression",
+    "fit_domains",
     "hest_pcc_top50",
     "mse_log1p",
     "per_gene_pearson",

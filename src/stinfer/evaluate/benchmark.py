@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import hashlib
 import json
 import logging
@@ -52,10 +53,16 @@ from stinfer.evaluate.benchmark_layout import (
     LATENTS_FILE,
     MANIFEST,
     cell_folder,
+    is_own_output,
     model_label,
     per_gene_path,
     prediction_path,
     safe_name,
+)
+from stinfer.evaluate.config_checks import (
+    checked_dataclass,
+    checked_value,
+    unknown_keys_message,
 )
 from stinfer.evaluate.protocols import (
     PROTOCOLS,
@@ -72,7 +79,9 @@ from stinfer.evaluate.robustness import (
     degrade_slide_image,
     model_patch_spec,
 )
+from stinfer.io import READERS, read_slide
 from stinfer.io.slide_data import slide_id
+from stinfer.metrics import DOMAIN_METHODS
 from stinfer.modalities import MODALITIES, MODALITY_ALIASES, canonical_modality
 from stinfer.models import create_model, list_models, model_config, model_type
 
@@ -92,7 +101,7 @@ __all__ = [
     "run_benchmark",
 ]
 
-COHORT_FORMATS = ("h5ad", "legacy-st", "synthetic")
+COHORT_FORMATS = (*READERS, "synthetic")  # every reader of stinfer.io.read_slide, synthetic
 DATA_ROOT = "${data_root}"
 
 
@@ -113,11 +122,13 @@ class GeneSpec:
 class CohortSpec:
     """A group of slides evaluated together (e.g. one patient's serial sections).
 
-    ``format``: ``"h5ad"`` (``slides`` are prepared ``.h5ad`` paths), ``"legacy-st"`` (each
-    slide a mapping ``{sample_id, counts, spots, image}`` as for ``stinfer prepare``) or
-    ``"synthetic"`` (``synthetic`` holds :class:`~stinfer.data.synthetic.SyntheticConfig`
-    fields). Relative paths are taken under ``root``, which may be ``${data_root}`` (given on
-    the command line with ``--data-root``).
+    ``format``: any format of :func:`stinfer.io.read_slide` (``h5ad``, ``legacy-st``,
+    ``visium``, ``visium-hd``, ``hest``), each slide a mapping of its reader's arguments (as
+    for ``stinfer prepare``: ``{counts, spots, image, sample_id}`` for legacy ST, ``{path,
+    image}`` for Visium, ``{sample_id}`` for HEST, whose ``root`` defaults to the cohort's) or
+    a string (the ``path``; a HEST ``sample_id``); or ``"synthetic"`` (``synthetic`` holds
+    :class:`~stinfer.data.synthetic.SyntheticConfig` fields). Relative paths are taken under
+    ``root``, which may be ``${data_root}`` (given on the command line with ``--data-root``).
 
     ``image_degradation`` (YAML: a mapping of
     :class:`~stinfer.evaluate.robustness.ImageDegradation` fields) degrades every slide's H&E
@@ -156,7 +167,7 @@ class DomainSpec:
     """Spatial-domain recovery (STEvs Fig. 5, Table 16) on annotated test slides."""
 
     key: str = "domain"  # obs column with the annotation
-    method: str = "kmeans"  # STEvs Appendix H: k-means on the predicted expression
+    method: str = "kmeans"  # STEvs Appendix H: k-means on the predicted expression; "gmm", "leiden"
     n_pcs: int = 30
 
 
@@ -219,70 +230,98 @@ def _substitute(value: Any, data_root: str | None) -> Any:
 
 
 def _dataclass_from(cls, values: Mapping[str, Any] | None, where: str):
-    values = dict(values or {})
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
+    """``cls`` from a YAML mapping, every key and value type checked (see :mod:`.config_checks`)."""
+    return checked_dataclass(cls, values, where)
+
+
+def _string_list(value: Any, where: str) -> tuple[str, ...]:
+    """A YAML list of strings (a single string is refused, not split into letters)."""
+    return tuple(checked_value(value, list[str], where))
+
+
+def _check_keys(entry: Mapping[str, Any], allowed: Sequence[str], where: str) -> None:
+    unknown = sorted(set(map(str, entry)) - set(allowed))
     if unknown:
-        raise InputError(f"{where}: unknown keys {unknown}; valid keys: {sorted(known)}.")
-    try:
-        return cls(**values)
-    except (TypeError, ValueError) as error:
-        raise InputError(f"{where}: {error}") from error
+        raise InputError(f"{where}: {unknown_keys_message(unknown, allowed)}.")
+
+
+def _mapping(value: Any, where: str, example: str) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise InputError(f"{where}: expected a mapping, e.g. {example}, got {value!r}.")
+    return dict(value)
 
 
 def _parse_models(raw: Any, source: str) -> list[ModelSpec]:
     if not isinstance(raw, list) or not raw:
-        raise InputError(f"{source}: `models` must be a non-empty list of {{name, type, ...}}.")
+        raise InputError(
+            f"{source}: models: expected a non-empty list of {{name, type, ...}}, got {raw!r}."
+        )
     models = []
     for index, entry in enumerate(raw):
+        where = f"{source}: models[{index}]"
         if not isinstance(entry, Mapping) or "type" not in entry:
-            raise InputError(f"{source}: models[{index}] needs a `type` (one of {_types()}).")
+            raise InputError(f"{where} needs a `type` (one of {_types()}); got {entry!r}.")
         entry = dict(entry)
-        kind = str(entry.pop("type"))
+        kind = checked_value(entry.pop("type"), str, f"{where}.type")
         if kind not in _types():
-            raise InputError(f"{source}: models[{index}].type {kind!r} is not one of {_types()}.")
-        name = str(entry.pop("name", kind))
-        given = tuple(entry.pop("modes", ("fused",)))
+            close = difflib.get_close_matches(kind, _types(), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise InputError(f"{where}.type {kind!r} is not one of {_types()}{hint}.")
+        name = checked_value(entry.pop("name", kind), str, f"{where}.name")
+        given = _string_list(entry.pop("modes", ["fused"]), f"{where}.modes")
         known = [mode for mode in given if mode in MODALITIES or mode in MODALITY_ALIASES]
         modes = tuple(canonical_modality(mode) for mode in known)
         if len(known) < len(given) or (kind != "stevs" and modes != ("fused",)):
             raise InputError(
-                f"{source}: models[{index}].modes {list(given)}: only STEvs has modes, "
+                f"{where}.modes {list(given)}: only STEvs has modes, "
                 f"one or more of {list(MODALITIES)}."
             )
         protocols = entry.pop("protocols", None)
+        if protocols is not None:
+            protocols = _string_list(protocols, f"{where}.protocols")
+        options = dict(entry)
+        preset = options.pop("preset", "fast" if model_type(kind).presets else None)
+        try:  # the options as build_model reads them: unknown fields fail now, not in a cell
+            model_config(kind, preset, 0, **options)
+        except InputError as error:
+            raise InputError(f"{where} ({name}): {error}") from error
         models.append(
-            ModelSpec(
-                name=name,
-                type=kind,
-                options=entry,
-                modes=modes,
-                protocols=None if protocols is None else tuple(protocols),
-            )
+            ModelSpec(name=name, type=kind, options=entry, modes=modes, protocols=protocols)
         )
     return models
 
 
-def _parse_ablations(raw: Mapping[str, Any], source: str) -> list[ModelSpec]:
+ABLATION_KEYS = ("base", "common", "variants", "prefix", "include_base", "protocols")
+
+
+def _parse_ablations(raw: Any, source: str) -> list[ModelSpec]:
     """Expand the ``ablations:`` section into STEvs model specs (one per variant)."""
     from stinfer.evaluate.ablations import deep_merge_loose, stevs_variant_config, variant_overrides
 
-    raw = dict(raw)
-    allowed = {"base", "common", "variants", "prefix", "include_base", "protocols"}
-    unknown = sorted(set(raw) - allowed)
-    if unknown:
-        raise InputError(f"{source}: ablations: unknown keys {unknown}.")
-    base = raw.get("base", "fast")
-    common = dict(raw.get("common") or {})
-    prefix = str(raw.get("prefix", "STEvs"))
-    variants = raw.get("variants") or []
+    where = f"{source}: ablations"
+    raw = _mapping(raw, where, "{base: fast, variants: [concat]}")
+    _check_keys(raw, ABLATION_KEYS, where)
+    base = checked_value(raw.get("base", "fast"), str, f"{where}.base")
+    common = checked_value(raw.get("common") or {}, dict[str, Any], f"{where}.common")
+    prefix = checked_value(raw.get("prefix", "STEvs"), str, f"{where}.prefix")
+    variants = checked_value(raw.get("variants") or [], list[Any], f"{where}.variants")
+    include_base = checked_value(raw.get("include_base", True), bool, f"{where}.include_base")
+    protocols = raw.get("protocols")
+    if protocols is not None:
+        protocols = _string_list(protocols, f"{where}.protocols")
     specs = []
-    entries = ([("full", {})] if raw.get("include_base", True) else []) + [
-        variant_overrides(entry) for entry in variants
-    ]
-    for name, overrides in entries:
+    entries = [("full", {}, f"{where}.common")] if include_base else []
+    for index, entry in enumerate(variants):
+        try:
+            entries.append((*variant_overrides(entry), f"{where}.variants[{index}]"))
+        except InputError as error:
+            raise InputError(f"{where}.variants[{index}]: {error}") from error
+    for name, overrides, entry_where in entries:
         options = deep_merge_loose(common, overrides)
-        stevs_variant_config(base, options)  # validate now, not hours into the run
+        try:
+            stevs_variant_config(base, options)  # validate now, not hours into the run
+        except InputError as error:
+            raise InputError(f"{entry_where}: {error}") from error
         label = prefix if name == "full" else f"{prefix} {name}"
         specs.append(
             ModelSpec(
@@ -290,7 +329,7 @@ def _parse_ablations(raw: Mapping[str, Any], source: str) -> list[ModelSpec]:
                 type="stevs",
                 options={"preset": base, **options},
                 group="ablation",
-                protocols=None if raw.get("protocols") is None else tuple(raw["protocols"]),
+                protocols=protocols,
             )
         )
     return specs
@@ -301,51 +340,110 @@ def _types() -> list[str]:
     return sorted(list_models("expression"))
 
 
+TOP_LEVEL_KEYS = (
+    "name",
+    "cohorts",
+    "models",
+    "ablations",
+    "protocols",
+    "seeds",
+    "patch",
+    "domains",
+    "robustness",
+    "figures",
+    "save_predictions",
+)
+SLIDE_PATH_KEYS = ("path", "image", "counts", "spots", "root")  # resolved under cohort.root
+SLIDE_NUMBER_KEYS = ("pixel_size_um", "bin_size_um", "spot_diameter_um")
+SLIDE_STRING_KEY = {"hest": "sample_id"}  # what a bare string entry names (else "path")
+
+
+def _reader_arguments(cohort_format: str) -> tuple[list[str], list[str]]:
+    """``(every argument, the required ones)`` of the reader of ``cohort_format``; a HEST
+    slide's ``root`` defaults to the cohort's."""
+    import inspect
+
+    parameters = inspect.signature(READERS[cohort_format]).parameters.values()
+    names = [p.name for p in parameters]
+    required = [p.name for p in parameters if p.default is inspect.Parameter.empty]
+    if cohort_format == "hest":
+        required.remove("root")
+    return names, required
+
+
+def _slide_entry(entry: Any, cohort_format: str) -> Any:
+    """A string slide entry as the mapping it stands for (``{path: ...}``, HEST ``{sample_id}``)."""
+    if isinstance(entry, str):
+        return {SLIDE_STRING_KEY.get(cohort_format, "path"): entry}
+    return entry
+
+
+def _check_slide_entries(slides: Any, cohort_format: str, where: str) -> None:
+    """The ``slides`` of one cohort: a list of paths or mappings of the reader's arguments."""
+    slides = checked_value(slides, list[Any], where)
+    if cohort_format not in READERS:
+        return
+    allowed, required = _reader_arguments(cohort_format)
+    for index, entry in enumerate(slides):
+        at = f"{where}[{index}]"
+        expected = f"a path or a mapping of {', '.join(allowed)}"
+        entry = _mapping(_slide_entry(entry, cohort_format), at, expected)
+        _check_keys(entry, allowed, at)
+        for key, value in entry.items():
+            kind = float if key in SLIDE_NUMBER_KEYS else str
+            checked_value(value, kind if key in required else kind | None, f"{at}.{key}")
+        missing = [key for key in required if key not in entry]
+        if missing:
+            raise InputError(
+                f"{at}: a {cohort_format} slide needs {', '.join(missing)} (the reader takes "
+                f"{', '.join(allowed)}); got {entry!r}."
+            )
+
+
+def _parse_cohort(entry: Any, index: int, source: str) -> CohortSpec:
+    where = f"{source}: cohorts[{index}]"
+    entry = _mapping(entry, where, "{name: C, format: h5ad, slides: [C2.h5ad]}")
+    _check_keys(entry, [f.name for f in dataclasses.fields(CohortSpec)], where)
+    cohort_format = checked_value(entry.get("format", "h5ad"), str, f"{where}.format")
+    if cohort_format not in COHORT_FORMATS:
+        raise InputError(f"{where}.format {cohort_format!r} is not one of {COHORT_FORMATS}.")
+    entry["genes"] = _dataclass_from(GeneSpec, entry.get("genes"), f"{where}.genes")
+    if entry.get("image_degradation") is not None:
+        at = f"{where}.image_degradation"
+        if not isinstance(entry["image_degradation"], Mapping):
+            raise InputError(f"{at}: expected a mapping of fields, e.g. {{blur_sigma_um: 8}}.")
+        entry["image_degradation"] = _dataclass_from(
+            ImageDegradation, entry["image_degradation"], at
+        )
+    if "slides" in entry:
+        _check_slide_entries(entry["slides"], cohort_format, f"{where}.slides")
+    cohort = _dataclass_from(CohortSpec, entry, where)
+    if cohort.format == "synthetic":
+        from stinfer.data.synthetic import SyntheticConfig
+
+        _dataclass_from(SyntheticConfig, cohort.synthetic, f"{where}.synthetic")
+    return cohort
+
+
 def parse_config(
     raw: Mapping[str, Any], source: str = "config", data_root: str | os.PathLike | None = None
 ) -> BenchmarkConfig:
-    """A :class:`BenchmarkConfig` from the YAML mapping; see :func:`load_config` for the keys."""
+    """A :class:`BenchmarkConfig` from the YAML mapping; see :func:`load_config` for the keys.
+
+    Every key and the type of every value are checked here, before any cell runs; an
+    :class:`InputError` names ``source`` (the file) and the key path, e.g.
+    ``x.yaml: cohorts[0].slides: expected a list, got 'A1'``.
+    """
     if not isinstance(raw, Mapping):
-        raise InputError(f"{source}: the config must be a YAML mapping.")
+        raise InputError(f"{source}: the config must be a YAML mapping, got {raw!r}.")
     raw = _substitute(dict(raw), None if data_root is None else str(data_root))
-    allowed = {
-        "name",
-        "cohorts",
-        "models",
-        "ablations",
-        "protocols",
-        "seeds",
-        "patch",
-        "domains",
-        "robustness",
-        "figures",
-        "save_predictions",
-    }
-    unknown = sorted(set(raw) - allowed)
+    unknown = sorted(set(map(str, raw)) - set(TOP_LEVEL_KEYS))
     if unknown:
-        raise InputError(f"{source}: unknown top-level keys {unknown}; valid: {sorted(allowed)}.")
-    cohorts = []
-    for index, entry in enumerate(raw.get("cohorts") or []):
-        entry = dict(entry)
-        entry["genes"] = _dataclass_from(
-            GeneSpec, entry.get("genes"), f"{source}: cohorts[{index}].genes"
-        )
-        if entry.get("image_degradation") is not None:
-            where = f"{source}: cohorts[{index}].image_degradation"
-            if not isinstance(entry["image_degradation"], Mapping):
-                raise InputError(
-                    f"{where}: expected a mapping of fields, e.g. {{blur_sigma_um: 8}}."
-                )
-            entry["image_degradation"] = _dataclass_from(
-                ImageDegradation, entry["image_degradation"], where
-            )
-        cohort = _dataclass_from(CohortSpec, entry, f"{source}: cohorts[{index}]")
-        if cohort.format not in COHORT_FORMATS:
-            raise InputError(
-                f"{source}: cohort {cohort.name!r}: format {cohort.format!r} is not one of "
-                f"{COHORT_FORMATS}."
-            )
-        cohorts.append(cohort)
+        message = unknown_keys_message(unknown, TOP_LEVEL_KEYS, what="top-level keys")
+        raise InputError(f"{source}: {message}.")
+    name = checked_value(raw.get("name", Path(source).stem), str, f"{source}: name")
+    cohort_entries = checked_value(raw.get("cohorts") or [], list[Any], f"{source}: cohorts")
+    cohorts = [_parse_cohort(entry, index, source) for index, entry in enumerate(cohort_entries)]
     if not cohorts:
         raise InputError(f"{source}: `cohorts` must list at least one cohort.")
     models = _parse_models(raw.get("models"), source) if raw.get("models") else []
@@ -357,41 +455,50 @@ def parse_config(
     duplicated = sorted({name for name in names if names.count(name) > 1})
     if duplicated:
         raise InputError(f"{source}: model names must be unique; repeated: {duplicated}.")
-    protocols = tuple(raw.get("protocols") or ("cross_slice", "intra_slice"))
+    protocols = _string_list(
+        raw.get("protocols") or ["cross_slice", "intra_slice"], f"{source}: protocols"
+    )
     bad = [p for p in protocols if p not in PROTOCOLS]
     bad += [p for m in models for p in (m.protocols or ()) if p not in PROTOCOLS]
     if bad:
         raise InputError(f"{source}: unknown protocols {bad}; use {list(PROTOCOLS)}.")
+    seeds = tuple(checked_value(raw.get("seeds", [0]), list[int], f"{source}: seeds"))
+    if not seeds or any(seed < 0 for seed in seeds):
+        raise InputError(f"{source}: seeds: expected a non-empty list of integers >= 0.")
     robustness = None
     if raw.get("robustness"):
-        values = dict(raw["robustness"])
-        if "alphas" in values:
-            values["alphas"] = tuple(float(a) for a in values["alphas"])
-        if "protocols" in values:
-            values["protocols"] = tuple(values["protocols"])
-        robustness = _dataclass_from(RobustnessSpec, values, f"{source}: robustness")
+        robustness = _dataclass_from(RobustnessSpec, raw["robustness"], f"{source}: robustness")
         unknown_models = sorted(set(robustness.models or []) - set(names))
         if unknown_models:
             raise InputError(f"{source}: robustness.models {unknown_models} are not models.")
-    figures = dict(raw.get("figures") or {})
-    if figures.get("pair") is not None:
-        figures["pair"] = tuple(str(s) for s in figures["pair"])
-    if "metrics" in figures:
-        figures["metrics"] = tuple(figures["metrics"])
     domains = raw.get("domains")
+    if domains is not None and not isinstance(domains, (bool, Mapping)):
+        raise InputError(
+            f"{source}: domains: expected true, false or a mapping such as {{key: domain}}, "
+            f"got {domains!r}."
+        )
+    domain_spec = (
+        None
+        if not domains
+        else _dataclass_from(DomainSpec, {} if domains is True else domains, f"{source}: domains")
+    )
+    if domain_spec is not None and domain_spec.method not in DOMAIN_METHODS:
+        raise InputError(
+            f"{source}: domains.method {domain_spec.method!r} is not one of {list(DOMAIN_METHODS)}."
+        )
     return BenchmarkConfig(
-        name=str(raw.get("name", Path(source).stem)),
+        name=name,
         cohorts=cohorts,
         models=models,
         protocols=protocols,
-        seeds=tuple(int(s) for s in raw.get("seeds", (0,))),
+        seeds=seeds,
         patch=_dataclass_from(PatchSpec, raw.get("patch"), f"{source}: patch"),
-        domains=None
-        if not domains
-        else _dataclass_from(DomainSpec, {} if domains is True else domains, f"{source}: domains"),
+        domains=domain_spec,
         robustness=robustness,
-        figures=_dataclass_from(FigureSpec, figures, f"{source}: figures"),
-        save_predictions=bool(raw.get("save_predictions", True)),
+        figures=_dataclass_from(FigureSpec, raw.get("figures"), f"{source}: figures"),
+        save_predictions=checked_value(
+            raw.get("save_predictions", True), bool, f"{source}: save_predictions"
+        ),
     )
 
 
@@ -416,7 +523,7 @@ def load_config(path: str | os.PathLike, data_root: str | os.PathLike | None = N
           - {name: "Ridge (colour)", type: feature_ridge, features: color}
           - {name: STEvs, type: stevs, preset: fast, modes: [fused, image, spatial]}
         ablations: {base: fast, variants: [w/o image decoder, concat, ...]}
-        domains: {key: domain}        # ARI on annotated test slides
+        domains: {key: domain}        # ARI on annotated test slides; method: kmeans/gmm/leiden
         robustness: {models: [STEvs], alphas: [0, 0.1, ...]}
         figures: {genes: [ERBB2], pair: [C2, C3]}
     """
@@ -493,19 +600,19 @@ def load_cohort(cohort: CohortSpec, data_dir: Path) -> list[ad.AnnData]:
 
 
 def _read_cohort_slides(cohort: CohortSpec) -> list[ad.AnnData]:
-    from stinfer.io.h5ad import read_h5ad_slide
-
+    """Each slide through :func:`stinfer.io.read_slide` with the cohort's format."""
     if not cohort.slides:
         raise InputError(f"cohort {cohort.name!r}: `slides` is empty.")
+    _check_slide_entries(cohort.slides, cohort.format, f"cohort {cohort.name!r}: slides")
     slides = []
     for entry in cohort.slides:
-        if cohort.format == "h5ad":
-            path = entry if isinstance(entry, str) else dict(entry).get("path")
-            if path is None:
-                raise InputError(f"cohort {cohort.name!r}: an h5ad slide needs a path: {entry!r}")
-            slides.append(read_h5ad_slide(_resolve(cohort.root, path)))
-        else:
-            slides.append(_legacy_st_slide(cohort, entry))
+        arguments = dict(_slide_entry(entry, cohort.format))
+        for key in SLIDE_PATH_KEYS:
+            if arguments.get(key) is not None:
+                arguments[key] = _resolve(cohort.root, arguments[key])
+        if cohort.format == "hest" and arguments.get("root") is None:
+            arguments["root"] = _resolve(None, cohort.root or ".")
+        slides.append(read_slide(cohort.format, **arguments))
     return slides
 
 
@@ -519,24 +626,6 @@ def _degraded(
         logger.info("slide %s has no image: image_degradation skips it.", slide_id(slide))
         return slide
     return degrade_slide_image(slide, degradation, index, folder)
-
-
-def _legacy_st_slide(cohort: CohortSpec, entry: Any) -> ad.AnnData:
-    from stinfer.io.legacy_st import read_legacy_st
-
-    if not isinstance(entry, Mapping) or not {"counts", "spots"} <= set(entry):
-        raise InputError(
-            f"cohort {cohort.name!r}: a legacy-st slide needs `counts` and `spots` "
-            f"(and usually `image`, `sample_id`); got {entry!r}."
-        )
-    image = entry.get("image")
-    return read_legacy_st(
-        _resolve(cohort.root, entry["counts"]),
-        _resolve(cohort.root, entry["spots"]),
-        image=None if image is None else _resolve(cohort.root, image),
-        sample_id=entry.get("sample_id"),
-        pixel_size_um=entry.get("pixel_size_um"),
-    )
 
 
 def _synthetic_cohort(cohort: CohortSpec, data_dir: Path) -> list[ad.AnnData]:
@@ -907,19 +996,32 @@ class BenchmarkResult:
 
 
 def _prepare_out(out: Path, config: BenchmarkConfig, overwrite: bool, config_text: str) -> None:
-    from stinfer.io.atomic import write_text
+    """Make ``out`` ready for the run: new, empty, or an earlier benchmark output (the manifest).
+
+    A non-empty folder without the manifest is refused, with or without ``overwrite``: stinfer
+    never deletes what it did not write. With ``overwrite`` an earlier run's own outputs
+    (:func:`~stinfer.evaluate.benchmark_layout.is_own_output`) are removed one by one; any
+    other file in the folder is the user's and survives.
+    """
+    from stinfer.io.atomic import visible_entries, write_text
 
     manifest = out / MANIFEST
-    if out.exists() and any(out.iterdir()):
-        if not manifest.is_file():
-            if not overwrite:
-                raise InputError(
-                    f"{out}: folder exists, is not empty and is not a stinfer benchmark output; "
-                    "choose another --out or pass --overwrite to replace it."
-                )
-            shutil.rmtree(out)
-        elif overwrite:
-            shutil.rmtree(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a folder; choose another --out.")
+    if visible_entries(out) and not manifest.is_file():
+        raise InputError(
+            f"{out}: folder exists, is not empty and is not a stinfer benchmark output (no "
+            f"{MANIFEST}); stinfer never deletes files it did not write, not even with "
+            "--overwrite: choose another --out or empty this folder."
+        )
+    if overwrite:
+        for name in sorted(visible_entries(out)):
+            if is_own_output(name) and name != MANIFEST:
+                path = out / name
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
     out.mkdir(parents=True, exist_ok=True)
     (out / CELLS_DIR).mkdir(exist_ok=True)
     write_text(
@@ -1038,7 +1140,11 @@ def run_benchmark(
                 shutil.rmtree(partial)
             partial.mkdir(parents=True)
             start = time.perf_counter()
-            run_cell(cell, config, genes, store, partial)
+            try:
+                run_cell(cell, config, genes, store, partial)
+            except BaseException:  # failed, Ctrl-C or SIGTERM: leave no half-written cell
+                shutil.rmtree(partial, ignore_errors=True)
+                raise
             seconds = time.perf_counter() - start
             (partial / CELL_DONE).write_text(
                 json.dumps({"cell": cell.cell_id, "key": cell.key, "seconds": seconds}, indent=2)

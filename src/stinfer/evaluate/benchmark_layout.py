@@ -12,6 +12,11 @@ neither imports the other for them::
         predictions/<label>__<test>.h5ad  the predictions (``save_predictions``)
         latents.npz                       STEvs latents per slide (``figures.umap``)
 
+Beside these the runner writes ``config.yaml``, ``genes_<cohort>.txt``, ``results.csv``,
+``robustness.csv``, ``data/`` (generated cohorts), ``patch_cache/`` and the report
+``summary.md`` and ``figures/`` (:data:`OWN_OUTPUTS`). ``--overwrite`` removes only these, in a
+folder that has the manifest; any other file there is the user's and is kept.
+
 ``<label>`` is the model's name with its inference mode (:func:`model_label`); every name in a
 path goes through :func:`safe_name`.
 """
@@ -27,7 +32,9 @@ __all__ = [
     "LATENTS_FILE",
     "MANIFEST",
     "MODE_SUFFIX",
+    "OWN_OUTPUTS",
     "cell_folder",
+    "is_own_output",
     "model_label",
     "per_gene_path",
     "prediction_path",
@@ -40,6 +47,27 @@ CELL_DONE = "done.json"
 LATENTS_FILE = "latents.npz"
 MODE_SUFFIX = {"fused": "", "image": " (image only)", "spatial": " (spatial only)"}
 """How a result row names a model evaluated in each inference mode (STEvs Table 5)."""
+
+
+OWN_OUTPUTS = frozenset(
+    {
+        MANIFEST,
+        CELLS_DIR,
+        "config.yaml",
+        "results.csv",
+        "robustness.csv",
+        "summary.md",
+        "figures",
+        "data",
+        "patch_cache",
+    }
+)
+"""The names a benchmark run writes directly in its output folder (plus ``genes_*.txt``)."""
+
+
+def is_own_output(name: str) -> bool:
+    """Whether the entry ``name`` of a benchmark output folder was written by the runner."""
+    return name in OWN_OUTPUTS or bool(re.fullmatch(r"genes_[A-Za-z0-9._+-]+\.txt", name))
 
 
 def safe_name(text: str) -> str:

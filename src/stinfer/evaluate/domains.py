@@ -6,9 +6,10 @@ score the clusters against the annotation with the adjusted Rand index (ARI); cl
 *true* expression of the same spots the same way beside it (the paper's "RNA Counts" row), so a
 model's ARI can be read against what the measured counts themselves give.
 
-The clustering is :func:`stinfer.metrics.cluster_domains` (log1p-CP10k over the gene
-panel -> PCA -> k-means, or a Gaussian mixture), the one implementation the project has; spots
-without an annotation are left out of both sides.
+The clustering is :func:`stinfer.metrics.fit_domains` (log1p-CP10k over the gene panel -> PCA
+-> k-means, a Gaussian mixture, or Leiden on the kNN graph of the PCs with its resolution
+searched to give k domains), the one implementation the project has; spots without an
+annotation are left out of both sides.
 """
 
 from __future__ import annotations
@@ -21,11 +22,9 @@ import pandas as pd
 
 from stinfer.errors import InputError
 from stinfer.io.slide_data import as_dense
-from stinfer.metrics import cluster_ari
+from stinfer.metrics import DOMAIN_METHODS, domain_ari
 
 __all__ = ["DOMAIN_METHODS", "domain_labels", "domain_recovery"]
-
-DOMAIN_METHODS = ("kmeans", "gmm")
 
 
 def domain_labels(slide: ad.AnnData, domain_key: str) -> pd.Series | None:
@@ -45,7 +44,7 @@ def domain_recovery(
     prediction: ad.AnnData,
     truth: ad.AnnData,
     domain_key: str = "domain",
-    method: Literal["kmeans", "gmm"] = "kmeans",
+    method: Literal["kmeans", "gmm", "leiden"] = "kmeans",
     n_pcs: int = 30,
     seed: int = 0,
 ) -> dict[str, float | int]:
@@ -60,13 +59,17 @@ def domain_recovery(
     domain_key
         The annotation column; k = the number of distinct annotated domains among these spots.
     method
-        ``"kmeans"`` (STEvs Appendix H: k-means, MacQueen 1967) or ``"gmm"``.
+        ``"kmeans"`` (STEvs Appendix H: k-means, MacQueen 1967), ``"gmm"``, or ``"leiden"``
+        (scanpy's Leiden, resolution searched to give k domains).
 
     Returns
     -------
     dict
         ``ari`` (clusters of the prediction), ``ari_truth`` (clusters of the true counts, the
-        "RNA Counts" reference of Table 16), ``n_domains``, ``n_annotated_spots``.
+        "RNA Counts" reference of Table 16), ``n_domains``, ``n_annotated_spots``; with
+        Leiden also ``leiden_resolution`` and ``leiden_resolution_truth`` (the resolutions
+        chosen) and ``n_clusters``, ``n_clusters_truth`` (the domains found, k unless no
+        resolution gave k).
 
     Raises
     ------
@@ -92,11 +95,24 @@ def domain_recovery(
     labels = labels.loc[spots].to_numpy(dtype=object)
     annotated = pd.notna(labels)
     n_domains = len(set(labels[annotated]))
-    scores = {
-        "ari": cluster_ari(predicted, labels, n_pcs=n_pcs, seed=seed, method=method),
-        "ari_truth": cluster_ari(observed, labels, n_pcs=n_pcs, seed=seed, method=method),
+    ari, clustering = domain_ari(predicted, labels, n_pcs=n_pcs, seed=seed, method=method)
+    ari_truth, clustering_truth = domain_ari(
+        observed, labels, n_pcs=n_pcs, seed=seed, method=method
+    )
+    scores: dict[str, float | int] = {
+        "ari": ari,
+        "ari_truth": ari_truth,
+        "n_domains": int(n_domains),
+        "n_annotated_spots": int(annotated.sum()),
     }
-    return {**scores, "n_domains": int(n_domains), "n_annotated_spots": int(annotated.sum())}
+    if method == "leiden":
+        scores |= {
+            "leiden_resolution": clustering.resolution,
+            "leiden_resolution_truth": clustering_truth.resolution,
+            "n_clusters": clustering.n_domains,
+            "n_clusters_truth": clustering_truth.n_domains,
+        }
+    return scores
 
 
 def _dense(matrix) -> np.ndarray:

@@ -37,7 +37,8 @@ import numpy as np
 import pandas as pd
 
 from stinfer.errors import InputError
-from stinfer.io.slide_data import panel_counts, spot_coordinates_px
+from stinfer.io.prediction_layout import LOG1P_LAYER, annotate_log1p_cp10k
+from stinfer.io.slide_data import panel_counts, spot_coordinates_px, spot_obs
 from stinfer.metrics import mse_log1p, per_gene_pearson, per_gene_spearman
 from stinfer.modalities import canonical_modality
 from stinfer.models.gene_baselines import KNN_CANDIDATES, choose_knn_k, knn_profiles, mean_profile
@@ -136,8 +137,10 @@ def held_out_genes_evaluation(
     -------
     dict
         ``metrics`` (``{method: held_out_metrics + seconds}``, the k-NN one with its chosen
-        ``k`` and CV scores), ``prediction`` (AnnData spots x test genes, ``X`` = the model's
-        log1p CP10k, ``layers["truth"]`` and one layer per baseline), ``train_genes``,
+        ``k`` and CV scores), ``prediction`` (AnnData spots x test genes, ``layers["log1p_cp10k"]`` =
+        the model's log1p CP10k and ``X`` its expected counts with the visible genes' spot
+        totals (:mod:`stinfer.io.prediction_layout`), ``layers["truth"]`` and one layer per
+        baseline, log1p CP10k), ``train_genes``,
         ``test_genes``, ``model`` (the trained model).
     """
     from stinfer.models.coxformer_spatial import (
@@ -172,7 +175,7 @@ def held_out_genes_evaluation(
     start = time.perf_counter()
     model = CoxFormerSpatial(visible, table, train_genes, modality, config, image_features)
     model.train()
-    prediction = np.asarray(model.impute(test_genes).X, dtype=np.float64)
+    prediction = np.asarray(model.impute(test_genes).layers[LOG1P_LAYER], dtype=np.float64)
     metrics["coxformer"] = held_out_metrics(prediction, truth)
     metrics["coxformer"]["seconds"] = time.perf_counter() - start
     metrics["coxformer"]["best_epoch"] = model.early_stopping.best_epoch
@@ -190,6 +193,10 @@ def held_out_genes_evaluation(
             # the model chose its top-k by this very CV (same genes, targets, vectors, seed)
             best_k = max(cv_scores, key=lambda k: (cv_scores[k], -k))
         else:
+            logger.info(
+                "held-out genes: k-NN baseline, choosing k by 5-fold CV over %d training genes",
+                len(train_genes),
+            )
             best_k, cv_scores = choose_knn_k(
                 train_targets.astype(np.float32), train_vectors, knn_candidates, seed=seed
             )
@@ -203,6 +210,10 @@ def held_out_genes_evaluation(
             seconds=time.perf_counter() - start,
         )
     if shuffled:
+        logger.info(
+            "held-out genes: shuffled-embedding control (the same model, embedding rows "
+            "permuted among genes)"
+        )
         start = time.perf_counter()
         control = CoxFormerSpatial(
             visible, shuffle_embeddings(table, seed), train_genes, modality, config, image_features
@@ -211,13 +222,14 @@ def held_out_genes_evaluation(
         # gene-level parameters only: the spot decoder is trained where it matters
         attention_only = config.gene_conditioning == "attention" and config.sub_spot_grid == 1
         control.train(spot_decoder=not attention_only)
-        layers["coxformer_shuffled"] = np.asarray(control.impute(test_genes).X, dtype=np.float64)
+        shuffled_values = control.impute(test_genes).layers[LOG1P_LAYER]
+        layers["coxformer_shuffled"] = np.asarray(shuffled_values, dtype=np.float64)
         metrics["coxformer_shuffled"] = held_out_metrics(layers["coxformer_shuffled"], truth)
         metrics["coxformer_shuffled"]["seconds"] = time.perf_counter() - start
 
     result = ad.AnnData(
         X=prediction.astype(np.float32),
-        obs=pd.DataFrame(index=slide.obs_names.copy()),
+        obs=spot_obs(slide),
         var=pd.DataFrame(index=pd.Index(test_genes)),
     )
     result.layers["truth"] = truth.astype(np.float32)
@@ -227,7 +239,6 @@ def held_out_genes_evaluation(
     if "stinfer" in slide.uns:
         result.uns["stinfer"] = dict(slide.uns["stinfer"])
     result.uns["coxformer_spatial"] = {
-        "scale": "log1p_cp10k",
         "kind": "held_out_genes",
         "modality": modality,
         "preset": config.preset,
@@ -235,6 +246,9 @@ def held_out_genes_evaluation(
         "seed": int(seed),
         "n_train_genes": len(train_genes),
     }
+    described = {"truth": "the measured log1p CP10k (same totals)"}
+    described.update({name: f"the {name} prediction, log1p CP10k" for name in layers})
+    annotate_log1p_cp10k(result, totals, visible.n_vars, layers=described)
     return {
         "metrics": metrics,
         "prediction": result,

@@ -69,7 +69,7 @@ PROTOCOLS = ("intra_slice", "cross_slice", "leave_one_patient_out")
 Protocol_ = Literal["intra_slice", "cross_slice", "leave_one_patient_out"]
 
 # obs columns and obsm keys a model may see on a test slide: position only, no expression
-_TEST_OBS_COLUMNS = ("array_row", "array_col", "in_tissue")
+_TEST_OBS_COLUMNS = ("sample_id", "spot_id", "array_row", "array_col", "in_tissue")
 _TEST_OBSM_KEYS = ("spatial",)
 
 
@@ -134,8 +134,8 @@ def strip_counts(slide: ad.AnnData) -> ad.AnnData:
     """A copy of ``slide`` that carries no expression: what a model may see of a test slide.
 
     ``X`` is an all-zero sparse matrix of the same shape (same spot and gene names), and only
-    position and image information is kept: ``obs`` columns ``array_row``, ``array_col``,
-    ``in_tissue``; ``obsm["spatial"]``; ``uns["stinfer"]``. Layers, ``raw``, other ``obs``
+    identity, position and image information is kept: ``obs`` columns ``sample_id``,
+    ``spot_id``, ``array_row``, ``array_col``, ``in_tissue``; ``obsm["spatial"]``; ``uns["stinfer"]``. Layers, ``raw``, other ``obs``
     columns (QC totals would leak depth), ``obsm``/``varm``/``obsp`` are dropped.
     """
     obs = pd.DataFrame(index=slide.obs_names.copy())

@@ -381,6 +381,7 @@ def write_figures(
     cohort_data: Mapping[str, tuple[list[ad.AnnData], list[str]]],
 ) -> list[Path]:
     """Draw every figure into ``out/figures`` (replacing earlier ones); returns the paths."""
+    from stinfer.metrics import evaluate_anndata
     from stinfer.plot import (
         plot_blue_shift_curves,
         plot_metric_bars,
@@ -415,11 +416,16 @@ def write_figures(
                 truth = by_id[test][some.obs_names]
                 map_genes = [g for g in (figures.genes or genes[:1]) if g in some.var_names]
                 if map_genes:
-                    fig = plot_spatial_maps(truth[:, genes], predictions, map_genes)
+                    # the per-gene PCC of the titles, by the metric path of the tables
+                    gene_pcc = {
+                        name: evaluate_anndata(
+                            prediction[:, map_genes], truth[:, map_genes]
+                        ).per_gene["pcc"]
+                        for name, prediction in predictions.items()
+                    }
+                    fig = plot_spatial_maps(truth[:, genes], predictions, map_genes, gene_pcc)
                     fig.suptitle(
-                        f"{protocol.replace('_', '-')}: train {train}, test {test}",
-                        fontsize=10,
-                        y=1.02,
+                        f"{protocol.replace('_', '-')}: train {train}, test {test}", fontsize=10
                     )
                     save(
                         fig, f"maps_{safe_name(cohort)}_{safe_name(train)}_to_{safe_name(test)}.png"
@@ -429,7 +435,11 @@ def write_figures(
         sweep = robustness[robustness["cohort"] == cohort] if not robustness.empty else robustness
         if not sweep.empty:
             save(
-                plot_blue_shift_curves(sweep, figures.robustness_metric),
+                plot_blue_shift_curves(
+                    sweep,
+                    figures.robustness_metric,
+                    METRIC_LABELS.get(figures.robustness_metric, figures.robustness_metric),
+                ),
                 f"blue_shift_{safe_name(cohort)}.png",
             )
     return written
@@ -460,9 +470,7 @@ def _umap_figures(out, cells, cohort, by_id, genes, config, save) -> list[Path]:
             groups = _umap_groups(by_id, names, genes, domain_key)
             fig = plot_latent_umap(latent, groups, seed=cell.seed)
             fig.suptitle(
-                f"{cell.model.name}: {which} latent, trained on {cell.train_name}",
-                fontsize=10,
-                y=1.03,
+                f"{cell.model.name}: {which} latent, trained on {cell.train_name}", fontsize=10
             )
             save(fig, f"umap_{safe_name(cohort)}_{safe_name(cell.model.name)}_{which}.png")
     return []

@@ -35,6 +35,7 @@ from stinfer.data.patches import PatchSpec, spot_patches
 from stinfer.errors import InputError
 from stinfer.evaluate.protocols import ExpressionModel, strip_counts
 from stinfer.io.slide_data import image_pixel_size_um, slide_id, slide_meta
+from stinfer.io.slide_image import image_source_file
 
 logger = logging.getLogger("stinfer")
 
@@ -364,7 +365,7 @@ def degrade_slide_image(
         raise InputError(f"slide {name!r}: the section index must be an integer >= 0, got {index}.")
     source = Path(meta["image_path"]).resolve()
     try:
-        stat = source.stat()
+        stat = image_source_file(source).stat()
     except FileNotFoundError as error:
         raise InputError(
             f"slide {name!r}: image {source} not found; check uns['stinfer']['image_path']."
@@ -374,7 +375,8 @@ def degrade_slide_image(
         raise InputError(
             f"slide {name!r}: its pixel size is unknown (uns['stinfer']['pixel_size_um'] is "
             "missing), but image_degradation.pixel_size_um / blur_sigma_um are in microns; "
-            "give the slide's pixel_size_um (e.g. in the cohort's slide entry) or use only "
+            "give the slide's pixel size (`pixel_size_um:` in a legacy-st cohort's slide "
+            "entry, or `stinfer prepare --pixel-size-um` for an .h5ad slide) or use only "
             "stain_variation."
         )
     key = json.dumps(
@@ -395,6 +397,7 @@ def degrade_slide_image(
         _write_degraded_image(source, path, degradation, file_pixel_size_um, int(index), name)
     degraded = slide.copy()
     degraded.uns["stinfer"] = {**degraded.uns["stinfer"], "image_path": str(path)}
+    degraded.uns.pop("spatial", None)  # scanpy's images are rebuilt from the degraded image
     return degraded
 
 

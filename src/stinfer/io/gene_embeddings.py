@@ -74,7 +74,7 @@ def embedding_format(path: str | os.PathLike, format: str | None = None) -> str:
     if not suffixes or suffixes[-1] not in _SUFFIXES:
         raise InputError(
             f"{path}: cannot tell the embedding format from the suffix; use .h5ad, .csv, .tsv, "
-            ".parquet or .pkl (or pass format=)."
+            ".parquet or .pkl (or pass format= in Python)."
         )
     return _SUFFIXES[suffixes[-1]]
 

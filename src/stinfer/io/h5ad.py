@@ -16,6 +16,8 @@ import json
 import logging
 import math
 import os
+import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import anndata as ad
@@ -26,9 +28,12 @@ from stinfer.errors import InputError
 from stinfer.io.slide_data import (
     check_spots_inside_image,
     make_slide,
+    name_list,
     require_file,
     slide_meta,
 )
+from stinfer.io.slide_image import h5ad_image_reference, split_h5ad_image_reference
+from stinfer.io.visium import VISIUM_SPOT_DIAMETER_UM
 
 logger = logging.getLogger("stinfer")
 
@@ -54,18 +59,31 @@ def read_h5ad_slide(
         The full-resolution image the coordinates refer to (``image_scale`` 1.0). When
         omitted, ``uns["stinfer"]["image_path"]`` (with its ``image_scale``) is used when the
         file was written by stinfer; a relative path is taken relative to the h5ad's folder.
-        Without either the slide is counts-only.
+        Else, for a file written by scanpy (``sc.read_visium(...).write_h5ad``), the
+        ``hires`` (else ``lowres``) image of ``uns["spatial"][<library>]["images"]`` inside
+        the file, with ``image_scale = tissue_hires_scalef`` (``tissue_lowres_scalef``): the
+        slide's ``image_path`` is then the reference ``"<file.h5ad>#uns/spatial/<library>/
+        images/hires"`` (:func:`stinfer.io.slide_image.h5ad_image_reference`). Without any
+        of these the slide is counts-only.
     sample_id
         The slide's name; defaults to ``uns["stinfer"]["sample_id"]``, else the file name.
+        When ``uns["spatial"]`` holds several libraries, the one named ``sample_id`` gives
+        the image (none without it).
     pixel_size_um
         Microns per full-resolution pixel; defaults to ``uns["stinfer"]["pixel_size_um"]``.
+        A file without ``uns["stinfer"]`` whose library looks like Visium (Space Ranger
+        ``metadata``, or ``array_row``/``array_col`` on Visium's hexagonal grid) gets
+        ``55 / spot_diameter_fullres`` (Visium spots are 55 um wide, as
+        :func:`~stinfer.io.visium.read_visium` does); otherwise it stays unknown (noted).
 
     Returns
     -------
     AnnData
         See :mod:`stinfer.io.slide_data`. obs and var columns are carried over;
         ``uns["stinfer"]["spot_diameter_px"]`` comes from ``uns["stinfer"]`` or scanpy's
-        ``uns["spatial"][<library>]["scalefactors"]["spot_diameter_fullres"]``.
+        ``uns["spatial"][<library>]["scalefactors"]["spot_diameter_fullres"]``. A scanpy
+        file's library entry is kept as ``uns["spatial"]`` (written back unchanged by
+        :func:`~stinfer.io.slide_data.prepare_for_h5ad`).
 
     Raises
     ------
@@ -80,21 +98,30 @@ def read_h5ad_slide(
     if meta:
         notes.extend(str(note) for note in meta["notes"])
 
+    library_id, library = (None, None) if meta else _scanpy_library(adata, sample_id, path, notes)
     image_scale = 1.0
+    image_path: Path | str | None
     if image is not None:
         image_path = require_file(image, "the full-resolution image")
     elif meta.get("image_path"):
         image_path = _stored_image_path(meta["image_path"], path)
         image_scale = float(meta["image_scale"])
+    elif library is not None and (found := _scanpy_image(library_id, library, path, notes)):
+        image_path, image_scale = found
     else:
         image_path = None
-        message = "no image: none given and none recorded in uns['stinfer']; counts-only slide."
+        message = (
+            "no image: none given, none recorded in uns['stinfer'] and none in "
+            "uns['spatial']; counts-only slide."
+        )
         notes.append(message)
         logger.info("%s: %s", path, message)
     if pixel_size_um is None:
         pixel_size_um = meta.get("pixel_size_um")
+    if pixel_size_um is None and library is not None:
+        pixel_size_um = _scanpy_visium_pixel_size(adata, library_id, library, notes)
     spot_diameter_px = meta.get("spot_diameter_px") or _scanpy_spot_diameter(adata)
-    return slide_from_anndata(
+    slide = slide_from_anndata(
         adata,
         source=str(path),
         source_format="h5ad",
@@ -105,6 +132,9 @@ def read_h5ad_slide(
         spot_diameter_px=spot_diameter_px,
         notes=notes,
     )
+    if library is not None and _complete_for_scanpy(library):
+        slide.uns["spatial"] = {library_id: library}
+    return slide
 
 
 def read_hest(root: str | os.PathLike, sample_id: str) -> ad.AnnData:
@@ -171,7 +201,7 @@ def slide_from_anndata(
     source: str,
     source_format: str,
     sample_id: str,
-    image_path: Path | None,
+    image_path: Path | str | None,
     image_scale: float,
     pixel_size_um: float | None,
     spot_diameter_px: float | None,
@@ -203,7 +233,7 @@ def slide_from_anndata(
         source=source,
         array_row=grid.get("array_row"),
         array_col=grid.get("array_col"),
-        image_path=None if image_path is None else str(Path(image_path).resolve()),
+        image_path=None if image_path is None else _absolute_image_path(image_path),
         image_scale=image_scale,
         pixel_size_um=pixel_size_um,
         spot_diameter_px=spot_diameter_px,
@@ -283,17 +313,135 @@ def _is_whole(matrix: sp.spmatrix | np.ndarray) -> bool:
     return bool(np.all(finite == np.round(finite)))
 
 
-def _stored_image_path(stored: str, h5ad_path: Path) -> Path:
-    """Resolve ``uns["stinfer"]["image_path"]``; a relative path is relative to the h5ad."""
-    image_path = Path(stored)
+def _stored_image_path(stored: str, h5ad_path: Path) -> Path | str:
+    """Resolve ``uns["stinfer"]["image_path"]``; a relative path is relative to the h5ad.
+
+    An image reference (``"<file.h5ad>#uns/..."``) is resolved the same way on its file part
+    and returned as a reference.
+    """
+    reference = split_h5ad_image_reference(stored)
+    image_path = Path(stored) if reference is None else reference[0]
     if not image_path.is_absolute() and not image_path.exists():
         image_path = h5ad_path.parent / image_path
     if not image_path.is_file():
         raise InputError(
             f"{h5ad_path}: uns['stinfer']['image_path'] names {stored}, which does not exist; "
-            "pass the image explicitly (image=...)."
+            "pass the image again: `stinfer prepare --format h5ad --path THIS.h5ad --image "
+            "IMAGE` (image= of read_h5ad_slide)."
         )
-    return image_path
+    return image_path if reference is None else h5ad_image_reference(image_path, reference[1])
+
+
+def _absolute_image_path(image_path: Path | str) -> str:
+    """The absolute path of an image file, or of the .h5ad of an image reference."""
+    reference = split_h5ad_image_reference(image_path)
+    if reference is not None:
+        return h5ad_image_reference(*reference)
+    return str(Path(image_path).resolve())
+
+
+def _scanpy_library(
+    adata: ad.AnnData, sample_id: str | None, path: Path, notes: list[str]
+) -> tuple[str | None, dict | None]:
+    """``(library_id, entry)`` of scanpy's ``uns["spatial"]``, or ``(None, None)``.
+
+    The only library, or the one named ``sample_id`` when there are several (scanpy's own
+    plots need one library too).
+    """
+    libraries = adata.uns.get("spatial")
+    if not isinstance(libraries, Mapping) or not libraries:
+        return None, None
+    if len(libraries) > 1 and sample_id not in libraries:
+        message = (
+            f"uns['spatial'] holds {len(libraries)} libraries ({name_list(list(libraries))}); "
+            "none used: pass sample_id=<library> to take its image and scale factors."
+        )
+        notes.append(message)
+        logger.warning("%s: %s", path, message)
+        return None, None
+    library_id = sample_id if len(libraries) > 1 else next(iter(libraries))
+    library = libraries[library_id]
+    if not isinstance(library, Mapping):
+        return None, None
+    return str(library_id), dict(library)
+
+
+def _complete_for_scanpy(library: Mapping) -> bool:
+    """True when ``sc.pl.spatial`` can draw from the library entry as it is.
+
+    It needs a ``hires`` or ``lowres`` image with its ``tissue_*_scalef`` and a
+    ``spot_diameter_fullres``; an incomplete entry is not kept, and
+    :func:`~stinfer.io.slide_data.prepare_for_h5ad` builds a full one on writing.
+    """
+    images = library.get("images") or {}
+    scalefactors = library.get("scalefactors") or {}
+    has_image = any(
+        key in images and _positive_number(scalefactors.get(f"tissue_{key}_scalef"))
+        for key in ("hires", "lowres")
+    )
+    return has_image and _positive_number(scalefactors.get("spot_diameter_fullres")) is not None
+
+
+def _scanpy_image(
+    library_id: str, library: Mapping, path: Path, notes: list[str]
+) -> tuple[str, float] | None:
+    """``(image reference, image_scale)`` of the library's hires (else lowres) image, or None."""
+    images = library.get("images") or {}
+    scalefactors = library.get("scalefactors") or {}
+    for key in ("hires", "lowres"):
+        scale = _positive_number(scalefactors.get(f"tissue_{key}_scalef"))
+        if key in images and scale is not None:
+            notes.append(
+                f"image: uns['spatial'][{library_id!r}]['images'][{key!r}] of this file "
+                f"(image_scale = tissue_{key}_scalef = {scale:g}); no full-resolution image."
+            )
+            return h5ad_image_reference(path, f"uns/spatial/{library_id}/images/{key}"), scale
+    return None
+
+
+def _scanpy_visium_pixel_size(
+    adata: ad.AnnData, library_id: str, library: Mapping, notes: list[str]
+) -> float | None:
+    """``55 / spot_diameter_fullres`` when the library looks like Visium, else None (noted).
+
+    Visium is recognised by Space Ranger's ``metadata`` (``chemistry_description``, or a
+    ``software_version`` starting with ``spaceranger``; Visium HD, whose "spots" are bins,
+    excluded) or by ``array_row``/``array_col`` on Visium's hexagonal grid (every
+    ``array_row + array_col`` even, rows of both parities).
+    """
+    metadata = library.get("metadata") or {}
+    chemistry = str(metadata.get("chemistry_description", ""))
+    space_ranger = "chemistry_description" in metadata or str(
+        metadata.get("software_version", "")
+    ).lower().startswith("spaceranger")
+    is_hd = re.search(r"\bHD\b", chemistry, flags=re.IGNORECASE) is not None
+    is_visium = (space_ranger or _visium_hex_grid(adata)) and not is_hd
+    diameter = _positive_number((library.get("scalefactors") or {}).get("spot_diameter_fullres"))
+    if is_visium and diameter is not None:
+        pixel_size_um = VISIUM_SPOT_DIAMETER_UM / diameter
+        notes.append(
+            f"pixel_size_um = {pixel_size_um:.4g}: {VISIUM_SPOT_DIAMETER_UM:g} um Visium spots / "
+            f"uns['spatial'][{library_id!r}] spot_diameter_fullres {diameter:g} px."
+        )
+        return pixel_size_um
+    notes.append(
+        "pixel size unknown: no uns['stinfer']['pixel_size_um'] and uns['spatial'] does not "
+        "look like Visium (no Space Ranger metadata, no hexagonal array grid); pass "
+        "pixel_size_um."
+    )
+    return None
+
+
+def _visium_hex_grid(adata: ad.AnnData) -> bool:
+    """True when obs ``array_row``/``array_col`` form Visium's hexagonal grid."""
+    if not {"array_row", "array_col"} <= set(adata.obs.columns) or adata.n_obs < 2:
+        return False
+    try:
+        rows = adata.obs["array_row"].to_numpy(np.int64)
+        cols = adata.obs["array_col"].to_numpy(np.int64)
+    except (TypeError, ValueError):
+        return False
+    return bool(np.all((rows + cols) % 2 == 0) and np.any(rows % 2 == 1) and np.any(rows % 2 == 0))
 
 
 def _scanpy_spot_diameter(adata: ad.AnnData) -> float | None:

@@ -74,7 +74,8 @@ def read_legacy_st(
     Returns
     -------
     AnnData
-        See :mod:`stinfer.io.slide_data`. ``obs_names`` are ``"<x>x<y>"`` in count-table order;
+        See :mod:`stinfer.io.slide_data`. Spots are in count-table order; ``obs["spot_id"]``
+        is ``"<x>x<y>"`` and ``obs_names`` ``"<sample_id>_<x>x<y>"`` (e.g. ``C2_10x21``);
         ``obsm["spatial"]`` = (``pixel_x``, ``pixel_y``); ``obs["array_row"]`` = ``y`` and
         ``obs["array_col"]`` = ``x`` (rows run along y, columns along x, as on Visium).
         When the spot table has no pixel columns and no image is given, ``obsm["spatial"]`` is
@@ -297,13 +298,14 @@ def estimate_pixel_size_um(
     if len(array_xy) < 3 or np.linalg.matrix_rank(design) < 3:
         raise InputError(
             f"{path}: cannot estimate the pixel size from {len(array_xy)} spots on one line; "
-            "pass pixel_size_um."
+            "pass --pixel-size-um (pixel_size_um=)."
         )
     coefficients, *_ = np.linalg.lstsq(design, pixel_xy, rcond=None)
     pixels_per_step = float(np.sqrt(abs(np.linalg.det(coefficients[:2]))))
     if not pixels_per_step > 0:
         raise InputError(
-            f"{path}: pixel_x, pixel_y do not follow the array grid x, y; pass pixel_size_um."
+            f"{path}: pixel_x, pixel_y do not follow the array grid x, y; pass "
+            "--pixel-size-um (pixel_size_um=)."
         )
     return pitch_um / pixels_per_step
 

@@ -4,24 +4,39 @@ Every reader ends in :func:`make_slide`, so every slide stinfer hands out looks 
 
 - ``X``: raw integer UMI counts, ``scipy.sparse.csr_matrix`` (spots x genes), dtype float32
   holding whole numbers (AnnData/scanpy convention);
-- ``obs_names``: unique spot ids (barcodes, or ``"<x>x<y>"`` array coordinates for legacy ST);
+- ``obs_names``: ``"<sample_id>_<spot id>"``, unique across slides, so ``anndata.concat`` of
+  several slides keeps every spot and its slide apart (two legacy ST sections both have a spot
+  ``10x21``); a name that already starts with ``"<sample_id>_"`` (a slide stinfer wrote) is kept;
+- ``obs["spot_id"]``: the spot's own id in its files (the barcode for Visium and Visium HD,
+  ``"<x>x<y>"`` array coordinates for legacy ST); ``obs["sample_id"]``: the slide's name, on
+  every spot (categorical);
 - ``var_names``: unique gene names (duplicates made unique as ``NAME-1``, ``NAME-2`` and reported);
 - ``obsm["spatial"]``: spot centres in *full-resolution image pixels*, float64, columns (x, y);
 - ``obs["array_row"]``, ``obs["array_col"]``: grid coordinates where the format has them;
-- ``uns["stinfer"]``: a dict with the keys of :data:`SLIDE_META_KEYS`.
+- ``uns["stinfer"]``: a dict with the keys of :data:`SLIDE_META_KEYS`;
+- ``uns["spatial"][<sample id>]``, in written files: scanpy/squidpy's images (``hires``,
+  ``lowres``), ``scalefactors`` (``tissue_hires_scalef``, ``tissue_lowres_scalef``,
+  ``spot_diameter_fullres``) and ``metadata``, added by :func:`prepare_for_h5ad` (see
+  :mod:`stinfer.io.scanpy_spatial`) so every written slide opens in ``sc.pl.spatial``.
+  ``uns["stinfer"]`` stays the source of truth for stinfer; readers keep a scanpy input's
+  entry as it is.
 
 ``uns["stinfer"]["image_scale"]`` maps full-resolution pixels to the pixels of the image file
 named by ``image_path`` (1.0 for a full-resolution image, ``tissue_hires_scalef`` for a Visium
 hires PNG), so regions are always requested in full-resolution coordinates and read in the
-right pixel space.
+right pixel space. ``image_path`` may also reference an image array inside an .h5ad
+(``"<file.h5ad>#uns/spatial/<library_id>/images/hires"``, see
+:func:`stinfer.io.slide_image.h5ad_image_reference`): how a slide read from a scanpy-written
+file keeps its image.
 
 Everything else reads a slide through the accessors here, so the layout is interpreted in one
 place: :func:`slide_meta` and :func:`slide_id` (metadata and name), :func:`spot_coordinates_px`
 and :func:`spot_coordinates_um` (spot centres), :func:`image_pixel_size_um` (microns per pixel
 of the image file), :func:`check_genes`, :func:`panel_counts` and :func:`panel_counts_csr`
-(counts of a gene panel), :func:`as_dense` and :func:`as_csr` (dense/sparse conversion), and
-:data:`SPLIT_KEY` (the training/validation mark on spots) and :func:`validation_spot_mask`
-(the spots it marks for validation).
+(counts of a gene panel), :func:`as_dense` and :func:`as_csr` (dense/sparse conversion),
+:func:`slide_spot_names` (the one way spots are named) and :func:`spot_obs` (the spot identity
+columns a prediction copies from its slide), and :data:`SPLIT_KEY` (the training/validation
+mark on spots) and :func:`validation_spot_mask` (the spots it marks for validation).
 """
 
 from __future__ import annotations
@@ -46,9 +61,12 @@ SLIDE_META_KEYS = (
     "image_scale",  # float: image-file pixels per full-resolution pixel
     "pixel_size_um",  # float | None: microns per full-resolution pixel
     "spot_diameter_px",  # float | None: spot diameter in full-resolution pixels
-    "source_format",  # str: visium | visium-hd | legacy-st | h5ad | hest | synthetic
+    "source_format",  # str: visium | visium-hd | legacy-st | h5ad | hest | image | synthetic
     "notes",  # list[str]: what the reader dropped, renamed or assumed
 )
+
+SPOT_IDENTITY_COLUMNS = ("sample_id", "spot_id", "array_row", "array_col")
+"""``obs`` columns that say which spot of which slide a row is; kept by :func:`spot_obs`."""
 
 SPLIT_KEY = "stinfer_split"
 """``obs`` column marking each training spot ``"train"`` or ``"val"``.
@@ -143,6 +161,10 @@ def make_slide(
     ----------
     counts
         Spots x genes raw counts; checked by :func:`check_counts`.
+    spot_names
+        The spots' ids in the source files (barcodes, ``"<x>x<y>"``); stored in
+        ``obs["spot_id"]`` and prefixed with ``sample_id`` into ``obs_names`` by
+        :func:`slide_spot_names`.
     spatial_xy
         ``(n_spots, 2)`` spot centres in full-resolution image pixels, columns (x, y).
     source
@@ -152,17 +174,23 @@ def make_slide(
         ``uns["stinfer"]["notes"]``.
     obs_columns
         Extra per-spot columns (e.g. ``in_tissue``, a domain label), aligned with ``spot_names``.
+        A ``spot_id`` column (a slide stinfer wrote) is kept as the spots' ids; a
+        ``sample_id`` column is replaced by ``sample_id``.
     """
     notes = list(notes or [])
     matrix = check_counts(counts, source)
-    spot_index = pd.Index([str(name) for name in spot_names])
-    if matrix.shape != (len(spot_index), len(gene_names)):
+    sample_id = str(sample_id)
+    given_names = pd.Index([str(name) for name in spot_names])
+    if matrix.shape != (len(given_names), len(gene_names)):
         raise InputError(
             f"{source}: the count matrix is {matrix.shape[0]} x {matrix.shape[1]} but there are "
-            f"{len(spot_index)} spot names and {len(gene_names)} gene names."
+            f"{len(given_names)} spot names and {len(gene_names)} gene names."
         )
+    spot_index = slide_spot_names(sample_id, given_names)
     if not spot_index.is_unique:
-        duplicated = spot_index[spot_index.duplicated()].unique()
+        # name the ids as the file spells them, unless only the prefixing made them collide
+        repeated = given_names if not given_names.is_unique else spot_index
+        duplicated = repeated[repeated.duplicated()].unique()
         raise InputError(
             f"{source}: {len(duplicated)} spot ids occur more than once (e.g. {duplicated[0]})."
         )
@@ -173,19 +201,23 @@ def make_slide(
         raise InputError(f"{source}: some spot coordinates are missing or not finite.")
 
     obs = pd.DataFrame(index=spot_index)
+    prefix = f"{sample_id}_"
+    obs["spot_id"] = [name.removeprefix(prefix) for name in given_names]
     if array_row is not None:
         obs["array_row"] = np.asarray(array_row, dtype=np.int64)
     if array_col is not None:
         obs["array_col"] = np.asarray(array_col, dtype=np.int64)
     if obs_columns is not None:
         for column in obs_columns.columns:
-            obs[column] = np.asarray(obs_columns[column])
+            if column != "sample_id":  # the slide's own id wins over a stored one
+                obs[column] = np.asarray(obs_columns[column])
+    obs["sample_id"] = pd.Categorical.from_codes(np.zeros(len(spot_index), int), [sample_id])
     var = pd.DataFrame(index=unique_gene_names(gene_names, source, notes))
 
     slide = ad.AnnData(X=matrix, obs=obs, var=var)
     slide.obsm["spatial"] = spatial
     slide.uns["stinfer"] = {
-        "sample_id": str(sample_id),
+        "sample_id": sample_id,
         "image_path": None if image_path is None else str(image_path),
         "image_scale": float(image_scale),
         "pixel_size_um": None if pixel_size_um is None else float(pixel_size_um),
@@ -194,6 +226,40 @@ def make_slide(
         "notes": notes,
     }
     return slide
+
+
+def slide_spot_names(sample_id: str, spot_ids: Sequence[object]) -> pd.Index:
+    """Spot names unique across slides: ``"<sample_id>_<spot id>"`` for each of ``spot_ids``.
+
+    The one way stinfer names spots (:func:`make_slide` calls it): two sections of a cohort
+    share array coordinates and often barcodes, so the slide's id is part of the name. A
+    name that already starts with ``"<sample_id>_"`` is kept as it is, so reading a slide
+    stinfer wrote does not prefix it twice.
+    """
+    prefix = f"{sample_id}_"
+    return pd.Index(
+        [name if name.startswith(prefix) else prefix + name for name in map(str, spot_ids)]
+    )
+
+
+def spot_obs(slide: ad.AnnData) -> pd.DataFrame:
+    """The identity of a slide's spots, for an AnnData derived from it (e.g. a prediction).
+
+    A copy of ``obs_names`` as the index and, where the slide has them, the columns
+    ``sample_id``, ``spot_id``, ``array_row`` and ``array_col``, so a prediction can be placed
+    on the grid, concatenated with other slides' predictions and matched to its truth without
+    the slide. A slide built outside stinfer without ``obs["sample_id"]`` gets
+    ``uns["stinfer"]["sample_id"]`` when it has one.
+    """
+    columns = [c for c in SPOT_IDENTITY_COLUMNS if c in slide.obs.columns]
+    obs = slide.obs[columns].copy()
+    obs.index = slide.obs_names.copy()
+    if "sample_id" not in obs.columns:
+        sample_id = slide_id(slide, default="")
+        if sample_id:
+            codes = np.zeros(slide.n_obs, int)
+            obs.insert(0, "sample_id", pd.Categorical.from_codes(codes, [sample_id]))
+    return obs
 
 
 def validation_spot_mask(slides: Sequence[ad.AnnData]) -> np.ndarray | None:
@@ -255,8 +321,27 @@ def slide_meta(slide: ad.AnnData) -> dict:
 
 
 def prepare_for_h5ad(slide: ad.AnnData) -> ad.AnnData:
-    """Return a copy whose ``uns["stinfer"]`` survives h5ad (no ``None``: stored as ``""``/NaN)."""
+    """Return a copy ready to write as ``.h5ad``, for stinfer and for scanpy/squidpy.
+
+    Every slide (and prediction) stinfer writes goes through here:
+
+    - ``uns["stinfer"]`` survives h5ad (no ``None``: stored as ``""``/NaN; :func:`slide_meta`
+      reads them back as ``None``);
+    - ``uns["spatial"][<sample id>]`` is scanpy's image and scale-factor entry
+      (:func:`stinfer.io.scanpy_spatial.scanpy_spatial_library`: ``hires``/``lowres`` images
+      downsampled from the slide image, ``tissue_*_scalef``, ``spot_diameter_fullres``), so
+      ``sc.pl.spatial(adata, color=gene)`` works without arguments. An ``uns["spatial"]``
+      the slide already has (e.g. read from a scanpy-written file) is kept as it is; an
+      AnnData without ``obsm["spatial"]`` gets none.
+
+    The input is not modified.
+    """
     out = slide.copy()
+    if not out.uns.get("spatial") and "spatial" in out.obsm:
+        from stinfer.io.scanpy_spatial import scanpy_spatial_library
+
+        library = scanpy_spatial_library(slide_meta(out), spot_coordinates_px(out))
+        out.uns["spatial"] = {slide_id(out): library}
     meta = dict(out.uns["stinfer"])
     for key in ("image_path",):
         meta[key] = "" if meta.get(key) is None else str(meta[key])
@@ -400,7 +485,7 @@ def check_spots_inside_image(
     image_scale: float,
     source: str,
     known_scales: dict[str, float] | None = None,
-    fix: str = "pass the image the coordinates refer to",
+    fix: str = "pass the image the coordinates refer to (--image, image=)",
     tolerance: float = 0.02,
 ) -> None:
     """Raise :class:`InputError` when spot centres fall outside the image they refer to.

@@ -18,6 +18,10 @@
 - **OpenSlide formats** (:class:`OpenSlideSlide`; SVS, NDPI, MRXS, ...): used when the optional
   ``openslide`` package is importable (``pip install stinfer[openslide]``). MRXS and other
   formats that only OpenSlide reads raise :class:`~stinfer.errors.InputError` without it.
+- **An image stored inside an .h5ad** (:class:`H5adImageSlide`): a reference
+  ``"<file.h5ad>#uns/spatial/<library_id>/images/hires"`` (see :func:`h5ad_image_reference`)
+  names scanpy's ``uns["spatial"]`` image of a file written by scanpy; only that dataset is
+  read (with h5py, whole on the first region read; it is at most a few thousand pixels wide).
 
 Conventions shared by every back-end:
 
@@ -309,7 +313,8 @@ class SlideImage:
         if self.pixel_size_um is None:
             raise InputError(
                 f"{self.path}: the pixel size is unknown (no OME, MPP or resolution metadata); "
-                "pass pixel_size_um to open_slide or set uns['stinfer']['pixel_size_um']."
+                "give it with `stinfer prepare --pixel-size-um` (uns['stinfer']['pixel_size_um']"
+                " of the slide, or pixel_size_um= of open_slide)."
             )
         return self.pixel_size_um
 
@@ -385,6 +390,46 @@ def _decode_jpeg(path: Path) -> np.ndarray | None:
         return None
     pixels.flags.writeable = False
     return pixels
+
+
+JPEG_DCT_DOWNSAMPLES = (8, 4, 2)
+"""The reduced sizes libjpeg decodes directly (DCT scaling), coarsest first."""
+
+
+def read_jpeg_reduced(
+    path: str | os.PathLike, max_downsample: float
+) -> tuple[np.ndarray, int] | None:
+    """Decode an RGB or greyscale JPEG at 1/2, 1/4 or 1/8 of its size, for thumbnails.
+
+    libjpeg scales while decoding (Pillow's ``draft``), so a thumbnail of a large JPEG costs a
+    fraction of a full decode in time and memory. Pixel ``i`` of the result is the mean of
+    level-0 pixels ``i * d`` to ``i * d + d - 1`` (``d`` the downsample), as a pyramid level.
+
+    Returns
+    -------
+    tuple or None
+        ``((h, w, 3) uint8 RGB, d)`` with ``d`` the largest of :data:`JPEG_DCT_DOWNSAMPLES`
+        not above ``max_downsample``; ``None`` when none is, or the file is not an RGB or
+        greyscale JPEG (read it with :func:`open_slide` then).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    downsamples = [d for d in JPEG_DCT_DOWNSAMPLES if d <= max_downsample * (1 + 1e-6)]
+    if not downsamples:
+        return None
+    try:
+        with _without_decompression_bomb_limit(), Image.open(path) as image:
+            if image.format != "JPEG" or image.mode not in ("RGB", "L"):
+                return None
+            width, height = image.size
+            downsample = downsamples[0]
+            image.draft(image.mode, (-(-width // downsample), -(-height // downsample)))
+            if image.size != (-(-width // downsample), -(-height // downsample)):
+                return None
+            pixels = to_rgb_uint8(np.asarray(image))
+    except (OSError, UnidentifiedImageError):
+        return None
+    return pixels, downsample
 
 
 class PillowSlide(SlideImage):
@@ -620,6 +665,89 @@ class OpenSlideSlide(SlideImage):
             self._slide = None
 
 
+H5AD_IMAGE_SEPARATOR = "#"
+"""Separates the .h5ad file from the dataset in an image reference (:func:`h5ad_image_reference`)."""
+
+
+def h5ad_image_reference(h5ad_path: str | os.PathLike, dataset: str) -> str:
+    """``"<absolute h5ad path>#<dataset>"``: an image stored in an .h5ad, for :func:`open_slide`.
+
+    ``dataset`` is the HDF5 path of the image array in the file, e.g.
+    ``"uns/spatial/<library_id>/images/hires"`` (scanpy's layout). Stored as a slide's
+    ``uns["stinfer"]["image_path"]`` so that a slide read from a scanpy-written .h5ad keeps
+    its image without copying it to another file.
+    """
+    return f"{Path(h5ad_path).resolve()}{H5AD_IMAGE_SEPARATOR}{dataset.strip('/')}"
+
+
+def split_h5ad_image_reference(path: str | os.PathLike) -> tuple[Path, str] | None:
+    """``(h5ad file, dataset)`` of an image reference, or ``None`` for an ordinary image path.
+
+    A reference is ``"<path ending in .h5ad>#uns/..."`` (see :func:`h5ad_image_reference`).
+    """
+    file, separator, dataset = str(path).rpartition(H5AD_IMAGE_SEPARATOR)
+    if not separator or not file.lower().endswith(".h5ad") or not dataset.startswith("uns/"):
+        return None
+    return Path(file), dataset
+
+
+def image_source_file(path: str | os.PathLike) -> Path:
+    """The file holding the image ``path`` names: the path itself, or a reference's .h5ad."""
+    reference = split_h5ad_image_reference(path)
+    return Path(path) if reference is None else reference[0]
+
+
+class H5adImageSlide(SlideImage):
+    """An image array stored in an .h5ad (scanpy's ``uns["spatial"][lib]["images"][key]``).
+
+    Opened from a reference ``"<file.h5ad>#<dataset>"`` (:func:`h5ad_image_reference`):
+    only the dataset's shape is read when the slide is opened; the first region read loads
+    that one dataset (never the rest of the file) and keeps it until :meth:`close`. scanpy
+    stores images as float 0-1 (converted by :func:`to_rgb_uint8`) or uint8.
+    """
+
+    def __init__(self, reference: str, pixel_size_um: float | None = None) -> None:
+        import h5py
+
+        parts = split_h5ad_image_reference(reference)
+        if parts is None:
+            raise InputError(f"{reference}: not an image reference '<file.h5ad>#uns/...'.")
+        file, dataset = parts
+        if not file.is_file():
+            raise InputError(
+                f"{file}: the .h5ad holding the slide image ({dataset}) not found; check "
+                "uns['stinfer']['image_path']."
+            )
+        try:
+            with h5py.File(file, "r") as handle:
+                node = handle.get(dataset)
+                shape = node.shape if isinstance(node, h5py.Dataset) else None
+        except OSError as error:
+            raise InputError(f"{file}: not a readable .h5ad (HDF5) file ({error}).") from error
+        if shape is None or len(shape) not in (2, 3) or 0 in shape[:2]:
+            raise InputError(
+                f"{file}: {dataset} is not an image array (found "
+                f"{'nothing' if shape is None else f'shape {shape}'}); the image reference in "
+                "uns['stinfer']['image_path'] must name an (height, width[, channels]) dataset."
+            )
+        self._file, self._dataset = file, dataset
+        self._pixels: np.ndarray | None = None
+        super().__init__(Path(reference), [(shape[1], shape[0])], pixel_size_um)
+
+    def _read_window(self, level: int, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+        if self._pixels is None:
+            import h5py
+
+            with h5py.File(self._file, "r") as handle:
+                pixels = np.asarray(handle[self._dataset][()])
+            pixels.flags.writeable = False
+            self._pixels = pixels
+        return self._pixels[y0:y1, x0:x1]
+
+    def close(self) -> None:
+        self._pixels = None
+
+
 def _openslide_available() -> bool:
     try:
         import openslide  # noqa: F401
@@ -639,7 +767,8 @@ def open_slide(
     Parameters
     ----------
     path
-        JPEG/PNG, TIFF/OME-TIFF/pyramidal TIFF, or an OpenSlide format (SVS, NDPI, MRXS, ...).
+        JPEG/PNG, TIFF/OME-TIFF/pyramidal TIFF, an OpenSlide format (SVS, NDPI, MRXS, ...),
+        or a reference to an image array in an .h5ad (:func:`h5ad_image_reference`).
     pixel_size_um
         Microns per level-0 pixel of this file; overrides the file's metadata.
     tile_cache_bytes
@@ -655,6 +784,8 @@ def open_slide(
     InputError
         When the file is missing, not an image, or needs OpenSlide and it is not installed.
     """
+    if split_h5ad_image_reference(path) is not None:
+        return H5adImageSlide(str(path), pixel_size_um)
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: slide image not found; check uns['stinfer']['image_path'].")

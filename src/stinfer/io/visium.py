@@ -106,7 +106,8 @@ def read_visium(
     -------
     AnnData
         See :mod:`stinfer.io.slide_data`: ``X`` raw counts (spots under tissue and in the
-        matrix, in matrix order, x genes named by symbol, made unique); ``var["gene_ids"]``
+        matrix, in matrix order, x genes named by symbol, made unique); ``obs["spot_id"]`` the
+        barcodes, obs names ``"<sample_id>_<barcode>"``; ``var["gene_ids"]``
         the Ensembl ids; ``obsm["spatial"]`` = (``pxl_col_in_fullres``,
         ``pxl_row_in_fullres``), i.e. (x, y) in full-resolution pixels; ``obs["array_row"]``,
         ``obs["array_col"]`` the grid coordinates. ``uns["stinfer"]["spot_diameter_px"]`` is
@@ -556,8 +557,8 @@ def checked_image(
             source,
             known_scales=image_scale_labels(scalefactors),
             fix=(
-                "pass the full-resolution microscope image as image=..., or leave image=None "
-                "to use spatial/tissue_hires_image.png with its scale factor"
+                "pass the full-resolution microscope image as --image (image=...), or leave "
+                "it out to use spatial/tissue_hires_image.png with its scale factor"
             ),
         )
     return image_path, image_scale

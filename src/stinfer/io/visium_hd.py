@@ -103,7 +103,8 @@ def read_visium_hd(
     AnnData
         As :func:`stinfer.io.read_visium` returns, one observation per bin: ``X`` raw counts
         (CSR, bins under tissue and in the matrix, in matrix order, x genes named by symbol,
-        made unique); obs names the bin barcodes; ``var["gene_ids"]``; ``obsm["spatial"]`` =
+        made unique); ``obs["spot_id"]`` the bin barcodes, obs names
+        ``"<sample_id>_<barcode>"``; ``var["gene_ids"]``; ``obsm["spatial"]`` =
         (``pxl_col_in_fullres``, ``pxl_row_in_fullres``), the bin centres (x, y) in
         full-resolution pixels; ``obs["array_row"]``/``obs["array_col"]`` the bin grid.
         ``uns["stinfer"]["pixel_size_um"]`` is ``microns_per_pixel`` (else ``bin_size_um /
@@ -183,7 +184,8 @@ def find_bin_folder(
         if bin_size_um is not None and bin_folder_name(bin_size_um) != folder.name:
             raise InputError(
                 f"{folder}: this is the {size}-um bin folder but bin_size_um={bin_size_um:g} was "
-                f"asked; pass the outs/ folder to choose a bin size, or bin_size_um={size}."
+                f"asked; pass the outs/ folder as --path to choose a bin size, or --bin-size "
+                f"{size} (bin_size_um={size})."
             )
         outs = folder.parent.parent if folder.parent.name == BINNED_OUTPUTS else None
         return folder, outs, float(size)

@@ -40,12 +40,14 @@ import torch
 
 from stinfer.data.patches import PatchSpec, spot_patches
 from stinfer.errors import InputError
+from stinfer.io.prediction_layout import annotate_counts
 from stinfer.io.slide_data import (
     check_genes,
     panel_counts,
     slide_id,
     spot_coordinates_px,
     spot_coordinates_um,
+    spot_obs,
     validation_spot_mask,
 )
 from stinfer.train import FitResult, TrainerConfig, fit
@@ -92,22 +94,26 @@ def prediction_anndata(
 ) -> ad.AnnData:
     """Wrap ``(n_spots, n_genes)`` predicted counts as an AnnData aligned with ``slide``.
 
-    ``X`` is dense float32; ``obs_names`` are the slide's, ``var_names`` the genes; the slide's
-    ``obsm["spatial"]`` and ``uns["stinfer"]`` are copied for plotting.
+    ``X`` is dense float32; ``obs`` holds the slide's spot names and identity columns
+    (:func:`~stinfer.io.slide_data.spot_obs`: ``sample_id``, ``spot_id``, ``array_row``,
+    ``array_col``), ``var_names`` the genes; the slide's ``obsm["spatial"]`` and
+    ``uns["stinfer"]`` are copied for plotting; ``obs["library_size"]``,
+    ``layers["log1p_cp10k"]`` and ``uns["stinfer"]["expression"]`` follow the one convention
+    of every prediction (:mod:`stinfer.io.prediction_layout`).
     """
     expression = np.asarray(expression, dtype=np.float32)
     if expression.shape != (slide.n_obs, len(genes)):
         raise ValueError(f"prediction shape {expression.shape} != ({slide.n_obs}, {len(genes)})")
     prediction = ad.AnnData(
         X=expression,
-        obs=pd.DataFrame(index=slide.obs_names.copy()),
+        obs=spot_obs(slide),
         var=pd.DataFrame(index=pd.Index(list(genes))),
     )
     if "spatial" in slide.obsm:
         prediction.obsm["spatial"] = np.array(slide.obsm["spatial"], copy=True)
     if "stinfer" in slide.uns:
         prediction.uns["stinfer"] = dict(slide.uns["stinfer"])
-    return prediction
+    return annotate_counts(prediction)
 
 
 def _counts_from_log1p(log_expression: np.ndarray, log_max: np.ndarray | None = None) -> np.ndarray:
@@ -771,14 +777,12 @@ class STNet:
         )
         result = fit(self.module, train_loader, val_loader, trainer_config)
         logger.info(
-            "STNet(%s): %d train / %d val spots, %d epochs in %.1f s, best val MSE %s (epoch %s)",
+            "STNet(%s): %d train / %d val spots, trained in %.1f s (%s)",
             self.config.backbone,
             int((~val).sum()),
             int(val.sum()),
-            len(result.history),
             result.train_seconds,
-            result.best_score,
-            result.best_epoch,
+            result.describe_best("val/mse", "val MSE", mode="min"),
         )
         result.train_seconds = time.perf_counter() - start
         return result

@@ -2,7 +2,8 @@
 
 :func:`resolve_preset` turns a preset name into a fresh config, the same way for every model
 with presets (each model module holds ``paper_preset()``/``fast_preset()`` constructors and a
-``PRESETS`` dict of them). One function, :func:`override_config`, applies a mapping (a YAML entry, ``create_model``'s
+``PRESETS`` dict of them); :func:`auto_preset` resolves ``"auto"`` (paper on a GPU, fast on a
+CPU) for every command and model. One function, :func:`override_config`, applies a mapping (a YAML entry, ``create_model``'s
 keyword arguments, the ``config`` of a saved ``config.json``) onto a config dataclass, field by
 field and recursively into nested configs, so every model reads its options and its saved
 config the same way, and a misspelt field fails loudly with its dotted path.
@@ -12,12 +13,42 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from stinfer.errors import InputError
 
-__all__ = ["override_config", "resolve_preset"]
+__all__ = ["AUTO_PRESET", "auto_preset", "override_config", "resolve_preset"]
+
+AUTO_PRESET = "auto"
+logger = logging.getLogger("stinfer")
+
+
+def auto_preset(preset: str | None, accelerator: str | None = None) -> str | None:
+    """The preset ``"auto"`` stands for: ``"paper"`` on a GPU, ``"fast"`` on a CPU.
+
+    The one place ``auto`` (the default ``--preset`` of ``train``, ``embed-genes`` and
+    ``impute``) is resolved: the papers' hyperparameters train in minutes on a CUDA GPU and
+    take hours on a laptop CPU, where ``fast`` is the usable model. ``accelerator`` (the
+    ``--accelerator`` given, if any) decides when it names a device (``cpu``: fast; ``gpu``,
+    ``cuda``: paper); otherwise whether torch sees a CUDA GPU. Any other name (or ``None``)
+    is returned as it is. Logs which preset ``auto`` chose.
+    """
+    if preset != AUTO_PRESET:
+        return preset
+    if accelerator in ("gpu", "cuda"):
+        on_gpu, why = True, f"--accelerator {accelerator}"
+    elif accelerator in ("cpu", "mps"):
+        on_gpu, why = False, f"--accelerator {accelerator}"
+    else:
+        import torch
+
+        on_gpu = torch.cuda.is_available()
+        why = "a CUDA GPU is available" if on_gpu else "no CUDA GPU is available"
+    chosen = "paper" if on_gpu else "fast"
+    logger.info("preset auto: %s (%s)", chosen, why)
+    return chosen
 
 
 def resolve_preset(
@@ -27,10 +58,13 @@ def resolve_preset(
 
     ``presets`` maps each name to its constructor (a model module's ``PRESETS``); every call
     builds a new config, so a caller's changes never reach another's. A config object is
-    returned as it is; an unknown name is an :class:`InputError` listing the names.
+    returned as it is; ``"auto"`` is :func:`auto_preset`'s choice; an unknown name is an
+    :class:`InputError` listing the names.
     """
     if preset is None:
         preset = "paper"
+    if preset == AUTO_PRESET:
+        preset = auto_preset(preset)
     if isinstance(preset, config_class):
         return preset
     if isinstance(preset, str) and preset in presets:

@@ -47,7 +47,7 @@ Examples
 --------
 >>> model = CoxFormerSpatial(slide, "genes.h5ad", modality="spatial", config="fast")  # doctest: +SKIP
 >>> model.train()                                                                    # doctest: +SKIP
->>> imputed = model.impute(["ERBB2", "GRB7"])  # AnnData, X = log1p CP10k           # doctest: +SKIP
+>>> imputed = model.impute(["ERBB2", "GRB7"])  # X counts, layers["log1p_cp10k"]     # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -70,7 +70,14 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from stinfer.errors import InputError
-from stinfer.io.slide_data import as_dense, panel_counts, slide_meta, spot_coordinates_px
+from stinfer.io.prediction_layout import LOG1P_LAYER, annotate_log1p_cp10k
+from stinfer.io.slide_data import (
+    as_dense,
+    panel_counts,
+    slide_meta,
+    spot_coordinates_px,
+    spot_obs,
+)
 from stinfer.metrics import cluster_ari, cluster_domains
 from stinfer.modalities import canonical_modality
 from stinfer.models.configs import resolve_preset
@@ -104,6 +111,7 @@ __all__ = [
     "fast_preset",
     "measured_genes",
     "paper_preset",
+    "slide_library_sizes",
     "slide_log1p_cp10k",
     "standardise_embeddings",
     "sub_spot_offsets",
@@ -334,12 +342,17 @@ def standardise_embeddings(table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray,
 
 
 # --------------------------------------------------------------------------- data: spots
+def slide_library_sizes(slide: ad.AnnData) -> np.ndarray:
+    """``(n_spots,)`` float64 total counts over all the slide's genes (the CP10k totals)."""
+    return np.asarray(slide.X.sum(axis=1), dtype=np.float64).ravel()
+
+
 def slide_log1p_cp10k(slide: ad.AnnData, genes: Sequence[str]) -> np.ndarray:
     """``(n_spots, len(genes))`` float32 log1p-CP10k of ``genes``, totals over all slide genes.
 
     Raises :class:`InputError` naming the genes the slide does not measure.
     """
-    totals = np.asarray(slide.X.sum(axis=1), dtype=np.float64).ravel()
+    totals = slide_library_sizes(slide)
     block = panel_counts(slide, genes, dtype=np.float64)
     return normalise_log1p_cp10k(block, spot_totals=totals).astype(np.float32)
 
@@ -407,7 +420,8 @@ def slide_image_features(
     if meta["image_path"] is None:
         raise InputError(
             f"slide {meta.get('sample_id', '')} has no image; modality 'image'/'fused' needs an "
-            "H&E image (or pass image_features=), 'spatial' does not."
+            "H&E image (prepare the slide with --image; or pass image_features= in Python), "
+            "'spatial' does not."
         )
     patches = spot_patches(slide, patch_spec_for(config.patch_size_px))
     if grid > 1:
@@ -670,7 +684,8 @@ class CoxFormerSpatial:
         if len(self.train_genes) < 2 or len(set(self.train_genes)) != len(self.train_genes):
             raise InputError(
                 f"CoxFormerSpatial needs at least 2 unique training genes, got "
-                f"{len(self.train_genes)}; lower min_spot_fraction or check the gene names."
+                f"{len(self.train_genes)}; lower --min-spot-fraction (min_spot_fraction=) or check the "
+                "gene names."
             )
         missing = pd.Index(self.train_genes).difference(self.embedding_genes)
         if len(missing):
@@ -689,6 +704,10 @@ class CoxFormerSpatial:
         if k != "auto" or self.config.gene_conditioning != "attention":
             return 0 if k == "auto" else int(k)
         vectors = self.gene_vectors(self.train_genes)
+        logger.info(
+            "top-k attention: choosing k by 5-fold k-NN cross-validation over %d training genes",
+            len(self.train_genes),
+        )
         best, scores = choose_knn_k(self.targets, vectors, seed=self.config.seed)
         self.knn_cv_scores = scores  # the k-NN baseline of the same genes reuses them
         logger.info("top-k attention: k = %d (CV median PCC %.3f)", best, scores[best])
@@ -853,19 +872,32 @@ class CoxFormerSpatial:
             prefixes = tuple(f"module.readout.{n}" for n in GeneAttentionReadout.GENE_LEVEL)
             self.gene_level_best = BestWeights("val/loss", "min", prefixes)
             callbacks.append(self.gene_level_best)
+        logger.info(
+            "CoxFormer spatial (%s): training on %d genes x %d spots (at most %d epochs, "
+            "EMA early stopping)%s",
+            self.modality,
+            n_genes,
+            self.slide.n_obs,
+            c.max_epochs,
+            "" if spot_decoder else ", attention readout only",
+        )
         self.fit_result = fit(task, loader, val_loader, c.trainer(), callbacks=callbacks)
         self.spot_decoder_trained = spot_decoder
         self._training_coexpression = task.coexpression
         self.fit_result.best_epoch = self.early_stopping.best_epoch
         self.fit_result.best_score = self.early_stopping.best_ema
         self.module.eval()
+        best_epoch = self.early_stopping.best_epoch
         logger.info(
-            "CoxFormer spatial (%s) trained on %d genes x %d spots in %.1f s (best epoch %s)",
+            "CoxFormer spatial (%s) trained on %d genes x %d spots in %.1f s (%s)",
             self.modality,
             n_genes,
             self.slide.n_obs,
             self.fit_result.train_seconds,
-            self.early_stopping.best_epoch,
+            f"{len(self.fit_result.history)} epochs, no finite training objective"
+            if best_epoch is None
+            else f"best smoothed training objective {self.early_stopping.best_ema:.4g} at "
+            f"epoch {best_epoch + 1} of {len(self.fit_result.history)}, its weights restored",
         )
         return self.fit_result
 
@@ -965,13 +997,15 @@ class CoxFormerSpatial:
         if "stinfer" in slide.uns:
             result.uns["stinfer"] = dict(slide.uns["stinfer"])
         result.uns["coxformer_spatial"] = {
-            "scale": "log1p_cp10k",
             "kind": kind,
             "modality": self.modality,
             "preset": self.config.preset,
             "n_train_genes": len(self.train_genes),
         }
-        return result
+        library = slide_library_sizes(slide)
+        if result.n_obs != slide.n_obs:  # sub-spots: each an equal share of its spot's library
+            library = np.repeat(library / self.n_sub, self.n_sub)
+        return annotate_log1p_cp10k(result, library, slide.n_vars)
 
     def impute(
         self,
@@ -979,7 +1013,7 @@ class CoxFormerSpatial:
         slide: ad.AnnData | None = None,
         image_features: np.ndarray | None = None,
     ) -> ad.AnnData:
-        """Predicted log1p-CP10k of ``genes`` at every spot of ``slide`` (default: the training slide).
+        """Predicted expression of ``genes`` at every spot of ``slide`` (default: the training slide).
 
         Any gene with an embedding works, measured on the slide or not. On a new slide the
         ``spatial`` modality reads the new slide's coordinates in its own frame (scaled to
@@ -989,8 +1023,13 @@ class CoxFormerSpatial:
         Returns
         -------
         AnnData
-            Spots x genes, ``X`` = predicted log1p CP10k (float32), ``obsm["spatial"]`` and
-            ``uns["stinfer"]`` of the slide, ``var["measured_on_slide"]``,
+            Spots x genes: ``layers["log1p_cp10k"]`` = the predicted log1p CP10k (float32,
+            totals over the slide's measured genes), ``X`` = the expected counts they give with
+            each spot's library (``obs["library_size"]``; 1e4 for a spot without counts), the
+            record in ``uns["stinfer"]["expression"]``
+            (:mod:`stinfer.io.prediction_layout`); the slide's spot names and
+            identity columns (:func:`~stinfer.io.slide_data.spot_obs`), ``obsm["spatial"]``
+            and ``uns["stinfer"]``; ``var["measured_on_slide"]``,
             ``var["training_gene"]``, ``uns["coxformer_spatial"]``.
         """
         slide = self.slide if slide is None else slide
@@ -1001,8 +1040,7 @@ class CoxFormerSpatial:
         location, features, _ = self._spot_inputs(slide, image_features, same_slide=same)
         values = self._predict_log1p(genes, location, features, self.memory_targets(slide))
         values = aggregate_sub_spots(torch.from_numpy(values), self.n_sub).numpy()
-        obs = pd.DataFrame(index=slide.obs_names.copy())
-        return self._result(values, genes, obs, slide.obsm["spatial"], slide, "spots")
+        return self._result(values, genes, spot_obs(slide), slide.obsm["spatial"], slide, "spots")
 
     def predict(
         self, slide: ad.AnnData, genes: Sequence[str] | None = None, image_features=None
@@ -1019,9 +1057,12 @@ class CoxFormerSpatial:
         """Sub-spot predictions (``sub_spot_grid x sub_spot_grid`` per spot) of ``genes``.
 
         Returns an AnnData of ``n_spots * r * r`` sub-spots: ``obs["spot"]`` (the parent spot),
-        ``obs["sub_row"]``, ``obs["sub_col"]``, ``obsm["spatial"]`` = sub-spot centres in the
+        ``obs["sub_row"]``, ``obs["sub_col"]``, the parent's identity columns
+        (:func:`~stinfer.io.slide_data.spot_obs`: ``sample_id``, ``array_row``, ...), ``obsm["spatial"]`` = sub-spot centres in the
         slide's full-resolution pixels (``r x r`` tiles of a square of side ``min(patch,
-        spot pitch)`` centred on the spot), ``X`` = log1p CP10k.
+        spot pitch)`` centred on the spot), ``layers["log1p_cp10k"]`` and ``X`` as
+        :meth:`impute` (a sub-spot's library: its spot's over ``r * r``); ``uns["stinfer"]`` is the
+        slide's with ``spot_diameter_px`` None (a sub-spot has no capture-spot size).
         """
         grid = int(self.config.sub_spot_grid)
         if grid < 2:
@@ -1041,7 +1082,15 @@ class CoxFormerSpatial:
             {"spot": spots, "sub_row": index // grid, "sub_col": index % grid},
             index=[f"{s}_{i}" for s, i in zip(spots, index, strict=True)],
         )
-        return self._result(values, genes, obs, coords, slide, f"sub_spots_{grid}x{grid}")
+        parents = spot_obs(slide)
+        for column in parents.columns:  # each sub-spot carries its parent spot's identity
+            obs[column] = np.repeat(parents[column].to_numpy(), self.n_sub)
+        result = self._result(values, genes, obs, coords, slide, f"sub_spots_{grid}x{grid}")
+        if "stinfer" in result.uns:
+            # a sub-spot is not a capture spot: its drawn size (scanpy's spot_diameter_fullres,
+            # written by prepare_for_h5ad) then comes from the sub-spot spacing
+            result.uns["stinfer"]["spot_diameter_px"] = None
+        return result
 
     def detect_regions(
         self,
@@ -1058,7 +1107,7 @@ class CoxFormerSpatial:
         training genes). Returns ``(region per spot, ARI or None)``.
         """
         imputed = self.impute(genes) if imputed is None else imputed
-        cp10k = np.expm1(np.asarray(imputed.X, dtype=np.float64)).clip(min=0)
+        cp10k = np.expm1(np.asarray(imputed.layers[LOG1P_LAYER], dtype=np.float64)).clip(min=0)
         regions = cluster_domains(cp10k, n_regions, seed=seed)
         ari = None
         if labels is not None:

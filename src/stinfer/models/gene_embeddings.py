@@ -83,7 +83,6 @@ from stinfer.coexpression.graph import (
     standardise_corpora,
 )
 from stinfer.errors import InputError
-from stinfer.io.atomic import check_writable
 from stinfer.io.gene_embeddings import (
     embeddings_to_anndata,
     read_gene_embeddings,
@@ -251,7 +250,8 @@ def split_corpus_cells(
         if n_label < 2 or corpus.n_cells - n_label < 2:
             raise InputError(
                 f"corpus {corpus.name}: {corpus.n_cells} cells cannot be split into graph and "
-                "label halves; pass label_corpora or use more cells."
+                "label halves; give separate label corpora (--label-corpus, label_corpora=), "
+                "--label-fraction 0 (label_fraction=0) or more cells."
             )
         label_rows, graph_rows = np.sort(order[:n_label]), np.sort(order[n_label:])
         graph_parts.append(Corpus(corpus.name, corpus.counts[graph_rows], corpus.gene_names))
@@ -463,18 +463,20 @@ class CoxFormerEmbeddings:
         (:mod:`stinfer.models.persistence`): ``config.json`` (config, timings, gene names),
         ``weights.safetensors`` (the autoencoder's weights, the graph's edges, the completion
         and the completed matrix as CSR arrays) and ``embeddings.h5ad`` (the embeddings with
-        their per-gene columns and provenance). Each file is written atomically; existing
-        files are refused unless ``overwrite``."""
-        from stinfer.models.persistence import CONFIG_FILE, WEIGHTS_FILE, write_model_folder
+        their per-gene columns and provenance). The folder is written whole or not at all; an
+        earlier saved model there is replaced only with ``overwrite``, any other non-empty
+        folder is refused (:func:`stinfer.models.persistence.model_folder`)."""
+        from stinfer.models.persistence import model_folder
 
         self._check_trained()
-        folder = Path(path)
-        if folder.exists() and not folder.is_dir():
-            raise InputError(f"{folder}: exists and is not a folder.")
-        for name in (EMBEDDINGS_FILE, WEIGHTS_FILE, CONFIG_FILE):
-            check_writable(folder / name, overwrite)
-        folder.mkdir(parents=True, exist_ok=True)
-        write_gene_embeddings(self._embeddings, folder / EMBEDDINGS_FILE, overwrite=overwrite)
+        with model_folder(path, overwrite) as tmp:
+            self._write_files(tmp)
+        return Path(path)
+
+    def _write_files(self, folder: Path) -> None:
+        from stinfer.models.persistence import write_model_files
+
+        write_gene_embeddings(self._embeddings, folder / EMBEDDINGS_FILE)
         matrix = self.completion.matrix.tocsr()
         arrays = {
             "graph_gene": self.graph.gene,
@@ -492,8 +494,8 @@ class CoxFormerEmbeddings:
             "top_k": int(self.graph.top_k),
             "completed_shape": [int(n) for n in matrix.shape],
         }
-        return write_model_folder(
-            folder, self.model_type, asdict(self.config), state, self.autoencoder, arrays, overwrite
+        write_model_files(
+            folder, self.model_type, asdict(self.config), state, self.autoencoder, arrays
         )
 
     @classmethod

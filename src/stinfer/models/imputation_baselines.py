@@ -29,9 +29,12 @@ import numpy as np
 import pandas as pd
 
 from stinfer.errors import InputError
+from stinfer.io.prediction_layout import annotate_log1p_cp10k
+from stinfer.io.slide_data import spot_obs
 from stinfer.models.coxformer_spatial import (
     embedding_table,
     measured_genes,
+    slide_library_sizes,
     slide_log1p_cp10k,
     standardise_embeddings,
 )
@@ -64,18 +67,19 @@ class GeneKNNConfig:
 
 
 def _imputed(slide: ad.AnnData, genes: Sequence[str], values: np.ndarray, kind: str) -> ad.AnnData:
-    """Spots x genes AnnData of log1p CP10k, laid out as CoxFormerSpatial's predictions."""
+    """Spots x genes AnnData of predicted log1p CP10k ``values``, laid out as
+    CoxFormerSpatial's predictions (``X`` expected counts, ``layers["log1p_cp10k"]``)."""
     result = ad.AnnData(
         X=np.asarray(values, dtype=np.float32),
-        obs=pd.DataFrame(index=slide.obs_names.copy()),
+        obs=spot_obs(slide),
         var=pd.DataFrame(index=pd.Index([str(g) for g in genes])),
     )
     result.var["measured_on_slide"] = result.var_names.isin(slide.var_names)
     result.obsm["spatial"] = np.asarray(slide.obsm["spatial"], dtype=np.float64)
     if "stinfer" in slide.uns:
         result.uns["stinfer"] = dict(slide.uns["stinfer"])
-    result.uns["gene_baseline"] = {"scale": "log1p_cp10k", "model_type": kind}
-    return result
+    result.uns["gene_baseline"] = {"model_type": kind}
+    return annotate_log1p_cp10k(result, slide_library_sizes(slide), slide.n_vars)
 
 
 def _training_genes(
@@ -88,7 +92,7 @@ def _training_genes(
     if len(genes) < 2 or len(set(genes)) != len(genes):
         raise InputError(
             f"a gene baseline needs at least 2 unique training genes, got {len(genes)}; lower "
-            "min_spot_fraction or check the gene names."
+            "--min-spot-fraction (min_spot_fraction=) or check the gene names."
         )
     return genes
 
@@ -113,7 +117,8 @@ class _GeneBaseline:
         return slide_log1p_cp10k(slide, self.train_genes)
 
     def impute(self, genes: Sequence[str] | None = None, slide: ad.AnnData | None = None):
-        """Predicted log1p CP10k of ``genes`` (default: the training genes) at every spot of
+        """Predicted expression (``layers["log1p_cp10k"]``; ``X`` its expected counts) of
+        ``genes`` (default: the training genes) at every spot of
         ``slide`` (default: the training slide)."""
         slide = self.slide if slide is None else slide
         if slide is None:

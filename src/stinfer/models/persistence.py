@@ -14,7 +14,9 @@
 (for models with a module) and the fitted arrays under the names the model's ``load`` reads
 (a k-NN's training coordinates, a ridge's coefficients, CoxFormer's embedding table).
 Weights go through safetensors and configs through JSON, so loading a model never unpickles
-anything; every file is written atomically and an existing one is kept unless ``overwrite``.
+anything. The folder is written whole or not at all (:func:`model_folder`: a temporary sibling
+renamed into place); an existing saved model is replaced only with ``overwrite``, and a folder
+that is not a saved model, or that holds files stinfer did not write, is never replaced.
 
 Folders written before ``model_type`` existed (format version 0: STEvs, CoxFormer spatial and
 CoxFormer embeddings) are recognised by their files (:data:`LEGACY_LAYOUTS`) and still load.
@@ -22,9 +24,10 @@ CoxFormer embeddings) are recognised by their files (:data:`LEGACY_LAYOUTS`) and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +36,7 @@ import numpy as np
 import torch
 
 from stinfer.errors import InputError
-from stinfer.io.atomic import atomic_output, check_writable
+from stinfer.io.atomic import atomic_folder, atomic_output, check_replaceable_folder
 
 WEIGHTS_FILE = "weights.safetensors"
 CONFIG_FILE = "config.json"
@@ -75,6 +78,57 @@ class SavedModel:
         return read_model_weights(self.directory)
 
 
+RUN_FILES = frozenset({"train_history.json", "embeddings.h5ad"})
+"""Files stinfer writes into a model folder beside the model's own (``stinfer train``'s history,
+the gene embeddings of a CoxFormer embeddings model)."""
+
+MODEL_FOLDER_FILES = frozenset(
+    {
+        CONFIG_FILE,
+        WEIGHTS_FILE,
+        *RUN_FILES,
+        *(n for names in LEGACY_LAYOUTS.values() for n in names),
+    }
+)
+"""Every name stinfer may have written into a saved-model folder; ``overwrite`` replaces a
+folder holding only these (anything else is a user's file, and the folder is refused)."""
+
+
+def _is_saved_model(directory: Path) -> bool:
+    try:
+        read_model_header(directory)
+    except InputError:
+        return False
+    return True
+
+
+def check_model_destination(directory: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Check, before any work, that a model may be saved into ``directory``; return it.
+
+    A new or empty folder is fine; an earlier saved model (``config.json`` readable by
+    :func:`read_model_header`) needs ``overwrite`` and must hold only names stinfer writes
+    there (:data:`MODEL_FOLDER_FILES`); any other non-empty folder is an :class:`InputError`,
+    with or without ``overwrite``, so no file stinfer did not write is ever deleted.
+    """
+    directory = Path(directory)
+    is_own = directory.is_dir() and _is_saved_model(directory)
+    return check_replaceable_folder(directory, overwrite, is_own, MODEL_FOLDER_FILES, "saved model")
+
+
+@contextlib.contextmanager
+def model_folder(directory: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary folder that replaces ``directory`` whole when the block ends.
+
+    Checks ``directory`` with :func:`check_model_destination`, then writes through
+    :func:`stinfer.io.atomic.atomic_folder`: an interrupted save leaves ``directory`` as it
+    was, and an earlier model is removed only once the new one is in place. Write the model
+    with :func:`write_model_files` (and any :data:`RUN_FILES`) into the yielded folder.
+    """
+    directory = check_model_destination(directory, overwrite)
+    with atomic_folder(directory) as tmp:
+        yield tmp
+
+
 def write_model_folder(
     directory: str | os.PathLike,
     model_type: str,
@@ -98,18 +152,29 @@ def write_model_folder(
         Further arrays (numpy or torch) stored beside the module's weights; a name that is
         also a weight of ``module`` is a bug (``ValueError``).
     overwrite
-        Replace existing files; without it an existing ``config.json`` or weights file is an
-        :class:`InputError` and nothing is written.
+        Replace an earlier saved model in ``directory``; without it an existing saved model is
+        an :class:`InputError` and nothing is written (:func:`check_model_destination`).
     """
+    directory = check_model_destination(directory, overwrite)
+    with model_folder(directory, overwrite) as tmp:
+        write_model_files(tmp, model_type, config, state, module, arrays)
+    return directory
+
+
+def write_model_files(
+    directory: Path,
+    model_type: str,
+    config: Mapping[str, Any],
+    state: Mapping[str, Any] | None = None,
+    module: torch.nn.Module | None = None,
+    arrays: Mapping[str, np.ndarray | torch.Tensor] | None = None,
+) -> None:
+    """Write ``config.json`` and ``weights.safetensors`` into the new folder ``directory``
+    (the one :func:`model_folder` yields); see :func:`write_model_folder` for the arguments."""
     from safetensors.torch import save_file
 
     from stinfer import __version__
 
-    directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise InputError(f"{directory}: exists and is not a folder; give a folder for the model.")
-    for name in (WEIGHTS_FILE, CONFIG_FILE):
-        check_writable(directory / name, overwrite)
     tensors = {}
     if module is not None:
         tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
@@ -128,12 +193,10 @@ def write_model_folder(
         "state": dict(state or {}),
     }
     text = json.dumps(header, indent=2)  # a value JSON cannot hold fails before any file
-    directory.mkdir(parents=True, exist_ok=True)
-    with atomic_output(directory / WEIGHTS_FILE, overwrite) as tmp:
+    with atomic_output(directory / WEIGHTS_FILE) as tmp:
         save_file(tensors, str(tmp))
-    with atomic_output(directory / CONFIG_FILE, overwrite) as tmp:
+    with atomic_output(directory / CONFIG_FILE) as tmp:
         tmp.write_text(text)
-    return directory
 
 
 def _legacy_model_type(directory: Path, header: dict[str, Any]) -> str:

@@ -42,6 +42,13 @@ from stinfer.data.patches import PatchSpec, iter_spot_patches, spot_patches
 from stinfer.data.spot_dataset import PatchSource, SlideSpots, SpotDataset, stacked_batch
 from stinfer.errors import InputError
 from stinfer.io.atomic import atomic_output
+from stinfer.io.prediction_layout import (
+    LIBRARY_COLUMN,
+    LOG1P_LAYER,
+    annotate_counts,
+    expression_record,
+    log1p_cp10k_of,
+)
 from stinfer.io.slide_data import (
     check_genes,
     panel_counts_csr,
@@ -49,6 +56,7 @@ from stinfer.io.slide_data import (
     slide_id,
     slide_meta,
     spot_coordinates_um,
+    spot_obs,
     validation_spot_mask,
 )
 from stinfer.metrics import per_gene_pearson
@@ -588,7 +596,7 @@ class STEvs:
         if slide_meta(slide)["image_path"] is None:
             raise InputError(
                 f"slide {slide_id(slide)} has no image; STEvs needs H&E patches "
-                "(mode='spatial' prediction works without one)."
+                "(`stinfer predict --mode spatial`, mode='spatial' in Python, works without one)."
             )
 
     @contextlib.contextmanager
@@ -739,10 +747,9 @@ class STEvs:
                     self.module.image_expert_weight(experts[0]).mean()
                 )
         logger.info(
-            "STEvs trained in %.1f s (best epoch %s, val median PCC %s)",
+            "STEvs trained in %.1f s (%s)",
             self.fit_result.train_seconds,
-            self.fit_result.best_epoch,
-            None if self.fit_result.best_score is None else round(self.fit_result.best_score, 4),
+            self.fit_result.describe_best("val/pcc_median", "val median PCC"),
         )
         if self.validation_image_expert_weight is not None:
             weight = self.validation_image_expert_weight
@@ -987,13 +994,18 @@ class STEvs:
         Returns
         -------
         AnnData
-            ``X``: predicted NB means (raw-count scale), float32; ``layers["nb_theta"]``: NB
+            ``X``: predicted NB means (expected counts on the training data's count scale),
+            float32; ``layers["log1p_cp10k"]``: their log1p CP10k over the predicted genes,
+            ``obs["library_size"]`` the predicted totals and ``uns["stinfer"]["expression"]``
+            the record (:mod:`stinfer.io.prediction_layout`); ``layers["nb_theta"]``: NB
             inverse dispersion; ``obsm["X_stevs"]``: posterior mean of ``mode``;
             ``obsm["stevs_posterior_var"]``: its variance; ``obs["stevs_image_expert_weight"]``
             and ``obs["stevs_spatial_expert_weight"]``: how much each spot's prediction trusted
             each expert (the PoE precision share, :meth:`STEvsModule.image_expert_weight`; 1/0
-            in a single-modality mode; absent for a fusion other than PoE);
-            ``obsm["spatial"]`` and ``uns["stinfer"]`` copied from the slide;
+            in a single-modality mode; absent for a fusion other than PoE); the slide's spot
+            names and identity columns (``sample_id``, ``spot_id``, ``array_row``,
+            ``array_col``: :func:`~stinfer.io.slide_data.spot_obs`), ``obsm["spatial"]`` and
+            ``uns["stinfer"]`` copied from the slide;
             ``uns["stevs_prediction"]`` says the mode.
         """
         start = time.perf_counter()
@@ -1012,7 +1024,8 @@ class STEvs:
     ) -> Path:
         """:meth:`predict` written straight to an ``.h5ad`` file, chunk by chunk.
 
-        The file has the layout :meth:`predict` returns (``X``, ``layers["nb_theta"]``,
+        The file has the layout :meth:`predict` returns (``X``, ``layers["log1p_cp10k"]``,
+        ``obs["library_size"]``, ``layers["nb_theta"]``,
         ``obsm["X_stevs"]``, ``obsm["stevs_posterior_var"]``, ``obsm["spatial"]``,
         ``uns``), but the spots x genes arrays are filled one chunk of
         ``predict_batch_size`` spots at a time, so memory stays bounded by a chunk however
@@ -1045,8 +1058,20 @@ class STEvs:
                     datasets[key].attrs.update(
                         {"encoding-type": "array", "encoding-version": "0.2.0"}
                     )
+                datasets[LOG1P_LAYER] = file.create_dataset(
+                    f"layers/{LOG1P_LAYER}",
+                    shape=(n_spots, n_genes),
+                    dtype="f4",
+                    chunks=(rows_per_chunk, n_genes),
+                )
+                datasets[LOG1P_LAYER].attrs.update(
+                    {"encoding-type": "array", "encoding-version": "0.2.0"}
+                )
                 for rows, outputs in self.iter_predictions(slide, mode):
                     outputs["logvar"] = np.exp(outputs["logvar"])
+                    library = np.clip(outputs["nb_mean"].astype(np.float64), 0, None).sum(axis=1)
+                    outputs[LOG1P_LAYER] = log1p_cp10k_of(outputs["nb_mean"], library)
+                    file[f"obs/{LIBRARY_COLUMN}"][rows] = library.astype(np.float32)
                     for key, dataset in datasets.items():
                         dataset[rows] = outputs[key]
                     for key in EXPERT_WEIGHT_KEYS:
@@ -1062,7 +1087,7 @@ class STEvs:
         var, ``obsm["spatial"]``, uns) for :meth:`write_prediction` to fill."""
         prediction = ad.AnnData(
             X=None if outputs is None else outputs["nb_mean"].astype(np.float32),
-            obs=pd.DataFrame(index=slide.obs_names.copy()),
+            obs=spot_obs(slide),
             var=pd.DataFrame(index=pd.Index(self.genes)),
         )
         if outputs is not None:
@@ -1077,6 +1102,12 @@ class STEvs:
         prediction.obsm["spatial"] = np.asarray(slide.obsm["spatial"]).copy()
         prediction.uns["stinfer"] = dict(slide.uns.get("stinfer", {}))
         prediction.uns["stevs_prediction"] = {"mode": mode, "seconds": 0.0}
+        theta = {"nb_theta": "negative binomial inverse dispersion of X"}
+        if outputs is not None:
+            return annotate_counts(prediction, layers=theta)
+        prediction.obs[LIBRARY_COLUMN] = np.zeros(slide.n_obs, dtype=np.float32)
+        panel = f"the {len(self.genes)} predicted genes"
+        prediction.uns["stinfer"]["expression"] = expression_record(panel, len(self.genes), theta)
         return prediction
 
     def get_latent(self, slide: ad.AnnData, which: str = "fused") -> np.ndarray:

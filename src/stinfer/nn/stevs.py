@@ -290,7 +290,10 @@ class STEvsModule(nn.Module):
     ) -> tuple[ModalityPosterior | None, ModalityPosterior | None]:
         mode = canonical_modality(mode, "mode")
         if mode == "spatial" and self.coord_encoder is None:
-            raise InputError("mode='spatial' needs a coordinate encoder (coord_encoder='none')")
+            raise InputError(
+                "mode 'spatial' (--mode spatial) needs a coordinate encoder; this model was "
+                "built without one (coord_encoder='none')"
+            )
         image = None
         if mode != "spatial":
             if patches_or_features is None:
