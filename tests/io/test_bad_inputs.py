@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+import struct
+import zlib
 from pathlib import Path
 
 import anndata as ad
+import h5py
 import numpy as np
 import pandas as pd
 import pytest
@@ -15,6 +19,7 @@ from PIL import Image
 
 from stinfer.errors import InputError
 from stinfer.io import read_h5ad_slide, read_hest, read_legacy_st, read_slide, read_visium
+from stinfer.io.slide_image import open_slide, read_jpeg_reduced
 
 # ---------------------------------------------------------------- a minimal Space Ranger folder
 
@@ -417,3 +422,198 @@ def test_unknown_format_in_read_slide() -> None:
         match=r"unknown slide format 'xenium'; choose one of visium, visium-hd, legacy-st, h5ad, hest",
     ):
         read_slide("xenium", path="x")
+
+
+# ---------------------------------------------------------------- inputs that look fine but are not
+
+
+def write_cut_in_half(path: Path) -> Path:
+    """Replace ``path`` by its first half, as an interrupted copy leaves it."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+def test_truncated_image_is_refused_not_decoded_grey(tmp_path: Path, suffix: str) -> None:
+    pixels = np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / f"he{suffix}")
+    path = write_cut_in_half(tmp_path / f"he{suffix}")
+    with (
+        pytest.raises(InputError, match=rf"he\{suffix}: the image is truncated or corrupt"),
+        open_slide(path) as slide,
+    ):
+        slide.read_region(0, 0, 160, 120)
+
+
+def test_truncated_jpeg_thumbnail_is_refused(tmp_path: Path) -> None:
+    pixels = np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "he.jpg")
+    path = write_cut_in_half(tmp_path / "he.jpg")
+    with pytest.raises(InputError, match=r"he\.jpg: the image is truncated or corrupt"):
+        read_jpeg_reduced(path, 8)
+
+
+def write_png_declaring(path: Path, width: int, height: int) -> Path:
+    """A tiny valid PNG whose IHDR header is patched to declare ``width`` x ``height``."""
+    Image.new("RGB", (2, 2)).save(path)
+    data = bytearray(path.read_bytes())
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4 : ihdr + 12] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[ihdr : ihdr + 17]))
+    data[ihdr + 17 : ihdr + 21] = struct.pack(">I", crc)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_decompression_bomb_header_is_refused_before_decoding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("STINFER_MAX_IMAGE_PIXELS", raising=False)
+    path = write_png_declaring(tmp_path / "bomb.png", 100_000, 100_000)
+    with pytest.raises(
+        InputError,
+        match=r"bomb\.png: the header declares 100000 x 100000 px .* above the cap .*"
+        r"STINFER_MAX_IMAGE_PIXELS",
+    ):
+        open_slide(path)
+
+
+def test_image_pixel_cap_can_be_raised_by_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    Image.new("RGB", (40, 30)).save(tmp_path / "he.png")
+    monkeypatch.setenv("STINFER_MAX_IMAGE_PIXELS", "1000")
+    with pytest.raises(InputError, match=r"40 x 30 px .* above the cap"):
+        open_slide(tmp_path / "he.png")
+    monkeypatch.setenv("STINFER_MAX_IMAGE_PIXELS", "1200")
+    with open_slide(tmp_path / "he.png") as slide:
+        assert slide.dimensions == (40, 30)
+
+
+def test_legacy_empty_gzipped_count_table(tmp_path: Path) -> None:
+    _, spots_path = write_legacy(tmp_path)
+    (tmp_path / "S.tsv.gz").write_bytes(gzip.compress(b""))
+    with pytest.raises(InputError, match=r"S\.tsv\.gz: the count table is empty"):
+        read_legacy_st(tmp_path / "S.tsv.gz", spots_path)
+
+
+def test_legacy_gzipped_count_table_cut_in_half(tmp_path: Path) -> None:
+    counts_path, spots_path = write_legacy(tmp_path)
+    (tmp_path / "S.tsv.gz").write_bytes(gzip.compress(counts_path.read_bytes() * 50))
+    write_cut_in_half(tmp_path / "S.tsv.gz")
+    with pytest.raises(InputError, match=r"S\.tsv\.gz: cannot be read as a tab-separated count"):
+        read_legacy_st(tmp_path / "S.tsv.gz", spots_path)
+
+
+def test_legacy_empty_spot_table(tmp_path: Path) -> None:
+    counts_path, spots_path = write_legacy(tmp_path)
+    spots_path.write_bytes(b"")
+    with pytest.raises(InputError, match=r"S_selection\.tsv: the spot table is empty"):
+        read_legacy_st(counts_path, spots_path)
+
+
+def test_legacy_binary_spot_table(tmp_path: Path) -> None:
+    counts_path, spots_path = write_legacy(tmp_path)
+    spots_path.write_bytes(b"\xff\xfe\x00\x81" * 10)
+    with pytest.raises(InputError, match=r"S_selection\.tsv: the spot table cannot be read"):
+        read_legacy_st(counts_path, spots_path)
+
+
+def test_visium_empty_positions_file(tmp_path: Path) -> None:
+    folder = write_visium(tmp_path / "outs")
+    (folder / "spatial/tissue_positions.csv").write_bytes(b"")
+    with pytest.raises(
+        InputError, match=r"tissue_positions\.csv: the spot positions file is empty"
+    ):
+        read_visium(folder)
+
+
+def test_visium_binary_positions_file(tmp_path: Path) -> None:
+    folder = write_visium(tmp_path / "outs")
+    (folder / "spatial/tissue_positions.csv").write_bytes(b"\xff\xfe\x00\x81" * 10)
+    with pytest.raises(InputError, match=r"tissue_positions\.csv: the spot positions file is not"):
+        read_visium(folder)
+
+
+def test_visium_empty_barcode_list(tmp_path: Path) -> None:
+    folder = write_visium(tmp_path / "outs")
+    (folder / "filtered_feature_bc_matrix/barcodes.tsv").write_bytes(b"")
+    with pytest.raises(InputError, match=r"barcodes\.tsv: the barcode list is empty"):
+        read_visium(folder)
+
+
+def test_visium_truncated_h5_matrix(tmp_path: Path) -> None:
+    folder = write_visium(tmp_path / "outs")
+    with h5py.File(folder / "filtered_feature_bc_matrix.h5", "w") as handle:
+        handle["matrix/data"] = np.arange(1000)
+    write_cut_in_half(folder / "filtered_feature_bc_matrix.h5")
+    with pytest.raises(InputError, match=r"filtered_feature_bc_matrix\.h5: cannot be read as HDF5"):
+        read_visium(folder)
+
+
+@pytest.mark.parametrize("damage", ["zero bytes", "cut in half"])
+def test_h5ad_empty_or_truncated(tmp_path: Path, damage: str) -> None:
+    path = tmp_path / "s.h5ad"
+    small_anndata().write_h5ad(path)
+    if damage == "zero bytes":
+        path.write_bytes(b"")
+    else:
+        write_cut_in_half(path)
+    with pytest.raises(InputError, match=r"s\.h5ad: cannot be read as an AnnData h5ad file"):
+        read_h5ad_slide(path)
+
+
+def test_all_zero_counts_are_refused(tmp_path: Path) -> None:
+    folder = write_visium(tmp_path / "outs", counts=np.zeros((len(BARCODES), 3), dtype=np.int64))
+    with pytest.raises(InputError, match=r"outs: every count is zero \(6 spots x 3 genes\)"):
+        read_visium(folder)
+
+
+def test_legacy_count_table_without_genes_is_refused(tmp_path: Path) -> None:
+    paths = write_legacy(tmp_path, counts_text="\n1x1\n2x1\n1x2\n")
+    with pytest.raises(InputError, match=r"S\.tsv: (no genes|the count table is empty)"):
+        read_legacy_st(*paths)
+
+
+def test_h5ad_without_spots_or_genes_is_refused(tmp_path: Path) -> None:
+    no_spots = small_anndata()[:0].copy()
+    no_spots.write_h5ad(tmp_path / "spots.h5ad")
+    with pytest.raises(InputError, match=r"spots\.h5ad: no spots left after"):
+        read_h5ad_slide(tmp_path / "spots.h5ad")
+    no_genes = small_anndata()[:, :0].copy()
+    no_genes.write_h5ad(tmp_path / "genes.h5ad")
+    with pytest.raises(InputError, match=r"genes\.h5ad: no genes in the count matrix"):
+        read_h5ad_slide(tmp_path / "genes.h5ad")
+
+
+def test_swapped_pixel_axes_are_warned_about_not_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    positions = visium_positions()
+    positions["pxl_row_in_fullres"], positions["pxl_col_in_fullres"] = (
+        positions["pxl_col_in_fullres"],
+        positions["pxl_row_in_fullres"],
+    )
+    folder = write_visium(tmp_path / "outs", positions=positions)
+    Image.new("RGB", (100, 100)).save(folder / "spatial/tissue_hires_image.png")
+    with caplog.at_level("WARNING", logger="stinfer"):
+        slide = read_visium(folder)
+    assert slide.n_obs == 6
+    notes = " ".join(slide.uns["stinfer"]["notes"])
+    assert "pixel x follows array_row and pixel y follows array_col" in notes
+    assert "some scanners rotate the image" in notes
+
+
+def test_cli_flag_sets_the_image_pixel_cap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from stinfer.cli import main
+
+    monkeypatch.setenv("STINFER_MAX_IMAGE_PIXELS", "")  # restored (unset) after the test
+    Image.new("RGB", (40, 30)).save(tmp_path / "he.png")
+    argv = ["--max-image-pixels", "1000", "prepare", "--format", "image"]
+    argv += ["--image", str(tmp_path / "he.png"), "--pixel-size-um", "1"]
+    status = main([*argv, "--out", str(tmp_path / "out.h5ad")])
+    assert status == 2
+    assert "40 x 30 px" in capsys.readouterr().err

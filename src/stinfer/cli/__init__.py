@@ -15,6 +15,7 @@ process the signal ended.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -111,6 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="log debug messages, and the third-party notices hidden by default (Lightning's "
         "device summary and tips, deprecation warnings addressed to other packages)",
     )
+    parser.add_argument(
+        "--max-image-pixels",
+        type=float,
+        default=None,
+        metavar="N",
+        help="largest JPEG/PNG (width x height) to decode, default 2^31 (~2.1e9, ~6 GB "
+        "decoded); sets STINFER_MAX_IMAGE_PIXELS. JPEG/PNG images are decoded whole, so a "
+        "corrupt header declaring an absurd size is refused before decoding",
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMAND_MODULES:
         importlib.import_module(f"stinfer.cli.{name}").register(subparsers)
@@ -145,6 +155,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     configure_logging(debug=args.verbose)
+    if getattr(args, "max_image_pixels", None) is not None:
+        from stinfer.io.slide_image import MAX_IMAGE_PIXELS_ENV
+
+        # the environment reaches data-loader worker processes too
+        os.environ[MAX_IMAGE_PIXELS_ENV] = str(int(args.max_image_pixels))
     if args.command is None:
         parser.print_help()
         return EXIT_USER_ERROR

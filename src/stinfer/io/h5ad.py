@@ -131,6 +131,7 @@ def read_h5ad_slide(
         pixel_size_um=pixel_size_um,
         spot_diameter_px=spot_diameter_px,
         notes=notes,
+        require_counts=meta.get("source_format") != "image",  # image-only slides have no genes
     )
     if library is not None and _complete_for_scanpy(library):
         slide.uns["spatial"] = {library_id: library}
@@ -206,6 +207,7 @@ def slide_from_anndata(
     pixel_size_um: float | None,
     spot_diameter_px: float | None,
     notes: list[str],
+    require_counts: bool = True,
 ) -> ad.AnnData:
     """Rebuild ``adata`` as a validated slide: raw counts, spot coordinates, metadata.
 
@@ -239,6 +241,7 @@ def slide_from_anndata(
         spot_diameter_px=spot_diameter_px,
         notes=notes,
         obs_columns=extra_obs if len(extra_obs.columns) else None,
+        require_counts=require_counts,
     )
     for column in adata.var.columns:
         slide.var[column] = adata.var[column].to_numpy()
@@ -297,11 +300,33 @@ def spot_coordinates(adata: ad.AnnData, source: str, notes: list[str]) -> np.nda
     )
 
 
+def _anndata_read_errors() -> tuple[type[BaseException], ...]:
+    """What reading a damaged .h5ad raises: h5py reports broken HDF5 structures (a file cut
+    short, overwritten bytes) as OSError or RuntimeError ("bad symbol table node signature"),
+    anndata a corrupted encoding attribute as its IORegistryError (a bare Exception subclass,
+    not public API: looked up defensively)."""
+    errors: tuple[type[BaseException], ...] = (
+        OSError,
+        RuntimeError,
+        KeyError,
+        ValueError,
+        TypeError,
+        EOFError,
+    )
+    try:
+        from anndata._io.specs.registry import IORegistryError
+    except ImportError:
+        return errors
+    return (*errors, IORegistryError)
+
+
 def _read_anndata(path: Path) -> ad.AnnData:
     try:
         return ad.read_h5ad(path)
-    except (OSError, KeyError, ValueError, TypeError) as error:
-        raise InputError(f"{path}: cannot be read as an AnnData h5ad file ({error}).") from error
+    except _anndata_read_errors() as error:
+        raise InputError(
+            f"{path}: cannot be read as an AnnData h5ad file; is it complete? ({error})"
+        ) from error
 
 
 def _is_whole(matrix: sp.spmatrix | np.ndarray) -> bool:

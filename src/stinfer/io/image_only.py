@@ -379,4 +379,5 @@ def read_image_slide(
         spot_diameter_px=spots.spot_diameter_um / file_pixel_size_um,
         notes=notes,
         obs_columns=pd.DataFrame({"in_tissue_fraction": fraction[keep].astype(np.float32)}),
+        require_counts=False,
     )

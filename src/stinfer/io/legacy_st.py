@@ -25,9 +25,11 @@ import pandas as pd
 
 from stinfer.errors import InputError
 from stinfer.io.slide_data import (
+    TABLE_READ_ERRORS,
     check_spots_inside_image,
     make_slide,
     name_list,
+    read_text_table,
     require_file,
 )
 
@@ -162,7 +164,9 @@ def read_count_table(path: Path) -> pd.DataFrame:
         # low_memory=False parses in one pass: with ~15,000 columns, pandas' chunked default
         # spends more time assembling chunks than parsing
         table = pd.read_csv(path, sep="\t", index_col=0, engine="c", low_memory=False)
-    except (pd.errors.ParserError, UnicodeDecodeError, OSError, EOFError) as error:
+    except pd.errors.EmptyDataError as error:
+        raise InputError(f"{path}: the count table is empty ({error}).") from error
+    except TABLE_READ_ERRORS as error:
         raise InputError(
             f"{path}: cannot be read as a tab-separated count table ({error})."
         ) from error
@@ -209,7 +213,7 @@ def read_spot_table(path: Path, notes: list[str]) -> pd.DataFrame:
     ``x`` and ``y`` must be whole numbers (array coordinates); ``pixel_x``, ``pixel_y`` must be
     numeric when present. Duplicated (x, y) pairs are rejected.
     """
-    table = pd.read_csv(path, sep="\t", float_precision="round_trip")
+    table = read_text_table(path, "the spot table", sep="\t", float_precision="round_trip")
     missing = [column for column in ("x", "y") if column not in table.columns]
     if missing:
         raise InputError(

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import logging
 import os
+import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -154,8 +155,14 @@ def make_slide(
     spot_diameter_px: float | None = None,
     notes: list[str] | None = None,
     obs_columns: pd.DataFrame | None = None,
+    require_counts: bool = True,
 ) -> ad.AnnData:
     """Build a validated slide AnnData (see the module docstring for the layout).
+
+    A slide with no spots, no genes or only zero counts is refused (:class:`InputError`): each
+    means the files do not hold what they claim (the wrong file, a filter that removed
+    everything, an empty export). Array coordinates that look swapped against the pixel axes
+    are only warned about (:func:`check_axes_not_swapped`).
 
     Parameters
     ----------
@@ -176,9 +183,32 @@ def make_slide(
         Extra per-spot columns (e.g. ``in_tissue``, a domain label), aligned with ``spot_names``.
         A ``spot_id`` column (a slide stinfer wrote) is kept as the spots' ids; a
         ``sample_id`` column is replaced by ``sample_id``.
+    require_counts
+        Refuse a slide without genes or with only zero counts (the default: a reader's
+        files should hold measurements). ``False`` for a slide whose expression is not
+        measured: an image-only slide (:mod:`stinfer.io.image_only`, 0 genes) or a test
+        slide built by hand whose truth is absent.
     """
     notes = list(notes or [])
     matrix = check_counts(counts, source)
+    if matrix.shape[0] == 0:
+        raise InputError(
+            f"{source}: no spots left after reading and matching the spot files (0 spots); "
+            "check that the count and position files belong to the same slide and that the "
+            "tissue/selection filter keeps some spots."
+        )
+    if require_counts:
+        if matrix.shape[1] == 0:
+            raise InputError(
+                f"{source}: no genes in the count matrix (0 gene columns); check that the "
+                "file is the count matrix, not a spot or metadata table."
+            )
+        if matrix.nnz == 0:
+            raise InputError(
+                f"{source}: every count is zero ({matrix.shape[0]} spots x {matrix.shape[1]} "
+                "genes); the count matrix is empty or the wrong file (e.g. an unfiltered "
+                "template)."
+            )
     sample_id = str(sample_id)
     given_names = pd.Index([str(name) for name in spot_names])
     if matrix.shape != (len(given_names), len(gene_names)):
@@ -203,6 +233,8 @@ def make_slide(
     obs = pd.DataFrame(index=spot_index)
     prefix = f"{sample_id}_"
     obs["spot_id"] = [name.removeprefix(prefix) for name in given_names]
+    if array_row is not None and array_col is not None:
+        check_axes_not_swapped(spatial, array_row, array_col, source, notes)
     if array_row is not None:
         obs["array_row"] = np.asarray(array_row, dtype=np.int64)
     if array_col is not None:
@@ -226,6 +258,47 @@ def make_slide(
         "notes": notes,
     }
     return slide
+
+
+def check_axes_not_swapped(
+    spatial_xy: np.ndarray,
+    array_row: np.ndarray,
+    array_col: np.ndarray,
+    source: str,
+    notes: list[str],
+    strong: float = 0.9,
+    weak: float = 0.5,
+) -> None:
+    """Warn (and add a note) when pixel x follows ``array_row`` and pixel y ``array_col``.
+
+    On the usual layout pixel x grows with the array column and pixel y with the array row.
+    When instead ``|corr(x, array_row)|`` and ``|corr(y, array_col)|`` exceed ``strong`` while
+    the usual pairs stay below ``weak``, the reader probably took the pixel columns in the
+    wrong order (``pxl_row_in_fullres`` is y, not x). Only a warning: some scanners or
+    pipelines rotate the image by 90 degrees, and then the swap is real.
+    """
+    if len(spatial_xy) < 3:
+        return
+    rows = np.asarray(array_row, dtype=np.float64)
+    cols = np.asarray(array_col, dtype=np.float64)
+
+    def correlation(a: np.ndarray, b: np.ndarray) -> float:
+        if np.ptp(a) == 0 or np.ptp(b) == 0:
+            return 0.0
+        return abs(float(np.corrcoef(a, b)[0, 1]))
+
+    x, y = spatial_xy[:, 0], spatial_xy[:, 1]
+    swapped = correlation(x, rows) > strong and correlation(y, cols) > strong
+    usual = max(correlation(x, cols), correlation(y, rows))
+    if swapped and usual < weak:
+        message = (
+            f"{source}: pixel x follows array_row and pixel y follows array_col (|r| > "
+            f"{strong:g}), the reverse of the usual layout; the pixel coordinates may be "
+            "swapped (check which column is x). Kept as read: some scanners rotate the image "
+            "by 90 degrees, and then this is correct."
+        )
+        notes.append(message)
+        logger.warning(message)
 
 
 def slide_spot_names(sample_id: str, spot_ids: Sequence[object]) -> pd.Index:
@@ -477,6 +550,34 @@ def missing_file_error(path: str | os.PathLike, what: str) -> InputError:
         f"{path}: {what} not found; {folder} holds: {listing or 'nothing'}. "
         "Check the path and the file name."
     )
+
+
+TABLE_READ_ERRORS = (
+    pd.errors.EmptyDataError,
+    pd.errors.ParserError,
+    UnicodeDecodeError,
+    EOFError,
+    OSError,  # includes gzip.BadGzipFile
+    zlib.error,
+)
+"""What pandas raises for an empty, truncated, binary or malformed text table (gzipped or not)."""
+
+
+def read_text_table(path: str | os.PathLike, what: str, **read_csv_options: object) -> pd.DataFrame:
+    """``pandas.read_csv(path, **read_csv_options)``, with unreadable files as one-line errors.
+
+    An empty file, a gzip cut short, binary data or a malformed row raise :class:`InputError`
+    naming ``path`` and ``what`` the file is (e.g. ``"the spot table"``) instead of a pandas
+    traceback.
+    """
+    try:
+        return pd.read_csv(path, **read_csv_options)
+    except pd.errors.EmptyDataError as error:
+        raise InputError(f"{path}: {what} is empty ({error}).") from error
+    except TABLE_READ_ERRORS as error:
+        raise InputError(
+            f"{path}: {what} cannot be read; is the file complete and a text table? ({error})"
+        ) from error
 
 
 def check_spots_inside_image(

@@ -330,19 +330,98 @@ class SlideImage:
         raise NotImplementedError
 
 
+MAX_IMAGE_PIXELS_ENV = "STINFER_MAX_IMAGE_PIXELS"
+"""Environment variable that overrides :data:`MAX_IMAGE_PIXELS` (a whole number of pixels)."""
+
+MAX_IMAGE_PIXELS = 2**31
+"""Largest JPEG/PNG (width x height) stinfer decodes: ~2.1 gigapixels, ~6 GB of RGB pixels.
+
+A JPEG or PNG is decoded whole into memory (``width * height * 3`` bytes), so a header that
+declares an absurd size (a corrupt or hostile file) would exhaust memory; the cap is checked
+from the header before any decoding (:func:`check_image_pixels`). Real whole-slide JPEG/PNGs
+(a HER2ST section is ~0.1 gigapixel) are far below it; tiled TIFF/SVS slides are read by tile
+and are not capped. Raise it with the environment variable ``STINFER_MAX_IMAGE_PIXELS``, the
+CLI flag ``--max-image-pixels``, or by setting this attribute.
+"""
+
+
+def max_image_pixels() -> int:
+    """The pixel cap in force: ``STINFER_MAX_IMAGE_PIXELS`` when set, else :data:`MAX_IMAGE_PIXELS`."""
+    value = os.environ.get(MAX_IMAGE_PIXELS_ENV)
+    if value is None or not value.strip():
+        return int(MAX_IMAGE_PIXELS)
+    try:
+        return int(float(value))
+    except ValueError as error:
+        raise InputError(
+            f"{MAX_IMAGE_PIXELS_ENV}={value!r} is not a number of pixels (e.g. 4e9)."
+        ) from error
+
+
+def check_image_pixels(path: Path, width: int, height: int) -> None:
+    """Raise :class:`InputError` when a JPEG/PNG of ``width`` x ``height`` exceeds the cap."""
+    cap = max_image_pixels()
+    if width * height > cap:
+        raise InputError(
+            f"{path}: the header declares {width} x {height} px ({width * height / 1e9:.3g} "
+            f"gigapixels, ~{width * height * 3 / 2**30:.3g} GiB decoded), above the cap of "
+            f"{cap / 1e9:.3g} gigapixels for JPEG/PNG images, which are decoded whole. If the "
+            f"image is real, raise the cap (environment variable {MAX_IMAGE_PIXELS_ENV}=N or "
+            "`stinfer --max-image-pixels N`) or convert it to a tiled pyramidal TIFF; otherwise "
+            "the file is corrupt."
+        )
+
+
+def truncated_image_error(path: Path, error: object) -> InputError:
+    """The :class:`InputError` for an image whose data ends early or does not decode."""
+    return InputError(
+        f"{path}: the image is truncated or corrupt ({error}); copy or export it again."
+    )
+
+
+def _jpeg_is_truncated(path: Path, chunk_bytes: int = 2**20) -> bool:
+    """True when a JPEG's last scan has no end-of-image marker (the file was cut short).
+
+    Entropy-coded data cannot hold a marker (0xFF is byte-stuffed), so the last of the markers
+    start-of-scan (FFDA) and end-of-image (FFD9) in the file is FFD9 in a complete JPEG. The
+    file is read backwards in chunks until either is found: one chunk for a complete file.
+    libjpeg-turbo (imagecodecs) decodes a truncated JPEG without complaint, filling the
+    missing part with flat grey.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        end = size
+        while end > 0:
+            start = max(0, end - chunk_bytes)
+            handle.seek(start)
+            chunk = handle.read(end - start + 1)  # one byte of overlap: a marker split in two
+            last_end, last_scan = chunk.rfind(b"\xff\xd9"), chunk.rfind(b"\xff\xda")
+            if last_end >= 0 or last_scan >= 0:
+                return last_scan > last_end
+            end = start
+    return True
+
+
 @contextlib.contextmanager
 def _without_decompression_bomb_limit() -> Iterator[None]:
-    """Let Pillow open whole-slide-sized images (its default limit is ~89 megapixels)."""
-    from PIL import Image
+    """Let Pillow open whole-slide-sized images (its default limit is ~89 megapixels).
+
+    stinfer's own cap (:func:`check_image_pixels`) replaces it. Truncated files always raise
+    (``LOAD_TRUNCATED_IMAGES`` is off inside), never decode with a grey remainder.
+    """
+    from PIL import Image, ImageFile
 
     saved = Image.MAX_IMAGE_PIXELS
+    saved_truncated = ImageFile.LOAD_TRUNCATED_IMAGES
     Image.MAX_IMAGE_PIXELS = None
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             yield
     finally:
         Image.MAX_IMAGE_PIXELS = saved
+        ImageFile.LOAD_TRUNCATED_IMAGES = saved_truncated
 
 
 def _pillow_band(image) -> np.ndarray:
@@ -417,16 +496,23 @@ def read_jpeg_reduced(
     downsamples = [d for d in JPEG_DCT_DOWNSAMPLES if d <= max_downsample * (1 + 1e-6)]
     if not downsamples:
         return None
+    path = Path(path)
     try:
         with _without_decompression_bomb_limit(), Image.open(path) as image:
             if image.format != "JPEG" or image.mode not in ("RGB", "L"):
                 return None
             width, height = image.size
+            check_image_pixels(path, width, height)
+            if _jpeg_is_truncated(path):
+                raise truncated_image_error(path, "no end-of-image marker")
             downsample = downsamples[0]
             image.draft(image.mode, (-(-width // downsample), -(-height // downsample)))
             if image.size != (-(-width // downsample), -(-height // downsample)):
                 return None
-            pixels = to_rgb_uint8(np.asarray(image))
+            try:
+                pixels = to_rgb_uint8(np.asarray(image))
+            except (OSError, SyntaxError, ValueError) as error:
+                raise truncated_image_error(path, error) from error
     except (OSError, UnidentifiedImageError):
         return None
     return pixels, downsample
@@ -448,6 +534,8 @@ class PillowSlide(SlideImage):
                 self._image = Image.open(path)
         except UnidentifiedImageError as error:
             raise InputError(f"{path}: not a readable JPEG/PNG image ({error}).") from error
+        except (OSError, SyntaxError, ValueError) as error:
+            raise truncated_image_error(path, error) from error
         # Pillow "identifies" some non-image formats (HDF5, FITS, ...) as stubs it cannot decode
         width, height = self._image.size
         if isinstance(self._image, ImageFile.StubImageFile) or width <= 0 or height <= 0:
@@ -457,6 +545,11 @@ class PillowSlide(SlideImage):
                 f"{path}: not a readable image (Pillow sees a {kind} file of {width} x {height} "
                 "px); give the H&E image as JPEG, PNG or TIFF."
             )
+        try:
+            check_image_pixels(path, width, height)
+        except InputError:
+            self._image.close()
+            raise
         self._pixels: np.ndarray | None = None
         super().__init__(path, [self._image.size], pixel_size_um)
 
@@ -464,12 +557,25 @@ class PillowSlide(SlideImage):
         if self._pixels is None:
             if self._image is None:
                 raise InputError(f"{self.path}: the slide is closed.")
-            if self._image.format == "JPEG" and self._image.mode in ("RGB", "L"):
-                self._pixels = _decode_jpeg(self.path)
+            if self._image.format == "JPEG":
+                if _jpeg_is_truncated(self.path):
+                    raise truncated_image_error(self.path, "no end-of-image marker")
+                if self._image.mode in ("RGB", "L"):
+                    self._pixels = _decode_jpeg(self.path)
             if self._pixels is None:
                 with _without_decompression_bomb_limit():
-                    self._image.load()
-                    self._pixels = _pillow_pixels(self._image)
+                    try:
+                        self._image.load()
+                        self._pixels = _pillow_pixels(self._image)
+                    except (OSError, SyntaxError, ValueError) as error:
+                        raise truncated_image_error(self.path, error) from error
+                    except MemoryError as error:
+                        width, height = self.dimensions
+                        raise InputError(
+                            f"{self.path}: not enough memory to decode {width} x {height} px "
+                            "(JPEG/PNG images are decoded whole); convert the image to a tiled "
+                            "pyramidal TIFF, which is read tile by tile."
+                        ) from error
             self._image.close()
             self._image = None
         return self._pixels

@@ -46,6 +46,7 @@ from stinfer.io.slide_data import (
     make_slide,
     missing_file_error,
     name_list,
+    read_text_table,
     require_file,
 )
 
@@ -374,9 +375,11 @@ def read_matrix_mtx(folder: Path) -> FeatureMatrix:
         ) from error
     counts = sp.csr_matrix(genes_by_barcodes).T.tocsr()
     barcodes = pd.Index(
-        pd.read_csv(barcodes_path, sep="\t", header=None, usecols=[0], dtype=str)[0]
+        read_text_table(
+            barcodes_path, "the barcode list", sep="\t", header=None, usecols=[0], dtype=str
+        )[0]
     )
-    features = pd.read_csv(features_path, sep="\t", header=None, dtype=str)
+    features = read_text_table(features_path, "the feature list", sep="\t", header=None, dtype=str)
     if features.shape[1] < 2:
         raise InputError(
             f"{features_path}: expected at least two tab-separated columns (gene id, gene "
@@ -408,11 +411,17 @@ def read_positions(folder: Path) -> pd.DataFrame:
     if path.suffix == ".parquet":
         table = _read_parquet_columns(path, POSITION_COLUMNS)
     else:
-        with open(path) as handle:
-            first_cell = handle.readline().split(",")[0].strip().strip('"')
+        try:
+            with open(path) as handle:
+                first_cell = handle.readline().split(",")[0].strip().strip('"')
+        except UnicodeDecodeError as error:
+            raise InputError(
+                f"{path}: the spot positions file is not a text (CSV) file ({error})."
+            ) from error
         has_header = first_cell == "barcode"
-        table = pd.read_csv(
+        table = read_text_table(
             path,
+            "the spot positions file",
             header=0 if has_header else None,
             dtype={"barcode": str} if has_header else {0: str},
             float_precision="round_trip",
