@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -30,7 +31,7 @@ def embeddings():
 )
 def test_every_format_round_trips_to_the_same_anndata(embeddings, tmp_path, name):
     path = write_gene_embeddings(embeddings, tmp_path / name)
-    back = read_gene_embeddings(path)
+    back = read_gene_embeddings(path, allow_pickle=name.endswith(".pkl"))
     assert list(back.obs_names) == list(embeddings.obs_names)
     assert back.X.dtype == np.float32
     np.testing.assert_array_equal(back.X, embeddings.X)
@@ -54,7 +55,7 @@ def test_external_tables_in_their_native_layouts(embeddings, tmp_path):
         tmp_path / "lists.parquet"
     )
     for name in ("genept.pickle", "pandas.csv", "headerless.csv", "frame.pkl", "lists.parquet"):
-        back = read_gene_embeddings(tmp_path / name)
+        back = read_gene_embeddings(tmp_path / name, allow_pickle=True)
         assert list(back.obs_names) == genes, name
         np.testing.assert_allclose(back.X, vectors, rtol=1e-6, err_msg=name)
 
@@ -75,12 +76,69 @@ def test_bad_tables_raise_input_errors_that_name_the_file(tmp_path):
         ("list.pkl", "dict gene -> vector"),
     ]:
         with pytest.raises(InputError, match=message) as error:
-            read_gene_embeddings(tmp_path / name)
+            read_gene_embeddings(tmp_path / name, allow_pickle=True)
         assert name in str(error.value)
     with pytest.raises(InputError, match="suffix"):
         read_gene_embeddings(tmp_path / "table.xlsx")
     with pytest.raises(FileNotFoundError):
         read_gene_embeddings(tmp_path / "missing.h5ad")
+
+
+class _Payload:
+    """Unpickling this writes a marker file: what a crafted pickle's code would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "the payload ran"))
+
+
+@pytest.mark.parametrize("suffix", [".pkl", ".pickle"])
+def test_a_pickle_is_refused_unless_allowed_and_its_payload_never_runs(tmp_path, suffix):
+    from stinfer.cli import main
+
+    marker = tmp_path / "payload_ran.txt"
+    path = tmp_path / f"crafted{suffix}"
+    path.write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(InputError, match="--allow-pickle"):
+        read_gene_embeddings(path)
+    labels = tmp_path / "labels.csv"
+    labels.write_text("gene,label\nA,1\n")
+    status = main(
+        [
+            "gene-eval",
+            "--embeddings",
+            str(path),
+            "--labels",
+            str(labels),
+            "--out",
+            str(tmp_path / "r.json"),
+        ]
+    )
+    assert status == 2
+    slide = tmp_path / "slide.h5ad"
+    slide.write_bytes(b"")
+    status = main(
+        [
+            "impute",
+            "--slide",
+            str(slide),
+            "--embeddings",
+            str(path),
+            "--genes",
+            "A",
+            "--out",
+            str(tmp_path / "o.h5ad"),
+        ]
+    )
+    assert status == 2
+    assert not marker.exists(), "a refused pickle must not be unpickled"
+    assert not (tmp_path / "r.json").exists() and not (tmp_path / "o.h5ad").exists()
+    # opted in, the file is read (and here its payload runs: the flag's help says so)
+    with pytest.raises(InputError):
+        read_gene_embeddings(path, allow_pickle=True)
+    assert marker.exists()
 
 
 def test_writing_refuses_to_overwrite_unless_asked(embeddings, tmp_path):

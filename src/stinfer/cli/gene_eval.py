@@ -14,6 +14,7 @@ from pathlib import Path
 
 from stinfer.cli.options import (
     HelpFormatter,
+    add_allow_pickle_argument,
     add_output_arguments,
     checked_output,
     int_at_least,
@@ -61,8 +62,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--embeddings",
         required=True,
         type=Path,
-        help="embedding table (.h5ad/.csv/.tsv/.parquet/.pkl)",
+        help="embedding table (.h5ad/.csv/.tsv/.parquet; .pkl with --allow-pickle)",
     )
+    add_allow_pickle_argument(parser)
     parser.add_argument("--labels", type=Path, help="CSV with columns gene,label")
     parser.add_argument(
         "--corpus",
@@ -117,7 +119,7 @@ def run(args: argparse.Namespace) -> None:
     out = checked_output(args)
     if args.labels is None and args.corpus is None:
         raise InputError("give --labels, --corpus, or both: there is nothing to score.")
-    embeddings = read_gene_embeddings(args.embeddings)
+    embeddings = read_gene_embeddings(args.embeddings, allow_pickle=args.allow_pickle)
     labels = read_gene_labels(args.labels) if args.labels is not None else None
     corpora = read_corpora(args.corpus) if args.corpus else None
     svd_corpora = read_corpora(args.svd_corpus) if args.svd_corpus else None

@@ -11,6 +11,7 @@ from pathlib import Path
 from stinfer.cli.options import (
     HelpFormatter,
     add_accelerator_argument,
+    add_allow_pickle_argument,
     add_output_arguments,
     checked_output,
     fraction,
@@ -65,8 +66,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--slide", required=True, type=Path, help="slide .h5ad (stinfer prepare)")
     parser.add_argument(
-        "--embeddings", required=True, type=Path, help="gene embeddings (.h5ad, .csv, .parquet...)"
+        "--embeddings",
+        required=True,
+        type=Path,
+        help="gene embeddings (.h5ad, .csv, .tsv, .parquet; .pkl with --allow-pickle)",
     )
+    add_allow_pickle_argument(parser)
     task = parser.add_mutually_exclusive_group(required=True)
     task.add_argument(
         "--test-fraction",
@@ -193,7 +198,7 @@ def run(args: argparse.Namespace) -> None:
     args.modality = canonical_modality(args.modality)
     config = build_config(args)
     slide = read_h5ad_slide(args.slide)
-    table = embedding_table(args.embeddings)
+    table = embedding_table(args.embeddings, allow_pickle=args.allow_pickle)
 
     if args.test_fraction is not None:
         from stinfer.evaluate.held_out_genes import held_out_genes_evaluation

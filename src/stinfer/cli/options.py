@@ -153,6 +153,17 @@ def add_accelerator_argument(parser: argparse.ArgumentParser, help_text: str, de
     parser.add_argument("--accelerator", choices=ACCELERATORS, default=default, help=help_text)
 
 
+def add_allow_pickle_argument(parser: argparse.ArgumentParser) -> None:
+    """``--allow-pickle``: read a ``.pkl`` embedding table (refused by default)."""
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="read a .pkl/.pickle --embeddings file. Off by default because reading a pickle "
+        "runs any code it holds: use it only for a file you trust, or convert the table once "
+        "to .h5ad/.csv/.parquet",
+    )
+
+
 def add_output_arguments(parser: argparse.ArgumentParser, help_text: str) -> None:
     """``--out PATH`` (required) and ``--overwrite``."""
     parser.add_argument("--out", required=True, type=Path, metavar="PATH", help=help_text)

@@ -17,7 +17,9 @@ Formats (chosen by the file suffix, or ``format=``):
 - ``.parquet``: the same table (gene names in the index or a ``gene`` column), or a ``gene``
   column beside a single list-valued column of vectors;
 - ``.pkl`` / ``.pickle``: a dict gene -> vector (GenePT's format) or a pandas DataFrame.
-  Unpickling runs code from the file: only read pickles you trust.
+  Unpickling runs code from the file, so a pickle is refused unless the caller opts in
+  (``allow_pickle=True``, ``--allow-pickle`` on the command line): only for files you trust;
+  converting them once to ``.h5ad``/``.csv``/``.parquet`` avoids the question.
 """
 
 from __future__ import annotations
@@ -212,7 +214,9 @@ def _from_pickle(obj: object, path: Path) -> ad.AnnData:
     )
 
 
-def read_gene_embeddings(path: str | os.PathLike, format: str | None = None) -> ad.AnnData:
+def read_gene_embeddings(
+    path: str | os.PathLike, format: str | None = None, allow_pickle: bool = False
+) -> ad.AnnData:
     """Read an embedding table into the AnnData form of this module.
 
     Parameters
@@ -221,6 +225,9 @@ def read_gene_embeddings(path: str | os.PathLike, format: str | None = None) -> 
         ``.h5ad``, ``.csv``/``.tsv`` (``.gz`` allowed), ``.parquet`` or ``.pkl`` file.
     format
         Overrides the suffix: ``h5ad``, ``csv``, ``tsv``, ``parquet`` or ``pickle``.
+    allow_pickle
+        Read a pickle. Off by default: unpickling runs whatever code the file holds, so a
+        crafted file would run its payload; turn it on only for a file you trust.
 
     Returns
     -------
@@ -232,17 +239,24 @@ def read_gene_embeddings(path: str | os.PathLike, format: str | None = None) -> 
     FileNotFoundError
         The file does not exist.
     InputError
-        The file is not a genes x dimensions table (message names the file and the problem).
+        The file is not a genes x dimensions table (message names the file and the problem),
+        or it is a pickle and ``allow_pickle`` is off.
 
     Examples
     --------
-    >>> genept = read_gene_embeddings("GenePT_gene_embedding_ada_text.pickle")
+    >>> genept = read_gene_embeddings("GenePT_gene_embedding_ada_text.pickle", allow_pickle=True)
     >>> coxformer = read_gene_embeddings("genes.h5ad")
     """
     path = Path(path)
     kind = embedding_format(path, format)
     if not path.is_file():
         raise FileNotFoundError(2, "no such embedding file", str(path))
+    if kind == "pickle" and not allow_pickle:
+        raise InputError(
+            f"{path}: a pickle can run code when it is read, so stinfer does not read one "
+            "unless asked: pass --allow-pickle (allow_pickle=True) if you trust this file, or "
+            "convert it once to .h5ad, .csv or .parquet."
+        )
     if kind == "h5ad":
         adata = ad.read_h5ad(path)
         matrix = as_dense(adata.X)

@@ -300,12 +300,15 @@ def coxformer_spatial_config(
 
 
 # --------------------------------------------------------------------------- data: genes
-def embedding_table(gene_embeddings: ad.AnnData | pd.DataFrame | str | os.PathLike) -> pd.DataFrame:
-    """Gene embeddings as a genes x dims float64 DataFrame (AnnData, DataFrame or a file)."""
+def embedding_table(
+    gene_embeddings: ad.AnnData | pd.DataFrame | str | os.PathLike, allow_pickle: bool = False
+) -> pd.DataFrame:
+    """Gene embeddings as a genes x dims float64 DataFrame (AnnData, DataFrame or a file;
+    a pickle file only with ``allow_pickle``, see :func:`~stinfer.io.read_gene_embeddings`)."""
     if isinstance(gene_embeddings, (str, os.PathLike)):
         from stinfer.io.gene_embeddings import read_gene_embeddings
 
-        gene_embeddings = read_gene_embeddings(gene_embeddings)
+        gene_embeddings = read_gene_embeddings(gene_embeddings, allow_pickle=allow_pickle)
     if isinstance(gene_embeddings, ad.AnnData):
         matrix = as_dense(gene_embeddings.X)
         table = pd.DataFrame(matrix, index=gene_embeddings.obs_names.astype(str))
