@@ -263,6 +263,38 @@ def test_old_field_names_in_overrides_move_to_their_one_place():
     assert embeddings.completion.lr == 0.1
 
 
+def test_damaged_weights_a_foreign_config_and_unknown_options_are_one_line_errors(saved, tmp_path):
+    import shutil
+
+    source = saved["feature_ridge"][2]
+
+    def copy(name):
+        shutil.copytree(source, tmp_path / name)
+        return tmp_path / name
+
+    garbage = copy("garbage")
+    (garbage / "weights.safetensors").write_bytes(b"\x07" * 100)
+    with pytest.raises(InputError, match=r"garbage/weights\.safetensors: not a readable"):
+        load(garbage)
+    truncated = copy("truncated")
+    weights = (source / "weights.safetensors").read_bytes()
+    (truncated / "weights.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(InputError, match=r"truncated"):
+        load(truncated)
+    foreign = copy("foreign")  # a ridge's files under a STEvs header
+    header = json.loads((foreign / "config.json").read_text())
+    (foreign / "config.json").write_text(json.dumps({**header, "model_type": "stevs"}))
+    with pytest.raises(
+        InputError, match=r"foreign: cannot load it as a saved 'stevs' model: .*state_dict"
+    ):
+        load(foreign)
+    unknown = copy("unknown")
+    header["config"] = {**header["config"], "bogus_field": 1}
+    (unknown / "config.json").write_text(json.dumps(header))
+    with pytest.raises(InputError, match=r"unknown/config\.json: .*bogus_field"):
+        load(unknown)
+
+
 def test_unknown_type_and_newer_format_name_config_json_and_the_field(saved, tmp_path):
     folder = tmp_path / "model"
     folder.mkdir()

@@ -53,9 +53,14 @@ LEGACY_LAYOUTS: dict[str, tuple[str, ...]] = {
 
 def read_model_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Every array of ``weights.safetensors`` in ``directory`` (safetensors: no pickle runs)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    return load_file(str(Path(directory) / WEIGHTS_FILE))
+    path = Path(directory) / WEIGHTS_FILE
+    try:
+        return load_file(str(path))
+    except SafetensorError as error:
+        raise InputError(f"{path}: not a readable safetensors file ({error}).") from error
 
 
 # --------------------------------------------------------------------------- format version 1

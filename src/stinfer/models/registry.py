@@ -394,9 +394,11 @@ def load(path: str | os.PathLike, **kwargs: Any) -> Any:
     InputError
         ``config.json`` is missing or unreadable, its ``model_type`` is missing or not
         registered, or its ``format_version`` is newer than this stinfer reads (see
-        :func:`stinfer.models.persistence.read_model_header`).
+        :func:`stinfer.models.persistence.read_model_header`); or the folder's files do not
+        make a model of that type (damaged weights, arrays of the wrong shape or names, a
+        config of another model): one message naming the folder and what did not fit.
     """
-    from stinfer.models.persistence import CONFIG_FILE, read_model_header
+    from stinfer.models.persistence import CONFIG_FILE, WEIGHTS_FILE, read_model_header
 
     saved = read_model_header(path)
     if saved.model_type not in MODEL_TYPES:
@@ -404,4 +406,20 @@ def load(path: str | os.PathLike, **kwargs: Any) -> Any:
             f"{saved.directory / CONFIG_FILE}: field 'model_type' is {saved.model_type!r}, "
             f"not a model type of this stinfer ({list_models()}); was it saved by a newer one?"
         )
-    return MODEL_TYPES[saved.model_type].model_class.load(path, **kwargs)
+    try:
+        return MODEL_TYPES[saved.model_type].model_class.load(path, **kwargs)
+    except InputError as error:
+        if str(saved.directory) in str(error):
+            raise
+        raise InputError(f"{saved.directory / CONFIG_FILE}: {error}") from error
+    except (RuntimeError, KeyError, ValueError, TypeError) as error:
+        # torch's load_state_dict (missing/unexpected keys, size mismatch), safetensors'
+        # header errors and a config of another model surface as these; the files are the
+        # user's input, so they get one line and not a traceback
+        lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+        detail = " ".join(lines[:2]) or type(error).__name__
+        raise InputError(
+            f"{saved.directory}: cannot load it as a saved {saved.model_type!r} model: "
+            f"{detail[:300]} (is {WEIGHTS_FILE} damaged, or does {CONFIG_FILE} belong to "
+            "another model?)"
+        ) from error
