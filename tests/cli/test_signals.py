@@ -36,6 +36,11 @@ def slide_file(tmp_path_factory) -> Path:
     return write_h5ad(prepare_for_h5ad(section), folder / "a.h5ad")
 
 
+def _default_signal_handlers() -> None:
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 def train_and_signal(slide_file: Path, out: Path, signum: int, *flags: str):
     """Start `python -m stinfer train`, send ``signum`` once training runs; (status, stderr)."""
     command = [
@@ -45,7 +50,14 @@ def train_and_signal(slide_file: Path, out: Path, signum: int, *flags: str):
     ]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        # a test suite started in the background (`cmd &`, nohup) passes SIGINT on ignored,
+        # and stinfer rightly keeps a signal its caller ignores: give the child the default
+        preexec_fn=_default_signal_handlers,
     )
     try:
         first = process.stdout.readline()  # printed once the slides are read and work begins
@@ -87,6 +99,20 @@ def test_sigint_exits_130_and_an_earlier_run_being_overwritten_is_kept(slide_fil
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old run, whole
     assert json.loads((out / "config.json").read_text())["model_type"] == "mean"
     assert stinfer_temporaries(tmp_path) == []
+
+
+def test_a_signal_the_caller_ignores_stays_ignored():
+    """`nohup stinfer ...` or a background job: SIGINT ignored by the caller is not re-armed."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        from stinfer.cli import _stop_on_signals
+
+        replaced = _stop_on_signals()
+        assert signal.SIGINT not in replaced and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        for signum, handler in replaced.items():
+            signal.signal(signum, handler)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_top_level_help_documents_the_exit_statuses(capsys):
