@@ -5,7 +5,9 @@ For every section and modality (``spatial``, ``image``, ``fused``; the older ``l
 :func:`stinfer.evaluate.held_out_genes.held_out_genes_evaluation` (seeded 80/20 split of the
 measured genes; mean profile, k-NN with k chosen by CV over the training genes, the model with
 shuffled embeddings) and writes one row per (section, modality, method) with median/mean PCC
-and SCC on log1p CP10k, log1p MSE, genes, seconds, and the machine's load average.
+and SCC on log1p CP10k, the depth-controlled PCC (``pcc_partial_*``: partial correlation
+given the log spot total), the same medians over the held-out genes among the slide's 1,000
+most variable genes (``hvg_*``), log1p MSE, genes, seconds, and the machine's load average.
 
 Inputs: prepared slides (``stinfer prepare --format legacy-st ... --out DIR/C2.h5ad``, with the
 image for ``image``/``fused``) and a gene embedding table, e.g. from
@@ -93,7 +95,9 @@ def main() -> None:
             print(
                 f"{section} {modality} ({time.perf_counter() - start:.0f} s): "
                 + ", ".join(
-                    f"{m} PCC {v['pcc_median']:.3f} MSE {v['mse']:.3f}"
+                    f"{m} PCC {v['pcc_median']:.3f} (depth-controlled "
+                    f"{v['pcc_partial_median']:.3f}, top-variable {v['hvg_pcc_median']:.3f}) "
+                    f"MSE {v['mse']:.3f}"
                     for m, v in result["metrics"].items()
                 ),
                 flush=True,
@@ -116,7 +120,18 @@ def main() -> None:
     )
     print(
         pd.DataFrame(rows)
-        .pivot_table(index=["section", "modality"], columns="method", values=["pcc_median", "mse"])
+        .pivot_table(
+            index=["section", "modality"],
+            columns="method",
+            values=[
+                "pcc_median",
+                "pcc_partial_median",
+                "hvg_pcc_median",
+                "hvg_pcc_partial_median",
+                "mse",
+            ],
+            sort=False,
+        )
         .round(3)
         .to_string()
     )

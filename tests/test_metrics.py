@@ -18,6 +18,7 @@ from stinfer.metrics import (
     evaluate_expression,
     hest_pcc_top50,
     mse_log1p,
+    per_gene_partial_pearson,
     per_gene_pearson,
     per_gene_spearman,
     top_variable_genes,
@@ -50,6 +51,37 @@ def test_pearson_and_spearman_equal_scipy_column_by_column():
             stats.spearmanr(pred[:, gene], truth[:, gene])[0], abs=1e-12
         )
     assert not pcc_constant.any() and not scc_constant.any()
+
+
+def test_partial_pearson_equals_the_closed_form_given_the_covariate():
+    rng = np.random.default_rng(7)
+    log_totals = rng.normal(8.0, 0.5, 80)
+    truth = 0.8 * log_totals[:, None] + rng.normal(0, 0.5, (80, 6))
+    pred = 0.5 * truth + 0.6 * log_totals[:, None] + rng.normal(0, 0.5, (80, 6))
+    partial, constant = per_gene_partial_pearson(pred, sp.csr_matrix(truth), log_totals)
+    for gene in range(6):
+        r_xy = stats.pearsonr(pred[:, gene], truth[:, gene])[0]
+        r_xz = stats.pearsonr(pred[:, gene], log_totals)[0]
+        r_yz = stats.pearsonr(truth[:, gene], log_totals)[0]
+        expected = (r_xy - r_xz * r_yz) / np.sqrt((1 - r_xz**2) * (1 - r_yz**2))
+        assert partial[gene] == pytest.approx(expected, abs=1e-10)
+    assert not constant.any()
+    # a constant covariate controls for nothing: the plain PCC
+    plain, _ = per_gene_pearson(pred, truth)
+    np.testing.assert_allclose(per_gene_partial_pearson(pred, truth, np.ones(80))[0], plain)
+
+
+def test_a_depth_only_prediction_has_high_pcc_but_zero_partial_pcc():
+    rng = np.random.default_rng(8)
+    log_totals = np.log(rng.gamma(4.0, 1000.0, 200))
+    truth = 0.7 * log_totals[:, None] + rng.normal(0, 0.3, (200, 4))
+    pred = 1.5 + 0.9 * np.repeat(log_totals[:, None], 4, axis=1)  # a + b * log(total)
+    assert per_gene_pearson(pred, truth)[0].min() > 0.5
+    partial, constant = per_gene_partial_pearson(pred, truth, log_totals)
+    np.testing.assert_array_equal(partial, 0.0)
+    assert constant.all()
+    with pytest.raises(InputError, match="covariate"):
+        per_gene_partial_pearson(pred, truth, log_totals[:-1])
 
 
 def test_sparse_input_gives_the_same_correlations():

@@ -67,6 +67,7 @@ __all__ = [
     "fit_domains",
     "hest_pcc_top50",
     "mse_log1p",
+    "per_gene_partial_pearson",
     "per_gene_pearson",
     "per_gene_spearman",
     "section_id",
@@ -152,6 +153,74 @@ def per_gene_pearson(pred: Matrix, truth: Matrix) -> tuple[np.ndarray, np.ndarra
     return _column_pearson(_dense(pred, "prediction"), _dense(truth, "truth"))
 
 
+def per_gene_partial_pearson(
+    pred: Matrix, truth: Matrix, covariate: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Partial Pearson correlation of prediction and truth for every gene, given a spot covariate.
+
+    The depth-controlled PCC: with ``z`` the per-spot covariate (e.g. the log spot total),
+    both the prediction column ``x`` and the truth column ``y`` are regressed on ``[1, z]`` by
+    ordinary least squares across spots, and the correlation is the Pearson correlation of the
+    residuals::
+
+        r_xy.z = corr(x - P x, y - P y),  P = projection onto span{1, z}
+               = (r_xy - r_xz r_yz) / sqrt((1 - r_xz^2) (1 - r_yz^2)).
+
+    A prediction that carries only the covariate (``x = a + b z``) has residual 0 and scores 0,
+    however high its plain PCC. One projection serves all genes (no loop over genes).
+
+    Parameters
+    ----------
+    pred, truth
+        ``(n_spots, n_genes)`` predicted and true expression of the same spots and genes.
+    covariate
+        ``(n_spots,)`` the value to control for at each spot. A constant covariate removes
+        the mean only, giving the plain PCC.
+
+    Returns
+    -------
+    correlation : numpy.ndarray
+        ``(n_genes,)`` float64, NaN-free: a gene whose residual is constant in prediction or
+        truth (the covariate explains it up to rounding, relative norm below
+        :data:`_NEGLIGIBLE_RESIDUAL`) gets 0, as in :func:`per_gene_pearson`.
+    constant : numpy.ndarray
+        ``(n_genes,)`` bool, True for those genes.
+    """
+    _check_pair(pred, truth)
+    covariate = np.asarray(covariate, dtype=np.float64).ravel()
+    if covariate.shape[0] != pred.shape[0]:
+        raise InputError(
+            f"the covariate has {covariate.shape[0]} values for {pred.shape[0]} spots."
+        )
+    if not np.all(np.isfinite(covariate)):
+        raise InputError("the covariate holds NaN or infinite values (log of a zero total?).")
+    covariate = covariate - covariate.mean()
+    norm = float(covariate @ covariate)
+    direction = covariate / np.sqrt(norm) if norm > 0 else np.zeros_like(covariate)
+    return _column_pearson(
+        _residual(_dense(pred, "prediction"), direction),
+        _residual(_dense(truth, "truth"), direction),
+    )
+
+
+_NEGLIGIBLE_RESIDUAL = 1e-9  # residual norm / centred norm below which a column is constant
+
+
+def _residual(array: np.ndarray, direction: np.ndarray) -> np.ndarray:
+    """Columns of ``array`` minus their OLS fit on ``[1, direction]`` (``direction`` centred, unit).
+
+    Residuals that are rounding noise (the fit explains the column) are set to exactly 0, so
+    that :func:`_column_pearson` counts them as constant instead of correlating noise.
+    """
+    centred = array - array.mean(axis=0)
+    residual = centred - np.outer(direction, direction @ centred)
+    negligible = np.linalg.norm(residual, axis=0) <= _NEGLIGIBLE_RESIDUAL * np.linalg.norm(
+        centred, axis=0
+    )
+    residual[:, negligible] = 0.0
+    return residual
+
+
 def per_gene_spearman(pred: Matrix, truth: Matrix) -> tuple[np.ndarray, np.ndarray]:
     """Spearman correlation for every gene: Pearson of the column ranks (ties averaged).
 
@@ -211,8 +280,21 @@ def top_variable_genes(truth: Matrix, n_top: int = HEST_TOP_GENES) -> np.ndarray
     """Column indices of the ``n_top`` genes with the largest variance of depth-normalised truth.
 
     Most variable first; ties keep column order. All genes when there are fewer than ``n_top``.
+    The spot totals are over all columns given; the variance is computed over chunks of genes,
+    so a sparse slide of any size is never densified whole.
     """
-    variance = depth_normalise(truth).var(axis=0)
+    _check_nonnegative(truth, "expression")
+    truth = _column_access(truth)
+    totals = np.asarray(truth.sum(axis=1), dtype=np.float64).ravel()
+    variance = np.concatenate(
+        [
+            normalise_log1p_cp10k(
+                _dense(truth[:, start : start + _GENE_CHUNK], "expression"), spot_totals=totals
+            ).var(axis=0)
+            for start in range(0, truth.shape[1], _GENE_CHUNK)
+        ]
+        or [np.zeros(0)]
+    )
     return np.argsort(-variance, kind="stable")[:n_top]
 
 

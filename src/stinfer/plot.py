@@ -358,6 +358,66 @@ def plot_spatial_maps(
     return fig
 
 
+def plot_uncertainty_maps(
+    truth: ad.AnnData,
+    prediction: ad.AnnData,
+    genes: Sequence[str],
+    gene_pcc: Mapping[str, float] | None = None,
+    model: str = "STEvs",
+) -> matplotlib.figure.Figure:
+    """Truth, prediction, predictive sd and absolute error per gene, side by side.
+
+    One row per gene: the measured counts, the predictive mean (``layers["predictive_mean"]``)
+    on the measured counts' colour scale (0 to the 99th percentile of both, :func:`robust_limit`),
+    then the predictive sd (``layers["predictive_sd"]``) and ``|measured - mean|`` on one
+    shared scale, so a spot where the model says it is unsure can be checked against where it
+    is wrong. Counts throughout; titles name the gene, the slide and the per-gene PCC.
+    """
+    gene_pcc = gene_pcc or {}
+    sample = slide_id(truth)
+    matched = prediction[truth.obs_names]
+    fig, axes = plt.subplots(
+        len(genes), 4, figsize=(12.9, 3.0 * len(genes)), squeeze=False, layout="constrained"
+    )
+    for row, gene in enumerate(genes):
+        measured = _gene_values(truth, gene)
+        column = list(matched.var_names).index(gene)
+        mean = np.asarray(matched.layers["predictive_mean"][:, column], dtype=float).ravel()
+        sd = np.asarray(matched.layers["predictive_sd"][:, column], dtype=float).ravel()
+        error = np.abs(measured - mean)
+        count_max = max(robust_limit(measured), robust_limit(mean), 1e-6)
+        spread_max = max(robust_limit(sd), robust_limit(error), 1e-6)
+        pcc = _lookup(gene_pcc, gene)
+        panels = [
+            (measured, "measured", count_max, "viridis"),
+            (
+                mean,
+                f"{model} predictive mean" + (f" · PCC {pcc:.2f}" if pcc else ""),
+                count_max,
+                "viridis",
+            ),
+            (sd, "predictive sd", spread_max, "magma"),
+            (error, "|measured - mean|", spread_max, "magma"),
+        ]
+        for col, (values, what, vmax, cmap) in enumerate(panels):
+            discs = spot_scatter(
+                axes[row, col],
+                truth,
+                values,
+                f"{gene} · {sample}\n{what}",
+                cmap=cmap,
+                vmin=0.0,
+                vmax=vmax,
+                scale_bar=col == 0,
+            )
+            if col in (1, 3):
+                both = panels[col - 1][0], values
+                extend = "max" if max(float(np.nanmax(v)) for v in both) > vmax else "neither"
+                label = COUNTS_LABEL if col == 1 else "counts (sd | error)"
+                _colorbar(fig, discs, axes[row, col - 1 : col + 1], label, extend)
+    return fig
+
+
 def _lookup(table: Mapping[str, float] | None, gene: str) -> float | None:
     if table is None or gene not in table:
         return None

@@ -143,5 +143,5 @@ def test_super_resolution_output_opens_in_scanpy_with_the_sub_spot_size(tmp_path
     scalefactors = prediction.uns["spatial"]["C2"]["scalefactors"]
     # sub-spots 50 px apart (2 x 2 tiles of the 100-px spot pitch), not the spot's size
     assert scalefactors["spot_diameter_fullres"] == pytest.approx(0.55 * 50.0)
-    assert sc.pl.spatial(prediction, color="ERBB2", img_key=None, show=False) is not None
+    assert sc.pl.spatial(prediction, color="ERBB2", show=False) is not None
     plt.close("all")

@@ -128,6 +128,26 @@ def test_train_predict_evaluate_round_trip_gives_the_issue_keys(run_folder, slid
     assert (tmp_path / "metrics.per_gene.csv").is_file()
 
 
+def test_predict_with_uncertainty_writes_intervals_that_evaluate_scores(
+    run_folder, slide_files, tmp_path, capsys
+):
+    pred, metrics = tmp_path / "pred.h5ad", tmp_path / "metrics.json"
+    command = f"predict --run {run_folder} --slide {slide_files[1]} --out {pred} --uncertainty"
+    assert stinfer(f"{command} --levels 0.5,0.8 --samples 6") == 0
+    prediction = ad.read_h5ad(pred)
+    assert {"predictive_mean", "predictive_sd", "lower_80", "upper_80"} <= set(prediction.layers)
+    assert (prediction.layers["lower_80"] <= prediction.layers["lower_50"]).all()
+    assert prediction.uns["stinfer"]["uncertainty"]["calibrated"]
+    assert stinfer(f"evaluate --pred {pred} --truth {slide_files[1]} --out {metrics}") == 0
+    scored = json.loads(metrics.read_text())["uncertainty"]
+    assert 0.0 <= scored["pit_coverage_80"] <= 1.0 and scored["width_80"] >= scored["width_50"]
+    assert "pit_coverage_80" in capsys.readouterr().out
+    assert stinfer(f"{command} --levels 0.5,1.2 --overwrite") == 2
+    assert "--levels/--samples: interval levels must lie in (0, 1)" in capsys.readouterr().err
+    assert stinfer(f"{command} --levels a,b --overwrite") == 2
+    assert "comma-separated numbers" in capsys.readouterr().err
+
+
 def test_outputs_are_never_overwritten_silently(run_folder, slide_files, tmp_path, capsys):
     pred = tmp_path / "pred.h5ad"
     args = ["predict", "--run", str(run_folder), "--slide", str(slide_files[1]), "--out", str(pred)]

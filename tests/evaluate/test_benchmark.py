@@ -377,6 +377,7 @@ def test_stevs_gives_single_modality_rows_latents_and_umaps_from_one_training(tm
         ],
         patch={},
         figures={"umap": True},
+        uncertainty={"levels": [0.5, 0.9], "samples": 4, "figure_genes": 2},
     )
     result = run_benchmark(parse_config(raw), tmp_path / "out", progress=None)
     assert result.n_computed == 2  # one training per train slice ...
@@ -396,6 +397,15 @@ def test_stevs_gives_single_modality_rows_latents_and_umaps_from_one_training(tm
     assert {"umap_syn_STEvs_fused.png", "umap_syn_STEvs_image.png"} <= figures
     latents = np.load(next((tmp_path / "out" / CELLS_DIR).glob("*")) / "latents.npz")
     assert {k.split("/")[0] for k in latents.files} >= {"fused", "image", "spatial", "obs_names"}
+    # uncertainty: coverage before and after the calibration, per prediction, and the maps
+    for column in ("coverage_50", "pit_coverage_90", "width_90", "sd_error_spearman"):
+        for name in (column, f"{column}_uncalibrated"):
+            values = result.results[name]
+            assert values.notna().all() and values.between(-1, 1e6).all(), name
+    assert result.results["coverage_90"].between(0, 1).all()
+    assert (result.results["width_90"] >= result.results["width_50"]).all()
+    maps = list((tmp_path / "out" / CELLS_DIR).glob("*/uncertainty_*.png"))
+    assert len(maps) == 6  # three modes x two test slides
 
 
 def test_leave_one_patient_out_trains_once_per_fold_on_the_other_patients(tmp_path):

@@ -13,6 +13,7 @@ from stinfer.evaluate.held_out_genes import (
     shuffle_embeddings,
     split_genes,
 )
+from stinfer.metrics import per_gene_partial_pearson, per_gene_pearson
 
 
 def test_split_is_seeded_disjoint_and_holds_out_the_fraction():
@@ -43,6 +44,95 @@ def test_held_out_metrics_use_log1p_cp10k_correlations_and_log1p_mse():
     assert metrics["pcc_median"] == pytest.approx(np.median(pcc))
     assert metrics["mse"] == pytest.approx(np.mean((np.clip(pred, 0, None) - truth) ** 2))
     assert metrics["n_test_genes"] == 4
+
+
+def test_held_out_metrics_add_depth_controlled_and_highly_variable_subset_scores():
+    rng = np.random.default_rng(3)
+    log_totals = rng.normal(8.0, 0.6, 50)
+    truth = np.clip(0.5 * log_totals[:, None] + rng.normal(0, 0.4, (50, 5)), 0, None)
+    pred = np.clip(truth + 0.3 * rng.standard_normal((50, 5)), 0, None)
+    plain = held_out_metrics(pred, truth)
+    assert not any(key.startswith(("pcc_partial", "hvg_")) for key in plain)  # as before
+    metrics = held_out_metrics(pred, truth, log_totals, np.array([1, 3]))
+    partial, _ = per_gene_partial_pearson(pred, truth, log_totals)
+    pcc, _ = per_gene_pearson(pred, truth)
+    assert metrics["pcc_partial_median"] == pytest.approx(np.median(partial))
+    assert metrics["pcc_partial_mean"] == pytest.approx(np.mean(partial))
+    assert metrics["n_hvg_test_genes"] == 2
+    assert metrics["hvg_pcc_median"] == pytest.approx(np.median(pcc[[1, 3]]))
+    assert metrics["hvg_pcc_partial_median"] == pytest.approx(np.median(partial[[1, 3]]))
+    mask = np.isin(np.arange(5), [1, 3])
+    assert held_out_metrics(pred, truth, log_totals, mask) == metrics
+    none = held_out_metrics(pred, truth, log_totals, np.zeros(5, dtype=bool))
+    assert none["n_hvg_test_genes"] == 0
+    for key in ("hvg_pcc_median", "hvg_pcc_partial_median", "hvg_scc_median"):
+        assert np.isnan(none[key])
+    with pytest.raises(InputError, match="highly variable"):
+        held_out_metrics(pred, truth, log_totals, np.ones(4, dtype=bool))
+
+
+def _depth_driven_slide(n_patterned: int):
+    """A slide whose most variable genes are known and whose sparse genes carry depth only.
+
+    Genes ``G0 .. G{n_patterned - 1}`` follow a strong spatial pattern (half up, half down, so
+    that the totals stay pattern-free): the most variable in log1p CP10k. Five abundant flat
+    genes set the spot totals (the depth, log-normal, sd 1); the rest are sparse and flat,
+    so their log1p CP10k, like the mean profile of the training genes, follows depth alone.
+    """
+    from stinfer.io.slide_data import make_slide
+
+    rng = np.random.default_rng(0)
+    side_x, side_y, n_genes = 15, 12, 60
+    rows, cols = np.divmod(np.arange(side_x * side_y), side_x)
+    depth = np.exp(rng.normal(0, 1.0, rows.size))
+    pattern = np.sin(4 * cols / side_x) + np.cos(4 * rows / side_y)
+    direction = np.where(np.arange(n_patterned) % 2, 1.0, -1.0)
+    mean = np.full((rows.size, n_genes), 0.3)
+    mean[:, :n_patterned] = 4 * np.exp(2.0 * pattern[:, None] * direction)
+    mean[:, -5:] = 200.0
+    genes = [f"G{i}" for i in range(n_genes)]
+    slide = make_slide(
+        counts=rng.poisson(mean * depth[:, None]).astype(np.float32),
+        spot_names=[f"{r}x{c}" for r, c in zip(rows, cols, strict=True)],
+        gene_names=genes,
+        spatial_xy=np.stack([cols, rows], axis=1) * 100.0,
+        sample_id="S",
+        source_format="synthetic",
+        source="test",
+    )
+    return slide, pd.DataFrame(rng.standard_normal((n_genes, 8)), index=genes)
+
+
+def test_every_method_gets_depth_controlled_and_top_variable_gene_metrics():
+    from stinfer.models.coxformer_spatial import coxformer_spatial_config
+
+    n_patterned = 10
+    slide, table = _depth_driven_slide(n_patterned)
+    config = coxformer_spatial_config(
+        "fast", progress_bar=False, min_spot_fraction=0.05, max_epochs=1
+    )
+    result = held_out_genes_evaluation(
+        slide, table, "spatial", config, 0.25, seed=0, n_top_variable=n_patterned
+    )
+    patterned = [gene for gene in result["test_genes"] if int(gene[1:]) < n_patterned]
+    assert 0 < len(patterned) < len(result["test_genes"])
+    prediction = result["prediction"]
+    assert list(prediction.var_names[prediction.var["highly_variable"]]) == patterned
+    assert set(result["metrics"]) == {"coxformer", "mean_profile", "knn", "coxformer_shuffled"}
+    for name, metrics in result["metrics"].items():
+        assert metrics["n_hvg_test_genes"] == len(patterned), name
+        for key in (
+            "pcc_partial_median",
+            "pcc_partial_mean",
+            "hvg_pcc_median",
+            "hvg_pcc_partial_median",
+            "hvg_scc_median",
+        ):
+            assert np.isfinite(metrics[key]), (name, key)
+    # the mean profile carries depth only: controlling for depth takes most of its PCC away
+    mean_profile = result["metrics"]["mean_profile"]
+    assert mean_profile["pcc_median"] > 0.15
+    assert mean_profile["pcc_partial_median"] < 0.4 * mean_profile["pcc_median"]
 
 
 def test_model_beats_both_baselines_on_held_out_planted_module_genes(tmp_path):

@@ -221,22 +221,65 @@ def test_plot_thumbnail_is_the_io_thumbnail(tmp_path):
     assert slide_thumbnail(slide_on(grid_spots(640, 480, 80.0), None)) is None
 
 
-def test_counts_only_slide_gets_scale_factors_and_plots_with_img_key_none(tmp_path):
+def test_counts_only_slide_gets_a_blank_canvas_and_plots_without_arguments(tmp_path):
     spots = grid_spots(1000, 600, 100.0)
     slide = slide_on(spots, None, spot_diameter_px=None)
 
     adata = written_and_read(slide, tmp_path / "S1.h5ad")
 
     library = adata.uns["spatial"]["S1"]
-    assert library["images"] == {}
     diameter = library["scalefactors"]["spot_diameter_fullres"]
     assert diameter == pytest.approx(SPOT_DIAMETER_PER_PITCH * 100.0)
     assert "nearest-neighbour" in library["metadata"]["spot_diameter_source"]
-    assert sc.pl.spatial(adata, color="ERBB2", img_key=None, show=False) is not None
-    # scanpy 1.11 looks for a hires or lowres image unless told img_key=None (documented in
-    # stinfer.io.scanpy_spatial); when scanpy stops doing so, update that docstring
-    with pytest.raises(StopIteration):
-        sc.pl.spatial(adata, color="ERBB2", show=False)
+    assert library["metadata"]["blank_canvas"]
+    assert "counts-only" in library["metadata"]["blank_canvas_reason"]
+    scalefactors = library["scalefactors"]
+    for key in ("hires", "lowres"):
+        canvas = library["images"][key]
+        assert canvas.dtype == np.uint8 and canvas.shape[2] == 3
+        assert max(canvas.shape[:2]) <= LOWRES_MAX_PX
+        assert np.all(canvas == 255)
+        # the canvas covers every spot with a spot diameter to spare
+        far_corner = (spots.max(axis=0) + 0.99 * diameter) * scalefactors[f"tissue_{key}_scalef"]
+        assert canvas.shape[1] >= far_corner[0] and canvas.shape[0] >= far_corner[1]
+    assert sc.pl.spatial(adata, color="ERBB2", show=False) is not None
+
+
+def test_a_counts_only_slide_read_back_stays_counts_only_and_plots(tmp_path):
+    slide = slide_on(grid_spots(1000, 600, 100.0), None)
+    write_h5ad(prepare_for_h5ad(slide), tmp_path / "S1.h5ad")
+    # the same file as a scanpy-style h5ad: uns["spatial"] (a blank canvas), no uns["stinfer"]
+    scanpy_style = ad.read_h5ad(tmp_path / "S1.h5ad")
+    del scanpy_style.uns["stinfer"]
+    scanpy_style.write_h5ad(tmp_path / "scanpy_style.h5ad")
+
+    for path in (tmp_path / "S1.h5ad", tmp_path / "scanpy_style.h5ad"):
+        read_back = read_h5ad_slide(path)
+        assert slide_meta(read_back)["image_path"] is None, path
+        assert slide_thumbnail(read_back) is None
+        rewritten = written_and_read(read_back, tmp_path / f"re_{path.name}")
+        (library,) = rewritten.uns["spatial"].values()
+        assert library["metadata"]["blank_canvas"]
+        assert slide_meta(read_h5ad_slide(tmp_path / f"re_{path.name}"))["image_path"] is None
+        assert sc.pl.spatial(rewritten, color="ERBB2", show=False) is not None
+    notes = slide_meta(read_h5ad_slide(tmp_path / "scanpy_style.h5ad"))["notes"]
+    assert any("blank canvas" in note for note in notes)
+    assert "spatial" not in read_h5ad_slide(tmp_path / "scanpy_style.h5ad").uns
+
+
+def test_a_blank_canvas_does_not_stand_in_for_an_image_given_on_reading(tmp_path):
+    slide = slide_on(grid_spots(400, 300, 100.0), None)
+    write_h5ad(prepare_for_h5ad(slide), tmp_path / "S1.h5ad")
+    scanpy_style = ad.read_h5ad(tmp_path / "S1.h5ad")
+    del scanpy_style.uns["stinfer"]
+    scanpy_style.write_h5ad(tmp_path / "scanpy_style.h5ad")
+    Image.fromarray(gradient_image(400, 300)).save(tmp_path / "he.png")
+
+    with_image = read_h5ad_slide(tmp_path / "scanpy_style.h5ad", image=tmp_path / "he.png")
+
+    (library,) = written_and_read(with_image, tmp_path / "with_image.h5ad").uns["spatial"].values()
+    assert "blank_canvas" not in library["metadata"]
+    assert library["images"]["hires"].shape[:2] == (300, 400)
 
 
 def test_a_moved_image_still_lets_the_file_be_written(tmp_path, caplog):
@@ -244,12 +287,15 @@ def test_a_moved_image_still_lets_the_file_be_written(tmp_path, caplog):
     slide = slide_on(grid_spots(200, 100, 50.0), tmp_path / "he.png")
     (tmp_path / "he.png").unlink()
 
-    library = written_and_read(slide, tmp_path / "S1.h5ad").uns["spatial"]["S1"]
+    adata = written_and_read(slide, tmp_path / "S1.h5ad")
 
-    assert library["images"] == {}
-    assert "could not be read" in library["metadata"]["images_missing"]
+    library = adata.uns["spatial"]["S1"]
+    assert library["metadata"]["blank_canvas"]
+    assert "could not be read" in library["metadata"]["blank_canvas_reason"]
+    assert np.all(library["images"]["hires"] == 255)
     assert library["scalefactors"]["spot_diameter_fullres"] == 40.0
     assert "could not be read" in caplog.text
+    assert sc.pl.spatial(adata, color="ERBB2", show=False) is not None
 
 
 def test_an_existing_uns_spatial_is_kept(tmp_path):

@@ -25,6 +25,7 @@ from stinfer.models.stevs import (
     resolve_config,
     validation_split,
 )
+from stinfer.models.uncertainty import UncertaintyConfig, interval_coverage, moment_matched_theta
 from stinfer.train import TrainerConfig
 
 SYNTHETIC = SyntheticConfig(seed=3, target_spots=600, n_genes=40)
@@ -376,6 +377,7 @@ print(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
 """
 
 
+@pytest.mark.slow  # four training processes (~2.5 min); benchmarks/scale.py measures it too
 @pytest.mark.skipif(
     not Path("/proc/self/status").exists(), reason="peak RSS is read from /proc (Linux)"
 )
@@ -497,3 +499,110 @@ def test_validation_spots_follow_the_slide_order_and_are_drawn_without_a_split()
     marked.obs[SPLIT_KEY] = ["train", "test", "train", "train", "val", "train"]
     with pytest.raises(InputError, match="holds"):
         validation_split([marked], 0.1, seed=0)
+
+
+# --------------------------------------------------------------------------- uncertainty
+def test_uncertainty_layers_are_ordered_seeded_and_never_read_the_test_counts(
+    trained, sections, tmp_path
+):
+    """Predictive mean, sd and nested intervals per spot and gene; the same seed gives the
+    same layers, the written file holds the same values, and poisoning the test slide's
+    counts changes nothing (they are never read)."""
+    section = sections[1]
+    config = UncertaintyConfig(samples=12, levels=(0.5, 0.9), seed=3)
+    prediction = trained.predict(section, uncertainty=config)
+    layers = prediction.layers
+    assert layers["lower_90"].shape == (section.n_obs, len(trained.genes))
+    assert (layers["lower_90"] <= layers["lower_50"]).all()
+    assert (layers["lower_50"] <= layers["upper_50"]).all()
+    assert (layers["upper_50"] <= layers["upper_90"]).all()
+    assert (layers["predictive_sd"] > 0).all()
+    # the predictive mean integrates over the posterior around the point prediction X
+    pcc = [np.corrcoef(layers["predictive_mean"][:, g], prediction.X[:, g])[0, 1] for g in range(5)]
+    assert min(pcc) > 0.9, pcc
+    record = prediction.uns["stinfer"]["uncertainty"]
+    assert record["calibrated"] and record["levels"] == [0.5, 0.9] and record["samples"] == 12
+    assert "predictive_sd" in prediction.uns["stinfer"]["expression"]["layers"]
+
+    poisoned = section.copy()
+    poisoned.X = np.random.default_rng(0).poisson(50.0, poisoned.shape).astype(np.float32)
+    again = trained.predict(poisoned, uncertainty=config)
+    for name in ("predictive_mean", "predictive_sd", "lower_50", "upper_90"):
+        np.testing.assert_array_equal(again.layers[name], layers[name])
+    other_seed = trained.predict(section, uncertainty=dataclasses.replace(config, seed=4))
+    assert not np.array_equal(other_seed.layers["predictive_sd"], layers["predictive_sd"])
+
+    written = ad.read_h5ad(
+        trained.write_prediction(section, tmp_path / "p.h5ad", uncertainty=config)
+    )
+    for name in ("predictive_mean", "predictive_sd", "lower_50", "upper_50", "lower_90"):
+        np.testing.assert_array_equal(written.layers[name], layers[name])
+    assert written.uns["stinfer"]["uncertainty"]["calibrated"]
+    assert "lower_50" not in trained.predict(section).layers  # off by default
+
+
+def test_uncalibrated_intervals_cover_nominally_counts_drawn_from_the_models_own_likelihood(
+    trained, sections
+):
+    """Counts drawn from the model's predictive (a posterior sample of the latent per spot,
+    decoded, then an NB draw): the PIT coverage of its own intervals is nominal."""
+    section = sections[2]
+    config = UncertaintyConfig(samples=40, levels=(0.5, 0.9), calibrated=False)
+    prediction = trained.predict(section, mode="fused", uncertainty=config)
+    generator = torch.Generator().manual_seed(99)
+    mu = torch.from_numpy(prediction.obsm["X_stevs"])
+    sd = torch.from_numpy(prediction.obsm["stevs_posterior_var"]).sqrt()
+    draws = []
+    with torch.no_grad():
+        for _ in range(5):  # five count draws per spot and gene
+            z = mu + sd * torch.randn(mu.shape, generator=generator)
+            decoded = trained.module.gene_decoder(z)
+            rng = np.random.default_rng(len(draws))
+            mean, theta = decoded["nb_mean"].double().numpy(), decoded["nb_theta"].double().numpy()
+            draws.append(rng.negative_binomial(theta, theta / (theta + mean)))
+    mean = prediction.layers["predictive_mean"].astype(np.float64)
+    variance = prediction.layers["predictive_sd"].astype(np.float64) ** 2
+    theta = moment_matched_theta(mean, variance)
+    for counts in draws[:2]:
+        coverage = interval_coverage(counts, mean, theta, (0.5, 0.9))
+        assert coverage["pit_coverage_50"] == pytest.approx(0.5, abs=0.03), coverage
+        assert coverage["pit_coverage_90"] == pytest.approx(0.9, abs=0.03), coverage
+    lower, upper = prediction.layers["lower_90"], prediction.layers["upper_90"]
+    inside = np.mean([((c >= lower) & (c <= upper)).mean() for c in draws])
+    assert inside >= 0.89  # discrete intervals cover at least their level
+
+
+def calibration_of(model: STEvs, slides: list[ad.AnnData]) -> dict:
+    """The uncertainty calibration the trained ``model`` fits on ``slides``' validation spots."""
+    with model._training_sources(slides, None) as sources:
+        dataset, transforms = model._dataset(slides, sources, with_counts=True)
+        _, val_loader = model._loaders(dataset, model.config.training.trainer.seed)
+        task = STEvsTask(model.module, model.config.training, colour_transforms=transforms)
+        return model._fit_uncertainty_calibration(task, val_loader)
+
+
+def test_the_uncertainty_calibration_reads_the_validation_spots_only_and_is_saved(
+    trained, tmp_path
+):
+    """Poisoning the training spots outside the validation split leaves the calibration as it
+    is; changing the validation spots' counts changes it. Saved with the model."""
+    stored = trained.uncertainty_calibration
+    slide = trained.train_slides[0]
+    assert stored["validation_spots"] == round(0.1 * slide.n_obs)
+    assert stored["validation_nll"] <= stored["validation_nll_unscaled"]
+    _, val_idx = validation_split([slide], trained.config.training.val_fraction, 0)
+    is_val = np.zeros(slide.n_obs, bool)
+    is_val[val_idx] = True
+
+    def with_counts(factor_val: float, factor_other: float) -> ad.AnnData:
+        changed = slide.copy()
+        counts = np.asarray(changed.X.todense() if hasattr(changed.X, "todense") else changed.X)
+        scale = np.where(is_val, factor_val, factor_other)[:, None]
+        changed.X = np.rint(counts * scale).astype(np.float32)
+        return changed
+
+    assert calibration_of(trained, [with_counts(1.0, 1.0)]) == stored
+    assert calibration_of(trained, [with_counts(1.0, 40.0)]) == stored
+    assert calibration_of(trained, [with_counts(6.0, 1.0)]) != stored
+    restored = STEvs.load(trained.save(tmp_path / "run"))
+    assert restored.uncertainty_calibration == stored

@@ -26,6 +26,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                 "sample ids (uns['stinfer']['sample_id']) must agree and the spot names (which "
                 "carry the sample id) must overlap. --force scores two sections anyway, "
                 "pairing spots by obs['spot_id'] (the same array position or barcode).",
+                "A prediction written with `stinfer predict --uncertainty` is also scored for "
+                "its uncertainty: coverage_<pct> (measured counts inside the interval; at "
+                "least the level for discrete counts), pit_coverage_<pct> (randomised PIT "
+                "inside the interval's probabilities: the level itself when calibrated), "
+                "width_<pct> (mean interval width, counts) and sd_error_spearman (median over "
+                "genes of the Spearman correlation of predicted sd and |error| across spots).",
             )
         ),
         epilog="example:\n  stinfer evaluate --pred C3_pred.h5ad --truth C3.h5ad --out C3_metrics.json",
@@ -70,8 +76,16 @@ def run(args: argparse.Namespace) -> None:
         )
     metrics = evaluate_anndata(prediction, truth, force=args.force)
     summary = metrics.summary()
+    keys = ["mse", "pcc_median", "scc_median", "pcc_median_depthnorm", "n_genes", "n_spots"]
+    if "predictive_sd" in prediction.layers and not args.force:
+        from stinfer.evaluate.uncertainty import uncertainty_metrics
+
+        uncertainty = uncertainty_metrics(prediction, truth)
+        summary["uncertainty"] = uncertainty
+        keys += [key for key in uncertainty if "coverage" in key or key == "sd_error_spearman"]
     write_text(metrics.per_gene.to_csv(), per_gene_path, args.overwrite)
     write_text(json.dumps(summary, indent=2), out, args.overwrite)
-    for key in ("mse", "pcc_median", "scc_median", "pcc_median_depthnorm", "n_genes", "n_spots"):
-        print(f"{key:>22}: {summary[key]}")
+    for key in keys:
+        value = summary[key] if key in summary else summary["uncertainty"][key]
+        print(f"{key:>22}: {value}")
     print(f"wrote {out} and {per_gene_path}")

@@ -201,7 +201,7 @@ def run(args: argparse.Namespace) -> None:
     table = embedding_table(args.embeddings, allow_pickle=args.allow_pickle)
 
     if args.test_fraction is not None:
-        from stinfer.evaluate.held_out_genes import held_out_genes_evaluation
+        from stinfer.evaluate.held_out_genes import held_out_genes_evaluation, held_out_table
 
         result = held_out_genes_evaluation(
             slide,
@@ -228,12 +228,13 @@ def run(args: argparse.Namespace) -> None:
         logger.info("writing %s and %s", out, metrics_file)
         write_h5ad(prepare_for_h5ad(prediction), out, overwrite=args.overwrite)
         write_text(json.dumps(record, indent=2), metrics_file, overwrite=args.overwrite)
-        summary = ", ".join(
-            f"{name} {values['pcc_median']:.3f}" for name, values in result["metrics"].items()
-        )
+        n_top = prediction.uns["coxformer_spatial"]["n_top_variable"]
         print(
             f"wrote {out} ({len(result['test_genes'])} held-out genes x {slide.n_obs} spots) and "
-            f"{metrics_file}; median PCC: {summary}"
+            f"{metrics_file}; median PCC over the held-out genes (plain and depth-controlled, "
+            f"all and the {int(prediction.var['highly_variable'].sum())} among the slide's "
+            f"{n_top} most variable genes):\n"
+            + held_out_table(result["metrics"]).round(3).to_string()
         )
     else:
         genes = read_gene_names(args.genes)

@@ -34,7 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=(
             "examples:\n"
             "  stinfer predict --run runs/c2 --slide C3.h5ad --out C3_pred.h5ad --mode fused\n"
-            "  stinfer predict --run runs/hd --slide HD_008um.h5ad --out HD_pred.h5ad --no-tta"
+            "  stinfer predict --run runs/hd --slide HD_008um.h5ad --out HD_pred.h5ad --no-tta\n"
+            "  stinfer predict --run runs/c2 --slide C3.h5ad --out C3_pred.h5ad --uncertainty "
+            "--levels 0.5,0.8,0.95"
         ),
         formatter_class=HelpFormatter,
     )
@@ -53,6 +55,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="STEvs: skip test-time augmentation (the mean over 8 flips/rotations of each "
         "patch) even when the run's preset uses it: 8x less image work, e.g. for Visium HD bins",
+    )
+    uncertainty = parser.add_argument_group(
+        "uncertainty (STEvs)",
+        "The predictive distribution of each spot and gene: the NB likelihood integrated over "
+        "posterior samples of the latent, calibrated on the training slides' validation spots "
+        "(a dispersion scale and a quantile recalibration fitted when the run was trained). "
+        "Written as layers (counts): predictive_mean, predictive_sd, and lower_<pct>/upper_<pct> "
+        "per level (lower_50, upper_50, lower_90, upper_90 by default); "
+        "uns['stinfer']['uncertainty'] records how.",
+    )
+    uncertainty.add_argument(
+        "--uncertainty", action="store_true", help="also write the predictive uncertainty layers"
+    )
+    uncertainty.add_argument(
+        "--levels",
+        default="0.5,0.9",
+        help="central interval levels, comma-separated, each in (0, 1)",
+    )
+    uncertainty.add_argument(
+        "--samples", type=int, default=30, help="posterior samples of the latent per spot"
+    )
+    uncertainty.add_argument("--seed", type=int, default=0, help="seeds the posterior samples")
+    uncertainty.add_argument(
+        "--no-calibration",
+        action="store_true",
+        help="leave the intervals as the model states them (to see how far off they are)",
     )
     add_output_arguments(parser, "output .h5ad of predictions")
     parser.set_defaults(func=run)
@@ -73,9 +101,14 @@ def run(args: argparse.Namespace) -> None:
             f"{args.run}: holds a {kind} model, not an expression model; impute genes with "
             "`stinfer impute` or load it with stinfer.models.load."
         )
-    if kind != "stevs" and (args.mode != "fused" or args.no_tta):
+    if kind != "stevs" and (args.mode != "fused" or args.no_tta or args.uncertainty):
         flag = "--no-tta" if args.no_tta else f"--mode {args.mode}"
-        raise InputError(f"{flag}: only STEvs runs have modes and test-time augmentation.")
+        if args.uncertainty:
+            flag = "--uncertainty"
+        raise InputError(
+            f"{flag}: only STEvs runs have modes, test-time augmentation and uncertainty."
+        )
+    uncertainty = _uncertainty_options(args) if args.uncertainty else None
     model = load(args.run)
     slide = read_h5ad_slide(args.slide)
     if kind != "stevs":
@@ -84,7 +117,9 @@ def run(args: argparse.Namespace) -> None:
         return
     if args.no_tta:
         model.config.training.test_time_augmentation = False
-    model.write_prediction(slide, out, mode=args.mode, overwrite=args.overwrite)
+    model.write_prediction(
+        slide, out, mode=args.mode, overwrite=args.overwrite, uncertainty=uncertainty
+    )
     trust = ""
     if args.mode == "fused":
         import h5py
@@ -94,3 +129,25 @@ def run(args: argparse.Namespace) -> None:
                 weight = float(file["obs/stevs_image_expert_weight"][()].mean())
                 trust = f"; mean expert weight: image {weight:.2f}, coordinates {1 - weight:.2f}"
     print(f"wrote {out}: {slide.n_obs} spots x {len(model.genes)} genes ({args.mode}{trust})")
+
+
+def _uncertainty_options(args: argparse.Namespace):
+    """The :class:`~stinfer.models.uncertainty.UncertaintyConfig` of ``--levels`` etc."""
+    from stinfer.errors import InputError
+    from stinfer.models.uncertainty import UncertaintyConfig
+
+    try:
+        levels = tuple(float(part) for part in args.levels.split(",") if part.strip())
+    except ValueError:
+        raise InputError(
+            f"--levels {args.levels!r}: give comma-separated numbers in (0, 1), e.g. 0.5,0.9."
+        ) from None
+    try:
+        return UncertaintyConfig(
+            samples=args.samples,
+            levels=levels,
+            seed=args.seed,
+            calibrated=not args.no_calibration,
+        )
+    except InputError as error:
+        raise InputError(f"--levels/--samples: {error}") from None

@@ -181,6 +181,17 @@ class RobustnessSpec:
 
 
 @dataclass
+class UncertaintySpec:
+    """Predictive uncertainty of the STEvs models (issue 19): coverage before and after the
+    calibration, interval width, sd vs error (:func:`stinfer.evaluate.uncertainty.
+    uncertainty_metrics`), and a truth / mean / sd / error figure per test slide."""
+
+    levels: tuple[float, ...] = (0.5, 0.9)
+    samples: int = 30  # posterior samples of the latent per spot
+    figure_genes: int = 3  # the test slide's most variable genes of the panel (0: no figure)
+
+
+@dataclass
 class FigureSpec:
     """Which figures to draw (all from the cells' saved predictions)."""
 
@@ -209,6 +220,7 @@ class BenchmarkConfig:
     patch: PatchSpec = field(default_factory=PatchSpec)  # STEvs D.1.2: 160-px spot patches
     domains: DomainSpec | None = None
     robustness: RobustnessSpec | None = None
+    uncertainty: UncertaintySpec | None = None
     figures: FigureSpec = field(default_factory=FigureSpec)
     save_predictions: bool = True
 
@@ -350,6 +362,7 @@ TOP_LEVEL_KEYS = (
     "patch",
     "domains",
     "robustness",
+    "uncertainty",
     "figures",
     "save_predictions",
 )
@@ -471,6 +484,13 @@ def parse_config(
         unknown_models = sorted(set(robustness.models or []) - set(names))
         if unknown_models:
             raise InputError(f"{source}: robustness.models {unknown_models} are not models.")
+    uncertainty = None
+    if raw.get("uncertainty"):
+        entry = {} if raw["uncertainty"] is True else raw["uncertainty"]
+        uncertainty = _dataclass_from(UncertaintySpec, entry, f"{source}: uncertainty")
+        from stinfer.models.uncertainty import UncertaintyConfig
+
+        UncertaintyConfig(samples=uncertainty.samples, levels=uncertainty.levels)  # checks them
     domains = raw.get("domains")
     if domains is not None and not isinstance(domains, (bool, Mapping)):
         raise InputError(
@@ -495,6 +515,7 @@ def parse_config(
         patch=_dataclass_from(PatchSpec, raw.get("patch"), f"{source}: patch"),
         domains=domain_spec,
         robustness=robustness,
+        uncertainty=uncertainty,
         figures=_dataclass_from(FigureSpec, raw.get("figures"), f"{source}: figures"),
         save_predictions=checked_value(
             raw.get("save_predictions", True), bool, f"{source}: save_predictions"
@@ -525,6 +546,7 @@ def load_config(path: str | os.PathLike, data_root: str | os.PathLike | None = N
         ablations: {base: fast, variants: [w/o image decoder, concat, ...]}
         domains: {key: domain}        # ARI on annotated test slides; method: kmeans/gmm/leiden
         robustness: {models: [STEvs], alphas: [0, 0.1, ...]}
+        uncertainty: {levels: [0.5, 0.9], samples: 30}  # STEvs: coverage, sd vs error
         figures: {genes: [ERBB2], pair: [C2, C3]}
     """
     import yaml
@@ -757,6 +779,9 @@ def make_cells(
                     else dataclasses.asdict(config.domains),
                     "robustness": _robustness_key(config, model, protocol),
                 }
+                if config.uncertainty is not None and model.type == "stevs":
+                    # only when set, so the cells of runs without it keep their earlier ids
+                    parts["uncertainty"] = dataclasses.asdict(config.uncertainty)
                 if cohort.image_degradation is not None:
                     # only when set, so the cells of sharp cohorts keep their earlier ids
                     parts["image_degradation"] = dataclasses.asdict(cohort.image_degradation)
@@ -878,6 +903,7 @@ def run_cell(
     options = _model_options(cell.model, config, store.cache_dir)
     sweep_rows: list[pd.DataFrame] = []
     latents: dict[str, np.ndarray] = {}
+    uncertain: dict[tuple[str, str], ad.AnnData] = {}
 
     def build() -> Any:
         train_patches = None
@@ -894,12 +920,15 @@ def run_cell(
         return store.of(test_slide, model_patch_spec(model)) if entry.reads_images else None
 
     def per_prediction(model: Any, unit: UnitPrediction) -> dict[str, Any]:
+        columns = {}
+        if config.uncertainty is not None and cell.model.type == "stevs":
+            columns.update(uncertainty_columns(model, unit))
         if config.domains is None:
-            return {}
+            return columns
         labels = domain_labels(unit.test_slide, config.domains.key)
         if labels is None or labels.notna().sum() < 2:
-            return {}
-        return domain_recovery(
+            return columns
+        return columns | domain_recovery(
             unit.prediction,
             unit.test_slide[:, genes],
             config.domains.key,
@@ -907,6 +936,29 @@ def run_cell(
             config.domains.n_pcs,
             cell.seed,
         )
+
+    def uncertainty_columns(model: Any, unit: UnitPrediction) -> dict[str, Any]:
+        """Uncertainty metrics of the calibrated prediction, and of the uncalibrated one
+        (suffix ``_uncalibrated``); keeps the calibrated prediction for the figure."""
+        from stinfer.evaluate.protocols import strip_counts
+        from stinfer.evaluate.uncertainty import uncertainty_metrics
+        from stinfer.models.uncertainty import UncertaintyConfig
+
+        spec = config.uncertainty
+        stripped = strip_counts(unit.test_slide)
+        patches = test_patches(model, unit.test_slide)
+        columns: dict[str, Any] = {}
+        for calibrated in (True, False):
+            settings = UncertaintyConfig(spec.samples, spec.levels, cell.seed, calibrated)
+            prediction = model.predict(stripped, unit.mode, patches, uncertainty=settings)
+            metrics = uncertainty_metrics(prediction, unit.test_slide, cell.seed)
+            suffix = "" if calibrated else "_uncalibrated"
+            columns.update(
+                {f"{key}{suffix}": value for key, value in metrics.items() if key != "calibrated"}
+            )
+            if calibrated:
+                uncertain[(unit.mode, unit.test_name)] = prediction
+        return columns
 
     def after_predictions(model: Any) -> None:
         for test_name, test_slide in cell.tests:
@@ -979,6 +1031,31 @@ def run_cell(
             prepare_for_h5ad(prediction).write_h5ad(prediction_path(folder, name, test_name))
     if latents:
         np.savez_compressed(folder / LATENTS_FILE, **latents)
+    if uncertain and config.uncertainty.figure_genes > 0:
+        _uncertainty_figures(folder, cell, uncertain, config.uncertainty.figure_genes)
+
+
+def _uncertainty_figures(
+    folder: Path, cell: Cell, predictions: dict[tuple[str, str], ad.AnnData], n_genes: int
+) -> None:
+    """``uncertainty_<model>_<test>.png`` per prediction: truth, mean, sd, |error| of the
+    test slide's most variable panel genes (:func:`stinfer.plot.plot_uncertainty_maps`)."""
+    from stinfer.metrics import per_gene_pearson, top_variable_genes
+    from stinfer.plot import plot_uncertainty_maps, save_figure
+
+    tests = dict(cell.tests)
+    for (mode, test_name), prediction in predictions.items():
+        truth = tests[test_name][prediction.obs_names]
+        genes = list(prediction.var_names)
+        counts = truth[:, genes].X
+        chosen = [genes[i] for i in top_variable_genes(counts, n_genes)]
+        pcc, _ = per_gene_pearson(prediction.layers["predictive_mean"], counts)
+        name = model_label(cell.model.name, mode)
+        figure = plot_uncertainty_maps(
+            truth, prediction, chosen, dict(zip(genes, pcc, strict=True)), model=name
+        )
+        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in f"{name}_{test_name}")
+        save_figure(figure, folder / f"uncertainty_{safe}.png")
 
 
 # --------------------------------------------------------------------------- the run

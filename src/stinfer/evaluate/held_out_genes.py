@@ -22,6 +22,17 @@ predictions in log1p CP10k out):
 Metrics (:func:`held_out_metrics`, from :mod:`stinfer.metrics`): per-gene PCC and SCC
 on log1p CP10k (median, mean; constant genes count 0) and MSE = mean of
 ``(log1p(pred) - log1p(truth))^2`` in CP10k, i.e. the squared error in log1p CP10k.
+Much of the plain PCC is sequencing depth (a prediction with no spatial information but the
+spot's depth already correlates with every gene), and sparse genes dominate the median, so
+two more views go beside it:
+
+- the depth-controlled PCC ``pcc_partial_*``: per gene, the partial correlation of
+  prediction and truth given the log of the visible genes' spot total (both regressed on
+  ``[1, log total]``, Pearson of the residuals;
+  :func:`stinfer.metrics.per_gene_partial_pearson`); a depth-only prediction scores about 0;
+- ``hvg_*``: the same medians over the test genes among the ``n_top_variable`` (1,000)
+  genes most variable in log1p CP10k, ranked over all the slide's measured genes before the
+  split (``prediction.var["highly_variable"]``).
 """
 
 from __future__ import annotations
@@ -39,7 +50,13 @@ import pandas as pd
 from stinfer.errors import InputError
 from stinfer.io.prediction_layout import LOG1P_LAYER, annotate_log1p_cp10k
 from stinfer.io.slide_data import panel_counts, spot_coordinates_px, spot_obs
-from stinfer.metrics import mse_log1p, per_gene_pearson, per_gene_spearman
+from stinfer.metrics import (
+    mse_log1p,
+    per_gene_partial_pearson,
+    per_gene_pearson,
+    per_gene_spearman,
+    top_variable_genes,
+)
 from stinfer.modalities import canonical_modality
 from stinfer.models.gene_baselines import KNN_CANDIDATES, choose_knn_k, knn_profiles, mean_profile
 from stinfer.preprocess import normalise_log1p_cp10k
@@ -49,6 +66,7 @@ logger = logging.getLogger("stinfer")
 __all__ = [
     "held_out_genes_evaluation",
     "held_out_metrics",
+    "held_out_table",
     "shuffle_embeddings",
     "split_genes",
 ]
@@ -73,13 +91,39 @@ def split_genes(
     return [genes[i] for i in train], [genes[i] for i in test]
 
 
-def held_out_metrics(pred_log1p: np.ndarray, truth_log1p: np.ndarray) -> dict[str, float | int]:
-    """PCC/SCC (median, mean) on log1p CP10k and log1p MSE of a spots x genes prediction."""
+def held_out_metrics(
+    pred_log1p: np.ndarray,
+    truth_log1p: np.ndarray,
+    log_totals: np.ndarray | None = None,
+    highly_variable: np.ndarray | Sequence[int] | None = None,
+) -> dict[str, float | int]:
+    """PCC/SCC (median, mean) on log1p CP10k and log1p MSE of a spots x genes prediction.
+
+    Parameters
+    ----------
+    pred_log1p, truth_log1p
+        ``(n_spots, n_genes)`` log1p CP10k; the prediction is clipped at 0.
+    log_totals
+        ``(n_spots,)`` log of each spot's total count (the depth). When given, adds the
+        depth-controlled PCC (:func:`stinfer.metrics.per_gene_partial_pearson` given
+        ``log_totals``): ``pcc_partial_median``, ``pcc_partial_mean``.
+    highly_variable
+        The genes of a highly variable subset: a ``(n_genes,)`` bool mask or column indices.
+        When given, adds ``n_hvg_test_genes`` and, over that subset, ``hvg_pcc_median``,
+        ``hvg_scc_median`` and ``hvg_pcc_partial_median`` (NaN when the subset is empty or,
+        for the last, without ``log_totals``).
+
+    Returns
+    -------
+    dict
+        ``pcc_median``, ``pcc_mean``, ``scc_median``, ``scc_mean``, ``mse``,
+        ``n_test_genes``, ``n_spots``, ``n_constant_genes``, and the keys above.
+    """
     pred = np.clip(np.asarray(pred_log1p, dtype=np.float64), 0.0, None)
     truth = np.asarray(truth_log1p, dtype=np.float64)
     pcc, constant = per_gene_pearson(pred, truth)
     scc, _ = per_gene_spearman(pred, truth)
-    return {
+    metrics: dict[str, float | int] = {
         "pcc_median": float(np.median(pcc)),
         "pcc_mean": float(np.mean(pcc)),
         "scc_median": float(np.median(scc)),
@@ -89,6 +133,65 @@ def held_out_metrics(pred_log1p: np.ndarray, truth_log1p: np.ndarray) -> dict[st
         "n_spots": int(truth.shape[0]),
         "n_constant_genes": int(constant.sum()),
     }
+    partial = None
+    if log_totals is not None:
+        partial, _ = per_gene_partial_pearson(pred, truth, log_totals)
+        metrics["pcc_partial_median"] = float(np.median(partial))
+        metrics["pcc_partial_mean"] = float(np.mean(partial))
+    if highly_variable is not None:
+        subset = _gene_mask(highly_variable, truth.shape[1])
+
+        def subset_median(values: np.ndarray | None) -> float:
+            return (
+                float(np.median(values[subset])) if values is not None and subset.any() else np.nan
+            )
+
+        metrics.update(
+            hvg_pcc_median=subset_median(pcc),
+            hvg_pcc_partial_median=subset_median(partial),
+            hvg_scc_median=subset_median(scc),
+            n_hvg_test_genes=int(subset.sum()),
+        )
+    return metrics
+
+
+HELD_OUT_TABLE_COLUMNS = (
+    "pcc_median",
+    "pcc_partial_median",
+    "hvg_pcc_median",
+    "hvg_pcc_partial_median",
+    "scc_median",
+    "mse",
+    "n_test_genes",
+    "n_hvg_test_genes",
+)
+"""The columns of :func:`held_out_table`: the plain and depth-controlled medians side by side."""
+
+
+def held_out_table(metrics: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """One row per method of ``{method: held_out_metrics}``, :data:`HELD_OUT_TABLE_COLUMNS`.
+
+    A column a method lacks (e.g. metrics computed without ``log_totals``) holds NaN.
+    """
+    return pd.DataFrame.from_dict(metrics, orient="index").reindex(
+        columns=list(HELD_OUT_TABLE_COLUMNS)
+    )
+
+
+def _gene_mask(genes: np.ndarray | Sequence[int], n_genes: int) -> np.ndarray:
+    """A ``(n_genes,)`` bool mask from a bool mask or column indices; InputError otherwise."""
+    genes = np.asarray(genes)
+    if genes.dtype == bool:
+        if genes.shape != (n_genes,):
+            raise InputError(
+                f"the highly variable mask has shape {genes.shape} for {n_genes} genes."
+            )
+        return genes
+    if genes.size and (genes.dtype.kind not in "iu" or genes.min() < 0 or genes.max() >= n_genes):
+        raise InputError(f"highly variable genes must be column indices in [0, {n_genes}).")
+    mask = np.zeros(n_genes, dtype=bool)
+    mask[genes.astype(np.int64)] = True
+    return mask
 
 
 # --------------------------------------------------------------------------- the control
@@ -111,6 +214,7 @@ def held_out_genes_evaluation(
     shuffled: bool = True,
     image_features: np.ndarray | None = None,
     knn_candidates: Sequence[int] = KNN_CANDIDATES,
+    n_top_variable: int = 1000,
 ) -> dict[str, Any]:
     """Run the held-out genes protocol on one slide: the model, the baselines, the control.
 
@@ -132,6 +236,11 @@ def held_out_genes_evaluation(
         ``config.min_spot_fraction`` of spots).
     baselines, shuffled
         Also run the mean-profile and k-NN baselines / the shuffled-embedding control.
+    n_top_variable
+        Size of the highly variable gene set whose test genes get their own metrics
+        (``hvg_*``): the genes with the largest variance of log1p CP10k across spots, ranked
+        over *all* the slide's measured genes before the split
+        (:func:`stinfer.metrics.top_variable_genes`, totals over all genes).
 
     Returns
     -------
@@ -140,7 +249,8 @@ def held_out_genes_evaluation(
         ``k`` and CV scores), ``prediction`` (AnnData spots x test genes, ``layers["log1p_cp10k"]`` =
         the model's log1p CP10k and ``X`` its expected counts with the visible genes' spot
         totals (:mod:`stinfer.io.prediction_layout`), ``layers["truth"]`` and one layer per
-        baseline, log1p CP10k), ``train_genes``,
+        baseline, log1p CP10k; ``var["highly_variable"]`` marks the test genes among the
+        ``n_top_variable``), ``train_genes``,
         ``test_genes``, ``model`` (the trained model).
     """
     from stinfer.models.coxformer_spatial import (
@@ -158,9 +268,16 @@ def held_out_genes_evaluation(
     if genes is None:
         genes = measured_genes(slide, table.index, config.min_spot_fraction)
     train_genes, test_genes = split_genes(genes, test_fraction, seed)
+    most_variable = slide.var_names[top_variable_genes(slide.X, n_top_variable)]
+    highly_variable = np.isin(test_genes, most_variable)
     visible = slide[:, ~slide.var_names.isin(test_genes)].copy()
     totals = np.asarray(visible.X.sum(axis=1), dtype=np.float64).ravel()
     truth = _test_truth(slide, test_genes, totals)
+    log_totals = np.log(np.maximum(totals, 1.0))  # a spot with no visible count: total 1
+
+    def scores(values: np.ndarray) -> dict[str, Any]:
+        return held_out_metrics(values, truth, log_totals, highly_variable)
+
     train_targets = slide_log1p_cp10k(visible, train_genes).astype(np.float64)
     logger.info(
         "held-out genes: %d training, %d test genes, %d spots, modality %s",
@@ -176,14 +293,14 @@ def held_out_genes_evaluation(
     model = CoxFormerSpatial(visible, table, train_genes, modality, config, image_features)
     model.train()
     prediction = np.asarray(model.impute(test_genes).layers[LOG1P_LAYER], dtype=np.float64)
-    metrics["coxformer"] = held_out_metrics(prediction, truth)
+    metrics["coxformer"] = scores(prediction)
     metrics["coxformer"]["seconds"] = time.perf_counter() - start
     metrics["coxformer"]["best_epoch"] = model.early_stopping.best_epoch
 
     if baselines:
         start = time.perf_counter()
         layers["mean_profile"] = mean_profile(train_targets, len(test_genes))
-        metrics["mean_profile"] = held_out_metrics(layers["mean_profile"], truth)
+        metrics["mean_profile"] = scores(layers["mean_profile"])
         metrics["mean_profile"]["seconds"] = time.perf_counter() - start
         start = time.perf_counter()
         standardised = pd.DataFrame(standardise_embeddings(table)[0], index=table.index)
@@ -203,7 +320,7 @@ def held_out_genes_evaluation(
         layers["knn"] = knn_profiles(
             train_targets, train_vectors, standardised.loc[test_genes].to_numpy(), best_k
         )
-        metrics["knn"] = held_out_metrics(layers["knn"], truth)
+        metrics["knn"] = scores(layers["knn"])
         metrics["knn"].update(
             k=best_k,
             cv_pcc_median={str(k): v for k, v in cv_scores.items()},
@@ -224,13 +341,13 @@ def held_out_genes_evaluation(
         control.train(spot_decoder=not attention_only)
         shuffled_values = control.impute(test_genes).layers[LOG1P_LAYER]
         layers["coxformer_shuffled"] = np.asarray(shuffled_values, dtype=np.float64)
-        metrics["coxformer_shuffled"] = held_out_metrics(layers["coxformer_shuffled"], truth)
+        metrics["coxformer_shuffled"] = scores(layers["coxformer_shuffled"])
         metrics["coxformer_shuffled"]["seconds"] = time.perf_counter() - start
 
     result = ad.AnnData(
         X=prediction.astype(np.float32),
         obs=spot_obs(slide),
-        var=pd.DataFrame(index=pd.Index(test_genes)),
+        var=pd.DataFrame({"highly_variable": highly_variable}, index=pd.Index(test_genes)),
     )
     result.layers["truth"] = truth.astype(np.float32)
     for name, values in layers.items():
@@ -245,6 +362,7 @@ def held_out_genes_evaluation(
         "test_fraction": float(test_fraction),
         "seed": int(seed),
         "n_train_genes": len(train_genes),
+        "n_top_variable": int(n_top_variable),
     }
     described = {"truth": "the measured log1p CP10k (same totals)"}
     described.update({name: f"the {name} prediction, log1p CP10k" for name in layers})

@@ -25,6 +25,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from stinfer.errors import InputError
+from stinfer.io.scanpy_spatial import is_blank_canvas
 from stinfer.io.slide_data import (
     check_spots_inside_image,
     make_slide,
@@ -63,8 +64,10 @@ def read_h5ad_slide(
         ``hires`` (else ``lowres``) image of ``uns["spatial"][<library>]["images"]`` inside
         the file, with ``image_scale = tissue_hires_scalef`` (``tissue_lowres_scalef``): the
         slide's ``image_path`` is then the reference ``"<file.h5ad>#uns/spatial/<library>/
-        images/hires"`` (:func:`stinfer.io.slide_image.h5ad_image_reference`). Without any
-        of these the slide is counts-only.
+        images/hires"`` (:func:`stinfer.io.slide_image.h5ad_image_reference`). A blank
+        canvas (``metadata["blank_canvas"]``, what stinfer writes for a slide without an
+        image, :mod:`stinfer.io.scanpy_spatial`) is not an image (noted). Without any of
+        these the slide is counts-only.
     sample_id
         The slide's name; defaults to ``uns["stinfer"]["sample_id"]``, else the file name.
         When ``uns["spatial"]`` holds several libraries, the one named ``sample_id`` gives
@@ -83,7 +86,9 @@ def read_h5ad_slide(
         ``uns["stinfer"]["spot_diameter_px"]`` comes from ``uns["stinfer"]`` or scanpy's
         ``uns["spatial"][<library>]["scalefactors"]["spot_diameter_fullres"]``. A scanpy
         file's library entry is kept as ``uns["spatial"]`` (written back unchanged by
-        :func:`~stinfer.io.slide_data.prepare_for_h5ad`).
+        :func:`~stinfer.io.slide_data.prepare_for_h5ad`), unless it is incomplete or a
+        blank canvas: :func:`~stinfer.io.slide_data.prepare_for_h5ad` then builds a new one
+        from the slide as read (a blank canvas again for a counts-only slide).
 
     Raises
     ------
@@ -392,12 +397,15 @@ def _scanpy_library(
 
 
 def _complete_for_scanpy(library: Mapping) -> bool:
-    """True when ``sc.pl.spatial`` can draw from the library entry as it is.
+    """True when the library entry is worth keeping: a slide image ``sc.pl.spatial`` can draw.
 
     It needs a ``hires`` or ``lowres`` image with its ``tissue_*_scalef`` and a
-    ``spot_diameter_fullres``; an incomplete entry is not kept, and
+    ``spot_diameter_fullres``, and must not be a blank canvas (which would stand in for an
+    image given with ``image=``); an entry that fails is not kept, and
     :func:`~stinfer.io.slide_data.prepare_for_h5ad` builds a full one on writing.
     """
+    if is_blank_canvas(library):
+        return False
     images = library.get("images") or {}
     scalefactors = library.get("scalefactors") or {}
     has_image = any(
@@ -410,7 +418,16 @@ def _complete_for_scanpy(library: Mapping) -> bool:
 def _scanpy_image(
     library_id: str, library: Mapping, path: Path, notes: list[str]
 ) -> tuple[str, float] | None:
-    """``(image reference, image_scale)`` of the library's hires (else lowres) image, or None."""
+    """``(image reference, image_scale)`` of the library's hires (else lowres) image, or None.
+
+    None for a blank canvas (:func:`~stinfer.io.scanpy_spatial.is_blank_canvas`), noted.
+    """
+    if is_blank_canvas(library):
+        notes.append(
+            f"uns['spatial'][{library_id!r}] holds a blank canvas (metadata blank_canvas), "
+            "not a slide image: not used as one."
+        )
+        return None
     images = library.get("images") or {}
     scalefactors = library.get("scalefactors") or {}
     for key in ("hires", "lowres"):

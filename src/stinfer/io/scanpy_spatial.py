@@ -20,10 +20,14 @@ slide's sample id) to every slide stinfer writes, so the file opens in ``sc.pl.s
 without arguments. The images are read through :func:`image_thumbnail` (a coarse pyramid
 level, then striding), never the full-resolution image when a coarser level exists.
 
-A counts-only slide gets ``scalefactors`` (so the spot size is known) and an empty
-``images``; scanpy 1.11 then needs ``img_key=None`` (``sc.pl.spatial(adata, color=gene,
-img_key=None)``): without it, it looks for a ``hires`` or ``lowres`` image and raises
-``StopIteration``.
+A counts-only slide (and one whose image cannot be read) gets a *blank canvas*
+(:func:`blank_canvas_images`): white ``hires`` and ``lowres`` images covering the spots,
+with ``metadata["blank_canvas"] = True`` and ``metadata["blank_canvas_reason"]``. scanpy
+1.11's ``sc.pl.spatial`` looks for a ``hires`` or ``lowres`` image unless told
+``img_key=None`` (it raises ``StopIteration`` without one), so the canvas is what lets
+``sc.pl.spatial(adata, color=gene)`` work with no extra arguments on every file stinfer
+writes. It is not a slide image: :func:`stinfer.io.read_h5ad_slide` never takes a blank
+canvas (:func:`is_blank_canvas`) for one, so the slide read back stays counts-only.
 
 This module reads images only; it does not import :mod:`stinfer.io.slide_data` (which calls
 it), so the slide layout is passed in as the metadata dict and the spot centres.
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 from collections.abc import Mapping
 
@@ -157,6 +162,52 @@ def spot_diameter_fullres(
     )
 
 
+def is_blank_canvas(library: Mapping) -> bool:
+    """True when a ``uns["spatial"]`` library entry holds a blank canvas, not a slide image.
+
+    That is, its ``metadata["blank_canvas"]`` is true (see :func:`blank_canvas_images`).
+    """
+    metadata = library.get("metadata")
+    return isinstance(metadata, Mapping) and bool(np.any(metadata.get("blank_canvas", False)))
+
+
+def blank_canvas_images(spatial_xy: np.ndarray, diameter_fullres: float) -> tuple[dict, dict]:
+    """White ``hires``/``lowres`` images and their scale factors for a slide without an image.
+
+    The canvas spans full-resolution pixels from (0, 0) to the largest spot centre plus one
+    spot diameter in x and y, drawn with a long side of at most :data:`LOWRES_MAX_PX` px:
+    scanpy places and sizes the spots through the scale factors, so the canvas resolution
+    changes nothing in the plot, and a small canvas keeps the written file small.
+
+    Parameters
+    ----------
+    spatial_xy
+        ``(n_spots, 2)`` spot centres in full-resolution pixels.
+    diameter_fullres
+        Spot diameter in full-resolution pixels (the margin past the last spot).
+
+    Returns
+    -------
+    tuple
+        ``(images, scalefactors)``: ``{"hires", "lowres"}`` white ``(h, w, 3)`` uint8 arrays
+        (separate copies), and ``tissue_hires_scalef`` = ``tissue_lowres_scalef`` = canvas px
+        per full-resolution px.
+    """
+    centres = np.asarray(spatial_xy, dtype=np.float64).reshape(-1, 2)
+    centres = centres[np.all(np.isfinite(centres), axis=1)]
+    far_corner = centres.max(axis=0) if len(centres) else np.zeros(2)
+    width, height = np.maximum(far_corner, 0.0) + max(float(diameter_fullres), 1.0)
+    scale = LOWRES_MAX_PX / max(width, height)
+    canvas_height, canvas_width = (
+        min(LOWRES_MAX_PX, max(1, math.ceil(side * scale))) for side in (height, width)
+    )
+    images = {
+        key: np.full((canvas_height, canvas_width, 3), 255, dtype=np.uint8)
+        for key in ("hires", "lowres")
+    }
+    return images, {"tissue_hires_scalef": scale, "tissue_lowres_scalef": scale}
+
+
 def scanpy_spatial_library(meta: Mapping, spatial_xy: np.ndarray) -> dict:
     """scanpy's ``uns["spatial"][library_id]`` entry for a slide (layout in the module docstring).
 
@@ -172,13 +223,14 @@ def scanpy_spatial_library(meta: Mapping, spatial_xy: np.ndarray) -> dict:
     -------
     dict
         ``images`` (``hires``, long side <= :data:`HIRES_MAX_PX`, and ``lowres``, <=
-        :data:`LOWRES_MAX_PX`, uint8 RGB; empty for a counts-only slide), ``scalefactors``
-        (``tissue_hires_scalef``, ``tissue_lowres_scalef`` in image px per full-resolution
-        px, only with images; ``spot_diameter_fullres`` always, see
-        :func:`spot_diameter_fullres`) and ``metadata`` (``source``: ``"stinfer"``,
-        ``spot_diameter_source``). Every array is a fresh copy the caller may modify. When
-        the image cannot be read (moved, unreadable), ``images`` is empty, a warning is
-        logged and ``metadata["images_missing"]`` says why: the file is still written.
+        :data:`LOWRES_MAX_PX`, uint8 RGB), ``scalefactors`` (``tissue_hires_scalef``,
+        ``tissue_lowres_scalef`` in image px per full-resolution px; ``spot_diameter_fullres``,
+        see :func:`spot_diameter_fullres`) and ``metadata`` (``source``: ``"stinfer"``,
+        ``spot_diameter_source``). Every array is a fresh copy the caller may modify. A
+        counts-only slide gets a blank canvas (:func:`blank_canvas_images`,
+        ``metadata["blank_canvas"] = True`` and ``metadata["blank_canvas_reason"]``); so does
+        a slide whose image cannot be read (moved, unreadable), with a warning logged: the
+        file is still written.
     """
     diameter, diameter_source = spot_diameter_fullres(meta.get("spot_diameter_px"), spatial_xy)
     library: dict = {
@@ -187,23 +239,35 @@ def scanpy_spatial_library(meta: Mapping, spatial_xy: np.ndarray) -> dict:
         "metadata": {"source": "stinfer", "spot_diameter_source": diameter_source},
     }
     image_path = meta.get("image_path")
-    if image_path:
-        try:
-            hires, hires_scale = image_thumbnail(
-                image_path, float(meta.get("image_scale", 1.0)), HIRES_MAX_PX
-            )
-        except (InputError, OSError) as error:
-            # a written prediction is worth more than its background image
-            message = f"no images: the slide image could not be read ({error})"
-            library["metadata"]["images_missing"] = message
-            logger.warning("%s", message)
-            return library
-        stride = max(1, int(np.ceil(max(hires.shape[:2]) / LOWRES_MAX_PX)))
-        library["images"] = {
-            "hires": np.array(hires, dtype=np.uint8),
-            "lowres": np.array(hires[::stride, ::stride], dtype=np.uint8),
-        }
-        library["scalefactors"]["tissue_hires_scalef"] = hires_scale
-        library["scalefactors"]["tissue_lowres_scalef"] = hires_scale / stride
-        library["metadata"]["image_path"] = str(image_path)
+    if not image_path:
+        return _with_blank_canvas(library, spatial_xy, "counts-only slide: no image")
+    try:
+        hires, hires_scale = image_thumbnail(
+            image_path, float(meta.get("image_scale", 1.0)), HIRES_MAX_PX
+        )
+    except (InputError, OSError) as error:
+        # a written prediction is worth more than its background image
+        reason = f"the slide image could not be read ({error})"
+        logger.warning("blank canvas in uns['spatial']: %s", reason)
+        return _with_blank_canvas(library, spatial_xy, reason)
+    stride = max(1, int(np.ceil(max(hires.shape[:2]) / LOWRES_MAX_PX)))
+    library["images"] = {
+        "hires": np.array(hires, dtype=np.uint8),
+        "lowres": np.array(hires[::stride, ::stride], dtype=np.uint8),
+    }
+    library["scalefactors"]["tissue_hires_scalef"] = hires_scale
+    library["scalefactors"]["tissue_lowres_scalef"] = hires_scale / stride
+    library["metadata"]["image_path"] = str(image_path)
+    return library
+
+
+def _with_blank_canvas(library: dict, spatial_xy: np.ndarray, reason: str) -> dict:
+    """``library`` with a blank canvas as its images, marked as such with ``reason``."""
+    images, scalefactors = blank_canvas_images(
+        spatial_xy, library["scalefactors"]["spot_diameter_fullres"]
+    )
+    library["images"] = images
+    library["scalefactors"].update(scalefactors)
+    library["metadata"]["blank_canvas"] = True
+    library["metadata"]["blank_canvas_reason"] = reason
     return library

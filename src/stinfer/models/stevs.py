@@ -63,6 +63,14 @@ from stinfer.metrics import per_gene_pearson
 from stinfer.modalities import canonical_modality
 from stinfer.models.configs import resolve_preset
 from stinfer.models.persistence import LEGACY_LAYOUTS, read_saved_model, write_model_folder
+from stinfer.models.uncertainty import (
+    MixtureMoments,
+    UncertaintyConfig,
+    apply_calibration,
+    central_intervals,
+    fit_calibration,
+    interval_layer_names,
+)
 from stinfer.nn.encoders import SlideColourNormaliser, colour_moments
 from stinfer.nn.fusion import PoEFusion, calibration_offsets
 from stinfer.nn.stevs import STEvsConfig, STEvsModule
@@ -81,6 +89,8 @@ FUSION_CALIBRATION_SHIFTS = tuple(float(v) for v in np.arange(-16.0, 16.25, 0.5)
 FUSION_CALIBRATIONS = ("none", "validation")
 # A streamed slide's colour moments are estimated from this many seeded random spots.
 COLOUR_SAMPLE_SPOTS = 4096
+# Posterior samples per validation spot when the uncertainty calibration is fitted.
+CALIBRATION_SAMPLES = 30
 
 
 # --------------------------------------------------------------------------- configuration
@@ -590,6 +600,7 @@ class STEvs:
         self.fit_result: FitResult | None = None
         self.validation_image_expert_weight: float | None = None
         self.fusion_calibration: dict[str, float] | None = None
+        self.uncertainty_calibration: dict[str, Any] | None = None
 
     # ----------------------------------------------------------------- data
     def _require_image(self, slide: ad.AnnData) -> None:
@@ -746,6 +757,7 @@ class STEvs:
                 self.validation_image_expert_weight = float(
                     self.module.image_expert_weight(experts[0]).mean()
                 )
+            self.uncertainty_calibration = self._fit_uncertainty_calibration(task, val_loader)
         logger.info(
             "STEvs trained in %.1f s (%s)",
             self.fit_result.train_seconds,
@@ -760,6 +772,127 @@ class STEvs:
                 1.0 - weight,
             )
         return self.fit_result
+
+    @torch.no_grad()
+    def _fit_uncertainty_calibration(
+        self, task: STEvsTask, loader: DataLoader | None
+    ) -> dict[str, Any] | None:
+        """The predictive-uncertainty calibration fitted on the validation spots (None
+        without any): :func:`stinfer.models.uncertainty.fit_calibration` of their counts under
+        the fused predictive (:data:`CALIBRATION_SAMPLES` posterior samples, seeded by the
+        trainer's seed). The test slides are never seen here."""
+        if loader is None:
+            return None
+        device = next(self.module.parameters()).device
+        moments, counts, start = [], [], 0
+        seed = self.config.training.trainer.seed
+        for inputs, coords, batch_counts, targets, slides in loader:
+            inputs, _ = task._prepare(inputs.to(device), targets.to(device), slides, augment=False)
+            outputs = self.module(
+                inputs, coords.to(device), mode="fused", sample=False, decode_image=False
+            )
+            rows = slice(start, start + len(coords))
+            moments.append(
+                self._mixture_moments(
+                    [(outputs["mu"], outputs["logvar"])], CALIBRATION_SAMPLES, seed, rows
+                )
+            )
+            counts.append(batch_counts.float().cpu().numpy())
+            start = rows.stop
+        if not counts:
+            return None
+        mean = np.concatenate([m for m, _ in moments])
+        variance = np.concatenate([v for _, v in moments])
+        calibration = fit_calibration(np.concatenate(counts), mean, variance, seed)
+        before = calibration["pit_coverage_before"]
+        logger.info(
+            "STEvs uncertainty calibrated on %d validation spots: dispersion scale %g; before, "
+            "the 50%% and 90%% intervals held %.0f%% and %.0f%% of the validation counts' PITs",
+            calibration["validation_spots"],
+            calibration["dispersion_scale"],
+            100 * before["0.5"],
+            100 * before["0.9"],
+        )
+        return calibration
+
+    def _mixture_moments(
+        self,
+        posteriors: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        samples: int,
+        seed: int,
+        rows: slice,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Predictive mean and variance ``(n, M)`` of a chunk of spots (float64).
+
+        ``samples`` latents are drawn from the chunk's posteriors (one ``(mu, logvar)`` pair
+        per test-time-augmentation view, used in turn, so the spread across views counts as
+        uncertainty too) and decoded; :class:`~stinfer.models.uncertainty.MixtureMoments`
+        integrates the NB likelihood over them. The noise is seeded by ``seed`` and the
+        chunk's first row, so a prediction is reproducible for a given chunk size.
+        """
+        generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(rows.start or 0))
+        moments = MixtureMoments()
+        for index in range(samples):
+            mu, logvar = posteriors[index % len(posteriors)]
+            noise = torch.randn(mu.shape, generator=generator).to(mu.device, mu.dtype)
+            decoded = self.module.gene_decoder(mu + noise * torch.exp(0.5 * logvar))
+            moments.add(
+                decoded["nb_mean"].double().cpu().numpy(),
+                decoded["nb_theta"].double().cpu().numpy(),
+            )
+        return moments.result()
+
+    def _uncertainty_outputs(
+        self,
+        posteriors: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        uncertainty: UncertaintyConfig,
+        rows: slice,
+    ) -> dict[str, np.ndarray]:
+        """``predictive_mean``, ``predictive_sd`` and the interval bounds of a chunk."""
+        mean, variance = self._mixture_moments(
+            posteriors, uncertainty.samples, uncertainty.seed, rows
+        )
+        calibration = self.uncertainty_calibration if uncertainty.calibrated else None
+        theta, pit_quantiles = apply_calibration(mean, variance, calibration)
+        outputs = {
+            "predictive_mean": mean.astype(np.float32),
+            "predictive_sd": np.sqrt(mean + mean * mean / theta).astype(np.float32),
+        }
+        intervals = central_intervals(mean, theta, uncertainty.levels, pit_quantiles)
+        for level, (lower, upper) in intervals.items():
+            lower_name, upper_name = interval_layer_names(level)
+            outputs[lower_name], outputs[upper_name] = lower, upper
+        return outputs
+
+    def _uncertainty_layers(self, uncertainty: UncertaintyConfig) -> dict[str, str]:
+        """Names and descriptions of the layers :meth:`_uncertainty_outputs` fills."""
+        layers = {
+            "predictive_mean": "mean of the predictive distribution (the NB likelihood "
+            "integrated over posterior samples of the latent), expected counts",
+            "predictive_sd": "its standard deviation, counts",
+        }
+        for level in uncertainty.levels:
+            lower, upper = interval_layer_names(level)
+            layers[lower] = f"lower end of the central {100 * level:g}% predictive interval, counts"
+            layers[upper] = f"upper end of the central {100 * level:g}% predictive interval, counts"
+        return layers
+
+    def _uncertainty_record(self, uncertainty: UncertaintyConfig) -> dict[str, Any]:
+        """``uns["stinfer"]["uncertainty"]``: how the uncertainty layers were computed."""
+        calibration = self.uncertainty_calibration if uncertainty.calibrated else None
+        record: dict[str, Any] = {
+            "samples": uncertainty.samples,
+            "seed": uncertainty.seed,
+            "levels": list(uncertainty.levels),
+            "calibrated": calibration is not None,
+        }
+        if calibration is not None:
+            record["dispersion_scale"] = float(calibration["dispersion_scale"])
+            record["pit_quantiles"] = [float(q) for q in calibration["pit_quantiles"]]
+            record["calibration_validation_spots"] = int(calibration["validation_spots"])
+        elif uncertainty.calibrated:
+            record["note"] = "the model has no calibration (trained without validation spots)"
+        return record
 
     @torch.no_grad()
     def _validation_experts(
@@ -893,12 +1026,17 @@ class STEvs:
 
     @torch.no_grad()
     def iter_predictions(
-        self, slide: ad.AnnData, mode: str = "fused", patches: np.ndarray | None = None
+        self,
+        slide: ad.AnnData,
+        mode: str = "fused",
+        patches: np.ndarray | None = None,
+        uncertainty: UncertaintyConfig | None = None,
     ) -> Iterator[tuple[slice, dict[str, np.ndarray]]]:
         """Predictions of consecutive spot chunks: ``(rows, outputs)`` with ``nb_mean`` and
         ``nb_theta`` ``(n, M)``, ``mu`` and ``logvar`` ``(n, D)`` float32 for the spots at
-        ``rows`` (a slice). Memory is bounded by one chunk (``predict_batch_size`` spots);
-        :meth:`predict` and :meth:`write_prediction` are built on it."""
+        ``rows`` (a slice), and with ``uncertainty`` the layers of
+        :meth:`_uncertainty_outputs`. Memory is bounded by one chunk (``predict_batch_size``
+        spots); :meth:`predict` and :meth:`write_prediction` are built on it."""
         mode = canonical_modality(mode, "mode")
         self.module.eval()
         training = self.config.training
@@ -919,7 +1057,7 @@ class STEvs:
         ):
             views = list(range(8))
         for rows, chunk in chunks:
-            means, thetas, first = [], [], None
+            means, thetas, first, posteriors = [], [], None, []
             for view in views:
                 inputs = None
                 if chunk is not None:
@@ -931,8 +1069,12 @@ class STEvs:
                 )
                 means.append(outputs["nb_mean"].float())
                 thetas.append(outputs["nb_theta"].float())
+                posteriors.append((outputs["mu"], outputs["logvar"]))
                 if view == 0:
                     first = outputs
+            extra = {}
+            if uncertainty is not None:
+                extra = self._uncertainty_outputs(posteriors, uncertainty, rows)
             yield (
                 rows,
                 {
@@ -941,6 +1083,7 @@ class STEvs:
                     "mu": first["mu"].float().numpy(),
                     "logvar": first["logvar"].float().numpy(),
                     **self._expert_weight_columns(first, mode, rows, slide.n_obs),
+                    **extra,
                 },
             )
 
@@ -964,20 +1107,29 @@ class STEvs:
         return {"image_expert_weight": image, "spatial_expert_weight": 1.0 - image}
 
     def _posterior_outputs(
-        self, slide: ad.AnnData, mode: str, patches: np.ndarray | None = None
+        self,
+        slide: ad.AnnData,
+        mode: str,
+        patches: np.ndarray | None = None,
+        uncertainty: UncertaintyConfig | None = None,
     ) -> dict[str, np.ndarray]:
         collected: dict[str, list[np.ndarray]] = {}
-        for _, outputs in self.iter_predictions(slide, mode, patches):
+        for _, outputs in self.iter_predictions(slide, mode, patches, uncertainty):
             for key, value in outputs.items():
                 collected.setdefault(key, []).append(value)
         return {key: np.concatenate(values) for key, values in collected.items()}
 
     def predict(
-        self, slide: ad.AnnData, mode: str = "fused", patches: np.ndarray | None = None
+        self,
+        slide: ad.AnnData,
+        mode: str = "fused",
+        patches: np.ndarray | None = None,
+        uncertainty: UncertaintyConfig | bool | None = None,
     ) -> ad.AnnData:
         """Predicted expression of the model's genes at every spot of ``slide``.
 
-        Deterministic: the decoder reads the posterior mean (no sampling).
+        Deterministic: ``X`` is decoded at the posterior mean (no sampling); the uncertainty
+        layers are Monte Carlo estimates with a seeded sampler.
 
         Parameters
         ----------
@@ -990,6 +1142,15 @@ class STEvs:
         patches
             Optional ``(N, 3, H, W)`` uint8 patches used instead of extracting them from the
             image (e.g. colour-shifted patches for the robustness sweep).
+        uncertainty
+            ``True`` or an :class:`~stinfer.models.uncertainty.UncertaintyConfig` (posterior
+            samples, interval levels, seed, whether to apply the calibration fitted on the
+            training slides' validation spots): also return the predictive distribution, the
+            NB likelihood integrated over posterior samples of the latent
+            (:mod:`stinfer.models.uncertainty`), as layers ``predictive_mean``,
+            ``predictive_sd`` and ``lower_<pct>``/``upper_<pct>`` per interval level (counts;
+            ``lower_50``, ``upper_50``, ``lower_90``, ``upper_90`` by default), recorded in
+            ``uns["stinfer"]["uncertainty"]``.
 
         Returns
         -------
@@ -1010,8 +1171,9 @@ class STEvs:
         """
         start = time.perf_counter()
         mode = canonical_modality(mode, "mode")
-        outputs = self._posterior_outputs(slide, mode, patches)
-        prediction = self._prediction_anndata(slide, mode, outputs)
+        uncertainty = _uncertainty_config(uncertainty)
+        outputs = self._posterior_outputs(slide, mode, patches, uncertainty)
+        prediction = self._prediction_anndata(slide, mode, outputs, uncertainty)
         prediction.uns["stevs_prediction"]["seconds"] = time.perf_counter() - start
         return prediction
 
@@ -1021,6 +1183,7 @@ class STEvs:
         path: str | os.PathLike,
         mode: str = "fused",
         overwrite: bool = False,
+        uncertainty: UncertaintyConfig | bool | None = None,
     ) -> Path:
         """:meth:`predict` written straight to an ``.h5ad`` file, chunk by chunk.
 
@@ -1037,7 +1200,8 @@ class STEvs:
 
         start = time.perf_counter()
         mode = canonical_modality(mode, "mode")
-        skeleton = prepare_for_h5ad(self._prediction_anndata(slide, mode))
+        uncertainty = _uncertainty_config(uncertainty)
+        skeleton = prepare_for_h5ad(self._prediction_anndata(slide, mode, None, uncertainty))
         n_spots, n_genes = slide.n_obs, len(self.genes)
         latent_dim = self.config.module.latent_dim
         rows_per_chunk = max(1, min(self.config.training.predict_batch_size, n_spots))
@@ -1058,16 +1222,20 @@ class STEvs:
                     datasets[key].attrs.update(
                         {"encoding-type": "array", "encoding-version": "0.2.0"}
                     )
-                datasets[LOG1P_LAYER] = file.create_dataset(
-                    f"layers/{LOG1P_LAYER}",
-                    shape=(n_spots, n_genes),
-                    dtype="f4",
-                    chunks=(rows_per_chunk, n_genes),
-                )
-                datasets[LOG1P_LAYER].attrs.update(
-                    {"encoding-type": "array", "encoding-version": "0.2.0"}
-                )
-                for rows, outputs in self.iter_predictions(slide, mode):
+                layer_names = [LOG1P_LAYER]
+                if uncertainty is not None:
+                    layer_names += list(self._uncertainty_layers(uncertainty))
+                for name in layer_names:
+                    datasets[name] = file.create_dataset(
+                        f"layers/{name}",
+                        shape=(n_spots, n_genes),
+                        dtype="f4",
+                        chunks=(rows_per_chunk, n_genes),
+                    )
+                    datasets[name].attrs.update(
+                        {"encoding-type": "array", "encoding-version": "0.2.0"}
+                    )
+                for rows, outputs in self.iter_predictions(slide, mode, None, uncertainty):
                     outputs["logvar"] = np.exp(outputs["logvar"])
                     library = np.clip(outputs["nb_mean"].astype(np.float64), 0, None).sum(axis=1)
                     outputs[LOG1P_LAYER] = log1p_cp10k_of(outputs["nb_mean"], library)
@@ -1081,7 +1249,11 @@ class STEvs:
         return Path(path)
 
     def _prediction_anndata(
-        self, slide: ad.AnnData, mode: str, outputs: dict[str, np.ndarray] | None = None
+        self,
+        slide: ad.AnnData,
+        mode: str,
+        outputs: dict[str, np.ndarray] | None = None,
+        uncertainty: UncertaintyConfig | None = None,
     ) -> ad.AnnData:
         """The prediction AnnData of :meth:`predict`; without ``outputs``, its skeleton (obs,
         var, ``obsm["spatial"]``, uns) for :meth:`write_prediction` to fill."""
@@ -1103,6 +1275,13 @@ class STEvs:
         prediction.uns["stinfer"] = dict(slide.uns.get("stinfer", {}))
         prediction.uns["stevs_prediction"] = {"mode": mode, "seconds": 0.0}
         theta = {"nb_theta": "negative binomial inverse dispersion of X"}
+        if uncertainty is not None:
+            uncertainty_layers = self._uncertainty_layers(uncertainty)
+            theta.update(uncertainty_layers)
+            prediction.uns["stinfer"]["uncertainty"] = self._uncertainty_record(uncertainty)
+            if outputs is not None:
+                for name in uncertainty_layers:
+                    prediction.layers[name] = np.asarray(outputs[name], dtype=np.float32)
         if outputs is not None:
             return annotate_counts(prediction, layers=theta)
         prediction.obs[LIBRARY_COLUMN] = np.zeros(slide.n_obs, dtype=np.float32)
@@ -1125,6 +1304,7 @@ class STEvs:
             "genes": self.genes,
             "validation_image_expert_weight": self.validation_image_expert_weight,
             "fusion_calibration": self.fusion_calibration,
+            "uncertainty_calibration": self.uncertainty_calibration,
         }
         return write_model_folder(
             directory, self.model_type, self.config.to_dict(), state, self.module, None, overwrite
@@ -1151,6 +1331,7 @@ class STEvs:
         config.module.pretrained = None  # the saved weights replace any initial weights
         model.validation_image_expert_weight = saved.state.get("validation_image_expert_weight")
         model.fusion_calibration = saved.state.get("fusion_calibration")
+        model.uncertainty_calibration = saved.state.get("uncertainty_calibration")
         model.module = STEvsModule(num_genes=len(genes), config=config.module)
         weights = saved.tensors()
         if isinstance(model.module.fusion, PoEFusion):  # saved before the fusion calibration
@@ -1158,3 +1339,14 @@ class STEvs:
         model.module.load_state_dict(weights)
         model.module.eval()
         return model
+
+
+def _uncertainty_config(value: UncertaintyConfig | bool | None) -> UncertaintyConfig | None:
+    """``predict(uncertainty=...)``: True -> the defaults, False/None -> no uncertainty."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return UncertaintyConfig()
+    if not isinstance(value, UncertaintyConfig):
+        raise InputError(f"uncertainty must be True, False or an UncertaintyConfig, got {value!r}")
+    return value
