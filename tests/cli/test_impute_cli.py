@@ -145,3 +145,50 @@ def test_super_resolution_output_opens_in_scanpy_with_the_sub_spot_size(tmp_path
     assert scalefactors["spot_diameter_fullres"] == pytest.approx(0.55 * 50.0)
     assert sc.pl.spatial(prediction, color="ERBB2", show=False) is not None
     plt.close("all")
+
+
+def test_genes_from_he_alone_on_an_image_only_slide(tmp_path, capsys):
+    """`prepare --format image` of a section's H&E, a STEvs run on another section's panel,
+    then `impute --run`: the named genes (not in the panel, never measured) on the virtual
+    grid, in the prediction layout."""
+    from stinfer.data.synthetic import (
+        SyntheticConfig,
+        make_synthetic_sections,
+        planted_gene_embeddings,
+    )
+
+    config = SyntheticConfig(n_sections=2, target_spots=120, n_genes=30, seed=2)
+    train, test = make_synthetic_sections(tmp_path / "images", config)
+    prepare_for_h5ad(train).write_h5ad(tmp_path / "train.h5ad")
+    embeddings = planted_gene_embeddings(config, dim=16)
+    embeddings_to_anndata(embeddings.to_numpy(), list(embeddings.index)).write_h5ad(
+        tmp_path / "genes.h5ad"
+    )
+    genes = list(train.var_names)
+    (tmp_path / "panel.txt").write_text("\n".join(genes[:20]))
+    meta = test.uns["stinfer"]
+    status = main(
+        f"prepare --format image --image {meta['image_path']} --pixel-size-um "
+        f"{meta['pixel_size_um']} --grid visium --out {tmp_path / 'he.h5ad'}".split()
+    )
+    assert status == 0
+    run = tmp_path / "run"
+    train_args = f"train --model stevs --train {tmp_path / 'train.h5ad'} --genes "
+    train_args += f"{tmp_path / 'panel.txt'} --preset fast --epochs 1 --no-progress --out {run}"
+    assert main(train_args.split()) == 0
+    out = tmp_path / "he_genes.h5ad"
+    wanted = ",".join(genes[20:24])
+    argv = f"impute --slide {tmp_path / 'he.h5ad'} --run {run} --embeddings "
+    argv += f"{tmp_path / 'genes.h5ad'} --genes {wanted} --epochs 2 --no-progress --out {out}"
+    assert main(argv.split()) == 0
+    prediction = ad.read_h5ad(out)
+    slide = ad.read_h5ad(tmp_path / "he.h5ad")
+    assert list(prediction.var_names) == genes[20:24]
+    assert list(prediction.obs_names) == list(slide.obs_names) and slide.n_vars == 0
+    assert np.all(np.isfinite(prediction.X)) and (prediction.X >= 0).all()
+    assert prediction.uns["stinfer"]["zero_shot"]["stevs_panel_genes"] == 20
+    assert prediction.uns["stinfer"]["expression"]["X"] == "expected_counts"
+    capsys.readouterr()
+    in_panel = argv.replace(wanted, genes[0]).replace(str(out), str(tmp_path / "x.h5ad"))
+    assert main(in_panel.split()) == 2
+    assert "in the STEvs panel" in capsys.readouterr().err

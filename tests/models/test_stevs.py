@@ -588,8 +588,10 @@ def test_the_uncertainty_calibration_reads_the_validation_spots_only_and_is_save
     is; changing the validation spots' counts changes it. Saved with the model."""
     stored = trained.uncertainty_calibration
     slide = trained.train_slides[0]
-    assert stored["validation_spots"] == round(0.1 * slide.n_obs)
-    assert stored["validation_nll"] <= stored["validation_nll_unscaled"]
+    assert set(stored) == {"fused", "image", "spatial"}  # one per inference mode
+    for calibration in stored.values():
+        assert calibration["validation_spots"] == round(0.1 * slide.n_obs)
+        assert calibration["validation_nll"] <= calibration["validation_nll_unscaled"]
     _, val_idx = validation_split([slide], trained.config.training.val_fraction, 0)
     is_val = np.zeros(slide.n_obs, bool)
     is_val[val_idx] = True

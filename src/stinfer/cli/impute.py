@@ -29,6 +29,15 @@ examples:
   stinfer impute --slide C2.h5ad --embeddings genes.h5ad --test-fraction 0.2 \\
       --modality spatial --preset fast --out C2_imputed.h5ad
   stinfer impute --slide C2.h5ad --embeddings genes.h5ad --genes ERBB2,GRB7 --out C2_genes.h5ad
+  stinfer impute --slide HE_only.h5ad --run runs/stevs --embeddings genes.h5ad \
+      --genes ERBB2,GRB7 --out HE_genes.h5ad
+
+Genes from H&E alone (--run STEVS_RUN with --genes): the slide needs an image and spot
+coordinates only (e.g. `stinfer prepare --format image`); its counts, if any, are never read.
+The STEvs run predicts its gene panel at every spot (--stevs-mode), a CoxFormer readout is
+trained on that predicted panel (the panel genes with an embedding) and predicts the named
+genes, which must not be in the STEvs panel. X = expected counts with each spot's predicted
+panel total as its library; uns["stinfer"]["zero_shot"] records the path.
 
 Held-out genes (--test-fraction): a seeded split of the slide's measured genes (with an
 embedding, detected in at least --min-spot-fraction of the spots); the model learns from the
@@ -79,6 +88,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="held-out genes protocol: fraction of genes held out, in (0, 1)",
     )
     task.add_argument("--genes", help="genes to predict: comma-separated, or a file of names")
+    parser.add_argument(
+        "--run",
+        type=Path,
+        help="a STEvs run folder (`stinfer train`): predict --genes on a slide that has only "
+        "H&E (see below); the CoxFormer readout learns from the run's predicted panel",
+    )
+    parser.add_argument(
+        "--stevs-mode",
+        choices=["fused", "image", "spatial", *MODALITY_ALIASES],
+        metavar="{fused,image,spatial}",
+        default="fused",
+        help="with --run: the STEvs inference mode (fused; image when the coordinates mean "
+        "nothing)",
+    )
     parser.add_argument(
         "--modality",
         choices=["spatial", "image", "fused", *MODALITY_ALIASES],
@@ -196,9 +219,21 @@ def run(args: argparse.Namespace) -> None:
         if not path.is_file():
             raise FileNotFoundError(2, f"no such {what}", str(path))
     args.modality = canonical_modality(args.modality)
+    if args.run is not None and args.genes is None:
+        raise InputError("--run predicts named genes from H&E: give --genes, not --test-fraction.")
+    if args.run is not None and (
+        args.modality != "spatial" or args.sub_spot_grid > 1 or args.save_model is not None
+    ):
+        raise InputError(
+            "--run: the readout learns from the predicted panel of this slide; --modality, "
+            "--sub-spot-grid and --save-model do not apply."
+        )
     config = build_config(args)
     slide = read_h5ad_slide(args.slide)
     table = embedding_table(args.embeddings, allow_pickle=args.allow_pickle)
+    if args.run is not None:
+        run_zero_shot(args, slide, table, config, out)
+        return
 
     if args.test_fraction is not None:
         from stinfer.evaluate.held_out_genes import held_out_genes_evaluation, held_out_table
@@ -258,3 +293,30 @@ def run(args: argparse.Namespace) -> None:
         )
     if args.save_model is not None:
         model.save(args.save_model, overwrite=args.overwrite)
+
+
+def run_zero_shot(args: argparse.Namespace, slide, table, config, out: Path) -> None:
+    """``--run``: genes from H&E alone (:func:`stinfer.models.zero_shot.predict_unmeasured_genes`)."""
+    from stinfer.io.atomic import write_h5ad
+    from stinfer.io.slide_data import prepare_for_h5ad
+    from stinfer.models import load
+    from stinfer.models.persistence import read_model_header
+    from stinfer.models.zero_shot import predict_unmeasured_genes
+
+    kind = read_model_header(args.run).model_type
+    if kind != "stevs":
+        raise InputError(
+            f"--run {args.run}: holds a {kind} model; genes from H&E need a STEvs run."
+        )
+    stevs = load(args.run)
+    genes = read_gene_names(args.genes)
+    mode = canonical_modality(args.stevs_mode, "--stevs-mode")
+    prediction = predict_unmeasured_genes(stevs, slide, table, genes, mode, config)
+    logger.info("writing %s", out)
+    write_h5ad(prepare_for_h5ad(prediction), out, overwrite=args.overwrite)
+    print(
+        f"wrote {out}: {len(genes)} genes x {prediction.n_obs} spots from H&E ({mode} STEvs "
+        f"panel of {len(stevs.genes)} genes, readout trained on "
+        f"{prediction.uns['stinfer']['zero_shot']['readout_genes']}); expected counts in X, "
+        "log1p CP10k in layers['log1p_cp10k']"
+    )

@@ -776,44 +776,56 @@ class STEvs:
     @torch.no_grad()
     def _fit_uncertainty_calibration(
         self, task: STEvsTask, loader: DataLoader | None
-    ) -> dict[str, Any] | None:
-        """The predictive-uncertainty calibration fitted on the validation spots (None
-        without any): :func:`stinfer.models.uncertainty.fit_calibration` of their counts under
-        the fused predictive (:data:`CALIBRATION_SAMPLES` posterior samples, seeded by the
-        trainer's seed). The test slides are never seen here."""
+    ) -> dict[str, dict[str, Any]] | None:
+        """The predictive-uncertainty calibration of each inference mode, fitted on the
+        validation spots (None without any): ``{mode: fit_calibration(...)}``
+        (:func:`stinfer.models.uncertainty.fit_calibration` of their counts under that mode's
+        predictive, :data:`CALIBRATION_SAMPLES` posterior samples seeded by the trainer's
+        seed), for ``fused`` and, with both experts, ``image`` and ``spatial`` (each expert
+        alone is less sure than the product, and differently over-confident). The test
+        slides are never seen here."""
         if loader is None:
             return None
+        modes = ["fused"]
+        if self.module.image_encoder is not None and self.module.coord_encoder is not None:
+            modes += ["image", "spatial"]
         device = next(self.module.parameters()).device
-        moments, counts, start = [], [], 0
         seed = self.config.training.trainer.seed
+        moments: dict[str, list] = {mode: [] for mode in modes}
+        counts, start = [], 0
         for inputs, coords, batch_counts, targets, slides in loader:
             inputs, _ = task._prepare(inputs.to(device), targets.to(device), slides, augment=False)
-            outputs = self.module(
-                inputs, coords.to(device), mode="fused", sample=False, decode_image=False
-            )
             rows = slice(start, start + len(coords))
-            moments.append(
-                self._mixture_moments(
-                    [(outputs["mu"], outputs["logvar"])], CALIBRATION_SAMPLES, seed, rows
+            for mode in modes:
+                outputs = self.module(
+                    inputs, coords.to(device), mode=mode, sample=False, decode_image=False
                 )
-            )
+                posterior = [(outputs["mu"], outputs["logvar"])]
+                moments[mode].append(
+                    self._mixture_moments(posterior, CALIBRATION_SAMPLES, seed, rows)
+                )
             counts.append(batch_counts.float().cpu().numpy())
             start = rows.stop
         if not counts:
             return None
-        mean = np.concatenate([m for m, _ in moments])
-        variance = np.concatenate([v for _, v in moments])
-        calibration = fit_calibration(np.concatenate(counts), mean, variance, seed)
-        before = calibration["pit_coverage_before"]
-        logger.info(
-            "STEvs uncertainty calibrated on %d validation spots: dispersion scale %g; before, "
-            "the 50%% and 90%% intervals held %.0f%% and %.0f%% of the validation counts' PITs",
-            calibration["validation_spots"],
-            calibration["dispersion_scale"],
-            100 * before["0.5"],
-            100 * before["0.9"],
-        )
-        return calibration
+        observed = np.concatenate(counts)
+        calibrations = {}
+        for mode in modes:
+            mean = np.concatenate([m for m, _ in moments[mode]])
+            variance = np.concatenate([v for _, v in moments[mode]])
+            calibrations[mode] = fit_calibration(observed, mean, variance, seed)
+            before = calibrations[mode]["pit_coverage_before"]
+            logger.info(
+                "STEvs uncertainty (%s) calibrated on %d validation spots: dispersion scale "
+                "%g; before, the 50%% and 90%% intervals held %.0f%% and %.0f%% of the "
+                "validation counts' PITs",
+                mode,
+                len(observed),
+                calibrations[mode]["dispersion_scale"],
+                100 * before["0.5"],
+                100 * before["0.9"],
+            )
+        return calibrations
 
     def _mixture_moments(
         self,
@@ -847,12 +859,13 @@ class STEvs:
         posteriors: Sequence[tuple[torch.Tensor, torch.Tensor]],
         uncertainty: UncertaintyConfig,
         rows: slice,
+        mode: str,
     ) -> dict[str, np.ndarray]:
         """``predictive_mean``, ``predictive_sd`` and the interval bounds of a chunk."""
         mean, variance = self._mixture_moments(
             posteriors, uncertainty.samples, uncertainty.seed, rows
         )
-        calibration = self.uncertainty_calibration if uncertainty.calibrated else None
+        calibration = self._calibration_of(mode) if uncertainty.calibrated else None
         theta, pit_quantiles = apply_calibration(mean, variance, calibration)
         outputs = {
             "predictive_mean": mean.astype(np.float32),
@@ -877,9 +890,13 @@ class STEvs:
             layers[upper] = f"upper end of the central {100 * level:g}% predictive interval, counts"
         return layers
 
-    def _uncertainty_record(self, uncertainty: UncertaintyConfig) -> dict[str, Any]:
+    def _calibration_of(self, mode: str) -> dict[str, Any] | None:
+        """The uncertainty calibration of inference ``mode`` (None when there is none)."""
+        return (self.uncertainty_calibration or {}).get(mode)
+
+    def _uncertainty_record(self, uncertainty: UncertaintyConfig, mode: str) -> dict[str, Any]:
         """``uns["stinfer"]["uncertainty"]``: how the uncertainty layers were computed."""
-        calibration = self.uncertainty_calibration if uncertainty.calibrated else None
+        calibration = self._calibration_of(mode) if uncertainty.calibrated else None
         record: dict[str, Any] = {
             "samples": uncertainty.samples,
             "seed": uncertainty.seed,
@@ -1074,7 +1091,7 @@ class STEvs:
                     first = outputs
             extra = {}
             if uncertainty is not None:
-                extra = self._uncertainty_outputs(posteriors, uncertainty, rows)
+                extra = self._uncertainty_outputs(posteriors, uncertainty, rows, mode)
             yield (
                 rows,
                 {
@@ -1278,7 +1295,7 @@ class STEvs:
         if uncertainty is not None:
             uncertainty_layers = self._uncertainty_layers(uncertainty)
             theta.update(uncertainty_layers)
-            prediction.uns["stinfer"]["uncertainty"] = self._uncertainty_record(uncertainty)
+            prediction.uns["stinfer"]["uncertainty"] = self._uncertainty_record(uncertainty, mode)
             if outputs is not None:
                 for name in uncertainty_layers:
                     prediction.layers[name] = np.asarray(outputs[name], dtype=np.float32)
