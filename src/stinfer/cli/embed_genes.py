@@ -254,6 +254,6 @@ def run_svd(args: argparse.Namespace, out: Path) -> None:
     info = embeddings.uns["gene_embeddings"]
     print(
         f"wrote {out}: {embeddings.n_obs} genes x {embeddings.n_vars} dims (truncated SVD of "
-        f"{sum(info['corpus_cells'])} cells in {len(info['corpora'])} corpora, "
+        f"{int(sum(info['corpus_cells'])):,} spots or cells in {len(info['corpora'])} corpora, "
         f"{info['seconds']:.1f} s)"
     )

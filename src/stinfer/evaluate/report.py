@@ -222,6 +222,51 @@ def _expert_weight_table(rows: pd.DataFrame, order: Sequence[str]) -> list[str]:
     return lines
 
 
+def _uncertainty_table(rows: pd.DataFrame, order: Sequence[str]) -> list[str]:
+    """Lines of the predictive-uncertainty table (config ``uncertainty``): PIT coverage of
+    each interval before and after the calibration, plain coverage, width, sd-error Spearman,
+    mean (min-max) over the (train, test) pairs per model."""
+    levels = sorted(
+        column.removeprefix("pit_coverage_")
+        for column in rows.columns
+        if column.startswith("pit_coverage_") and not column.endswith("_uncalibrated")
+    )
+    if not levels or rows[f"pit_coverage_{levels[0]}"].isna().all():
+        return []
+    scored = rows.dropna(subset=[f"pit_coverage_{levels[0]}"])
+
+    def spread(values: pd.Series) -> str:
+        return f"{values.mean():.3f} ({values.min():.3f}-{values.max():.3f})"
+
+    columns = []
+    for level in levels:
+        columns += [
+            (f"PIT {level}% before", f"pit_coverage_{level}_uncalibrated"),
+            (f"PIT {level}%", f"pit_coverage_{level}"),
+            (f"counts in {level}%", f"coverage_{level}"),
+            (f"width {level}%", f"width_{level}"),
+        ]
+    columns.append(("sd-error Spearman", "sd_error_spearman"))
+    lines = [
+        "",
+        "Predictive uncertainty (calibrated on the training slides' validation spots): "
+        "coverage of the central intervals on the test slice, as randomised-PIT coverage (the "
+        "level itself when calibrated; `before` = without the calibration) and as the fraction "
+        "of measured counts inside (at least the level for discrete counts); mean width in "
+        "counts; median over genes of the Spearman correlation of predicted sd and |error|. "
+        "Mean (min-max) over the (train, test) pairs:",
+        "",
+        "| model | " + " | ".join(label for label, _ in columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
+    ]
+    for model in [m for m in order if m in set(scored["model"])]:
+        values = scored[scored["model"] == model]
+        lines.append(
+            f"| {model} | " + " | ".join(spread(values[column]) for _, column in columns) + " |"
+        )
+    return lines
+
+
 def summary_markdown(
     config: Any, results: pd.DataFrame, robustness: pd.DataFrame, command: str | None = None
 ) -> str:
@@ -272,6 +317,7 @@ def summary_markdown(
                     lines += ["", "Per (train, test) pair:", ""]
                     lines += ["\n\n".join(_pair_tables(models, order))]
                 lines += _expert_weight_table(models, order)
+                lines += _uncertainty_table(models, order)
             if not ablations.empty:
                 stats = _ordered(aggregate(ablations, by=("model",)), order)
                 lines += ["", "Ablations (STEvs Tables 3-4):", ""]
