@@ -113,3 +113,25 @@ def test_robust_limit_never_collapses_the_scale():
     assert robust_limit(np.zeros(10)) == 1.0
     assert robust_limit(np.r_[np.zeros(200), 7.0]) == 7.0  # a gene seen in under 1% of spots
     assert robust_limit(np.array([np.nan, np.inf])) == 1.0
+
+
+def test_many_models_wrap_onto_rows_of_at_most_max_columns_panels(slide, prediction):
+    eight = {f"model {index}": prediction for index in range(8)}
+    four = {f"model {index}": prediction for index in range(4)}
+    fig = plot_spatial_maps(slide, eight, GENES, max_columns=5)
+    narrow = plot_spatial_maps(slide, four, GENES, max_columns=5)
+    panels = fig.axes[: 2 * 5 * len(GENES)]
+    assert panels[0].get_subplotspec().get_gridspec().get_geometry() == (2 * len(GENES), 5)
+    titles = [ax.get_title() for ax in panels if ax.get_visible()]
+    for gene in GENES:
+        gene_titles = [title for title in titles if title.startswith(f"{gene} ")]
+        assert gene_titles[0].endswith("measured")
+        for name in eight:
+            assert sum(title.endswith(f"\n{name}") for title in gene_titles) == 1
+    # the truth opens each gene's first row; the one spare panel of each gene is hidden
+    assert [ax.get_visible() for ax in panels].count(False) == len(GENES)
+    assert _scale_bars(panels[0]) and _scale_bars(panels[2 * 5])
+    assert len(_colourbar_axes(fig, panels)) == len(GENES)
+    assert fig.get_size_inches()[0] == narrow.get_size_inches()[0]
+    plt.close(fig)
+    plt.close(narrow)

@@ -293,16 +293,23 @@ def plot_spatial_maps(
     predictions: dict[str, ad.AnnData],
     genes: Sequence[str],
     gene_pcc: Mapping[str, Mapping[str, float]] | None = None,
+    max_columns: int = 5,
 ) -> matplotlib.figure.Figure:
-    """True vs predicted spatial maps (STEvs Fig. 3): one row per gene, one column per model.
+    """True vs predicted spatial maps (STEvs Fig. 3): per gene, the measured map then each model's.
 
-    Values are log1p of the measured counts (first column) and of each model's predicted mean
+    Values are log1p of the measured counts (first panel) and of each model's predicted mean
     counts, drawn on the spots of ``truth`` without the H&E image (the colours alone carry the
-    comparison). Each row (gene) has one colour scale, shared by the measured and every
-    predicted map and shown by one colourbar: from the 1st to the 99th percentile of the
-    measured values (:func:`robust_limit`; from 0 when those meet), so every model is judged
-    on the measurement's scale, a highly expressed gene keeps its contrast, and values outside
-    are clipped (the colourbar's arrows).
+    comparison). Each gene has one colour scale, shared by the measured and every predicted
+    map and shown by one colourbar spanning all of the gene's panels: from the 1st to the 99th
+    percentile of the measured values (:func:`robust_limit`; from 0 when those meet), so every
+    model is judged on the measurement's scale, a highly expressed gene keeps its contrast, and
+    values outside are clipped (the colourbar's arrows).
+
+    A gene's panels (measured + one per model) fill rows of at most ``max_columns`` panels, so
+    a benchmark of many models wraps onto several consecutive rows instead of one very wide
+    row; the measured map is always the first panel of the gene's first row, and the unused
+    panels of the gene's last row are hidden. The figure is ``min(1 + len(predictions),
+    max_columns)`` panels wide (3 inches each, plus the colourbar).
 
     Parameters
     ----------
@@ -311,30 +318,42 @@ def plot_spatial_maps(
     predictions
         Model name -> predicted AnnData holding ``truth``'s spots (``obs_names``).
     genes
-        Genes to draw, one row each.
+        Genes to draw, one block of rows each.
     gene_pcc
         Model name -> gene -> per-gene Pearson correlation, shown in the titles (e.g.
         ``evaluate_anndata(prediction, truth).per_gene["pcc"]`` or
         :func:`stinfer.metrics.per_gene_pearson`); titles go without it when it is missing.
+    max_columns
+        Most panels per row (at least 1).
+
+    Raises
+    ------
+    ValueError
+        When ``max_columns`` is below 1.
     """
+    if max_columns < 1:
+        raise ValueError(f"plot_spatial_maps: max_columns must be at least 1, got {max_columns}")
     gene_pcc = gene_pcc or {}
     sample = slide_id(truth)
     columns = ["truth", *predictions]
+    panels_per_row = min(len(columns), max_columns)
+    rows_per_gene = -(-len(columns) // panels_per_row)
     fig, axes = plt.subplots(
-        len(genes),
-        len(columns),
-        figsize=(3.0 * len(columns) + 0.9, 3.0 * len(genes)),
+        len(genes) * rows_per_gene,
+        panels_per_row,
+        figsize=(3.0 * panels_per_row + 0.9, 3.0 * len(genes) * rows_per_gene),
         squeeze=False,
         layout="constrained",
     )
-    for row, gene in enumerate(genes):
+    for gene_index, gene in enumerate(genes):
+        gene_axes = axes[gene_index * rows_per_gene : (gene_index + 1) * rows_per_gene].ravel()
         true_values = np.log1p(_gene_values(truth, gene))
         vmax = robust_limit(true_values)
         vmin = float(np.quantile(true_values, 1 - ROBUST_QUANTILE))
         vmin = vmin if vmin < vmax else 0.0
         below = above = False
-        for col, name in enumerate(columns):
-            if name == "truth":
+        for panel, (ax, name) in enumerate(zip(gene_axes[: len(columns)], columns, strict=True)):
+            if panel == 0:
                 values, title = true_values, f"{gene} · {sample}\nmeasured"
             else:
                 values = np.log1p(_gene_values(predictions[name][truth.obs_names], gene))
@@ -343,18 +362,26 @@ def plot_spatial_maps(
                     f" · PCC {pcc:.2f}" if pcc is not None else ""
                 )
             discs = spot_scatter(
-                axes[row, col],
+                ax,
                 truth,
                 values,
                 title,
                 vmin=vmin,
                 vmax=vmax,
-                scale_bar=col == 0,
+                scale_bar=panel == 0,
             )
             below |= bool(np.nanmin(values) < vmin)
             above |= bool(np.nanmax(values) > vmax)
+        for unused in gene_axes[len(columns) :]:
+            unused.set_visible(False)
         extend = {(False, False): "neither", (True, False): "min", (False, True): "max"}
-        _colorbar(fig, discs, axes[row, :], LOG1P_LABEL, extend.get((below, above), "both"))
+        _colorbar(
+            fig,
+            discs,
+            gene_axes[: len(columns)],
+            LOG1P_LABEL,
+            extend.get((below, above), "both"),
+        )
     return fig
 
 

@@ -101,6 +101,53 @@ def test_stinfer_written_h5ad_round_trips_its_metadata(tmp_path: Path) -> None:
     assert set(slide.obs["sample_id"]) == {"patient-7"}
 
 
+def _write_prepared_slide(path: Path, sample_id: str = "C2") -> ad.AnnData:
+    adata = make_anndata()
+    spots = [f"{index}x{index + 1}" for index in range(adata.n_obs)]
+    slide = make_slide(
+        adata.X,
+        spots,
+        adata.var_names,
+        adata.obsm["spatial"],
+        sample_id=sample_id,
+        source_format="st",
+        source="test",
+    )
+    write_h5ad(prepare_for_h5ad(slide), path)
+    return slide
+
+
+def test_a_prepared_slide_read_under_another_sample_id_is_named_from_its_spot_ids(
+    tmp_path: Path,
+) -> None:
+    original = _write_prepared_slide(tmp_path / "prepared.h5ad")
+    spots = list(original.obs["spot_id"])
+    assert list(original.obs_names) == [f"C2_{spot}" for spot in spots]
+
+    renamed = read_h5ad_slide(tmp_path / "prepared.h5ad", sample_id="P7")
+
+    assert list(renamed.obs_names) == [f"P7_{spot}" for spot in spots]
+    assert list(renamed.obs["spot_id"]) == spots
+    assert set(renamed.obs["sample_id"]) == {"P7"}
+    assert renamed.uns["stinfer"]["sample_id"] == "P7"
+    same = read_h5ad_slide(tmp_path / "prepared.h5ad", sample_id="C2")
+    assert list(same.obs_names) == list(original.obs_names)
+
+
+def test_repeated_spot_ids_fall_back_to_the_obs_names_with_a_note(tmp_path: Path) -> None:
+    original = _write_prepared_slide(tmp_path / "prepared.h5ad")
+    adata = ad.read_h5ad(tmp_path / "prepared.h5ad")
+    adata.obs["spot_id"] = "0x1"
+    adata.write_h5ad(tmp_path / "repeated.h5ad")
+
+    slide = read_h5ad_slide(tmp_path / "repeated.h5ad", sample_id="P7")
+
+    assert list(slide.obs_names) == [f"P7_{name}" for name in original.obs_names]
+    assert any(
+        "obs['spot_id'] cannot name the spots" in note for note in slide.uns["stinfer"]["notes"]
+    )
+
+
 def test_relative_stored_image_path_is_resolved_next_to_the_h5ad(tmp_path: Path) -> None:
     adata = make_anndata()
     Image.new("RGB", (1000, 800)).save(tmp_path / "he.jpg")

@@ -6,7 +6,9 @@ Every reader ends in :func:`make_slide`, so every slide stinfer hands out looks 
   holding whole numbers (AnnData/scanpy convention);
 - ``obs_names``: ``"<sample_id>_<spot id>"``, unique across slides, so ``anndata.concat`` of
   several slides keeps every spot and its slide apart (two legacy ST sections both have a spot
-  ``10x21``); a name that already starts with ``"<sample_id>_"`` (a slide stinfer wrote) is kept;
+  ``10x21``); a name that already starts with ``"<sample_id>_"`` (a slide stinfer wrote) is kept,
+  and a slide stinfer wrote read under another sample id is renamed from its ``obs["spot_id"]``
+  (``C2_10x21`` read as ``P7`` becomes ``P7_10x21``, not ``P7_C2_10x21``);
 - ``obs["spot_id"]``: the spot's own id in its files (the barcode for Visium and Visium HD,
   ``"<x>x<y>"`` array coordinates for legacy ST); ``obs["sample_id"]``: the slide's name, on
   every spot (categorical);
@@ -181,8 +183,9 @@ def make_slide(
         ``uns["stinfer"]["notes"]``.
     obs_columns
         Extra per-spot columns (e.g. ``in_tissue``, a domain label), aligned with ``spot_names``.
-        A ``spot_id`` column (a slide stinfer wrote) is kept as the spots' ids; a
-        ``sample_id`` column is replaced by ``sample_id``.
+        A ``spot_id`` column (a slide stinfer wrote) is kept as the spots' ids and names
+        them (``"<sample_id>_<spot_id>"``, see :func:`stored_spot_ids`) instead of
+        ``spot_names``; a ``sample_id`` column is replaced by ``sample_id``.
     require_counts
         Refuse a slide without genes or with only zero counts (the default: a reader's
         files should hold measurements). ``False`` for a slide whose expression is not
@@ -216,6 +219,8 @@ def make_slide(
             f"{source}: the count matrix is {matrix.shape[0]} x {matrix.shape[1]} but there are "
             f"{len(given_names)} spot names and {len(gene_names)} gene names."
         )
+    if obs_columns is not None and "spot_id" in obs_columns.columns:
+        given_names = stored_spot_ids(given_names, obs_columns["spot_id"], sample_id, source, notes)
     spot_index = slide_spot_names(sample_id, given_names)
     if not spot_index.is_unique:
         # name the ids as the file spells them, unless only the prefixing made them collide
@@ -299,6 +304,42 @@ def check_axes_not_swapped(
         )
         notes.append(message)
         logger.warning(message)
+
+
+def stored_spot_ids(
+    spot_names: pd.Index,
+    stored_ids: Sequence[object],
+    sample_id: str,
+    source: str,
+    notes: list[str],
+) -> pd.Index:
+    """The ids to name spots after when the file carries ``obs["spot_id"]`` (a slide stinfer wrote).
+
+    Such a file's obs names already hold its old sample id (``C2_10x21``); naming the spots
+    from them under another sample id would nest the prefixes (``P7_C2_10x21``), so the bare
+    ``stored_ids`` are used instead (``P7_10x21``). Under the same sample id both give the
+    same names. When the stored ids are missing for some spots or would not give unique
+    names, ``spot_names`` are kept (the names nest) and a note says so.
+    """
+    ids = pd.Series(stored_ids, dtype=object)
+    if ids.notna().all():
+        candidate = pd.Index([str(spot_id) for spot_id in ids])
+        if slide_spot_names(sample_id, candidate).is_unique:
+            return candidate
+    repeated = ids[ids.duplicated() & ids.notna()]
+    if ids.isna().any():
+        example = f"{int(ids.isna().sum())} spots have none"
+    elif len(repeated):
+        example = f"e.g. {repeated.iloc[0]!r} repeats"
+    else:
+        example = f"prefixed with {sample_id!r} some ids collide"
+    message = (
+        f"obs['spot_id'] cannot name the spots ({example}); spots are named from the file's "
+        f"obs names instead (e.g. {slide_spot_names(sample_id, spot_names[:1])[0]})."
+    )
+    notes.append(message)
+    logger.warning("%s: %s", source, message)
+    return spot_names
 
 
 def slide_spot_names(sample_id: str, spot_ids: Sequence[object]) -> pd.Index:
