@@ -27,7 +27,8 @@ Two rules:
    5   ``data``            patches, datasets, image features (``nn`` backbones), synthetic
    6   ``coexpression``    the gene-embedding pipeline (``io``, ``preprocess``, ``train``)
    7   ``models``          what a user holds: STEvs, CoxFormer, baselines, gene baselines
-   8   ``evaluate``        protocols, benchmarks, reports (use models, metrics and plots)
+   8   ``evaluate``,       protocols, benchmarks, reports (use models, metrics and plots);
+       ``cohort``          a cohort of slides predicted one task per slide (Ray on request)
    9   ``cli``             the ``stinfer`` command
    10  ``__main__``        ``python -m stinfer``
    ==  ==================  ============================================================
@@ -60,7 +61,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("data",),
     ("coexpression",),
     ("models",),
-    ("evaluate",),
+    ("evaluate", "cohort"),
     ("cli",),
     ("__main__",),
 )

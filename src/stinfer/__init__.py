@@ -19,6 +19,8 @@ The public API is grouped by what the user is doing, as scanpy's is::
 - :mod:`stinfer.models` holds the user-facing models (STEvs, CoxFormer, baselines), created
   by name through one registry and loaded from any saved folder;
 - :mod:`stinfer.evaluate` computes the papers' metrics and runs their protocols;
+- :mod:`stinfer.cohort` predicts a cohort of slides with one run, one task per slide (on Ray
+  with ``workers > 1``);
 - ``stinfer.pl`` (:mod:`stinfer.plot`) draws slides, expression maps and comparisons.
 
 Each is imported on first access (PEP 562), so ``import stinfer`` stays light (no torch).
@@ -37,6 +39,7 @@ _SUBMODULES = {
     "data": "stinfer.data",
     "models": "stinfer.models",
     "evaluate": "stinfer.evaluate",
+    "cohort": "stinfer.cohort",
     "pl": "stinfer.plot",
 }
 

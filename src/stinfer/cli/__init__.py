@@ -1,7 +1,8 @@
 """The `stinfer` command: a thin layer over the Python API.
 
 Each subcommand lives in its own module of this package and exposes ``register(subparsers)``,
-which adds its parser and sets ``func`` to a function taking the parsed arguments. User errors
+which adds its parser and sets ``func`` to a function taking the parsed arguments (and returning
+``None``, or an exit status: 1 when part of the work failed). User errors
 (:class:`stinfer.errors.InputError`, missing files, paths that cannot be written) are printed
 as one line on stderr with exit status 2; anything else is a bug and keeps its traceback.
 
@@ -46,6 +47,8 @@ EXIT_TERMINATED = 128 + signal.SIGTERM  # 143
 EXIT_STATUS_HELP = """\
 exit status (every command):
   0    finished
+  1    finished, but part of the work failed (stinfer predict --slides/--manifest: the slides
+       named on stderr failed, the others were written)
   2    user error (a missing file, a bad field or argument): one line on stderr
   130  interrupted (Ctrl-C / SIGINT)
   143  terminated (SIGTERM, e.g. `kill` or a scheduler's time limit)
@@ -164,7 +167,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         parser.print_help()
         return EXIT_USER_ERROR
     try:
-        args.func(args)
+        status = args.func(args)
     except InputError as error:
         print(f"stinfer {args.command}: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -181,4 +184,4 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_USER_ERROR
-    return EXIT_OK
+    return EXIT_OK if status is None else status

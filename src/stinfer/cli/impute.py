@@ -29,7 +29,7 @@ examples:
   stinfer impute --slide C2.h5ad --embeddings genes.h5ad --test-fraction 0.2 \\
       --modality spatial --preset fast --out C2_imputed.h5ad
   stinfer impute --slide C2.h5ad --embeddings genes.h5ad --genes ERBB2,GRB7 --out C2_genes.h5ad
-  stinfer impute --slide HE_only.h5ad --run runs/stevs --embeddings genes.h5ad \
+  stinfer impute --slide HE_only.h5ad --run runs/stevs --embeddings genes.h5ad \\
       --genes ERBB2,GRB7 --out HE_genes.h5ad
 
 Genes from H&E alone (--run STEVS_RUN with --genes): the slide needs an image and spot
