@@ -49,6 +49,12 @@ def main() -> None:
     parser.add_argument("--n-panel", type=int, default=300, help="panel size before the split")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mode", default="fused", choices=["fused", "image"])
+    parser.add_argument(
+        "--panel",
+        default="hvg",
+        choices=["hvg", "svg"],
+        help="most variable or spatially variable training genes (STEvs D.1.4)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="summary .md (and .csv beside)")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args()
@@ -74,37 +80,54 @@ def main() -> None:
             stevs_config,
             readout,
             args.mode,
+            args.panel,
         )
         for method, values in result["metrics"].items():
             rows.append({"train": train, "test": test, "method": method, **values})
         print(f"{train} -> {test}: {time.perf_counter() - start:.0f} s", flush=True)
     frame = pd.DataFrame(rows)
     write_text(frame.to_csv(index=False), csv_path, args.overwrite)
+    text = summary_text(frame, args)
+    write_text(text, args.out, args.overwrite)
+    print(text)
+
+
+def markdown(table: pd.DataFrame) -> str:
+    """A pipe table of ``table`` (index first), numbers to 3 decimals (no tabulate needed)."""
+    names = [str(name) for name in (table.index.names or [""])]
+    header = [" / ".join(n for n in names if n != "None"), *map(str, table.columns)]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for index, row in table.iterrows():
+        label = " / ".join(map(str, index)) if isinstance(index, tuple) else str(index)
+        cells = [f"{v:.3f}" if isinstance(v, float) else str(v) for v in row]
+        lines.append("| " + " | ".join([label, *cells]) + " |")
+    return "\n".join(lines)
+
+
+def summary_text(frame: pd.DataFrame, args: argparse.Namespace) -> str:
+    """The markdown summary: mean over pairs per method, then the per-pair table."""
     columns = ["pcc_median", "pcc_median_depthnorm", "scc_median", "mse", "seconds"]
     summary = (
         frame.groupby("method")[columns]
         .mean()
         .reindex([m for m in METHODS if m in set(frame["method"])])
     )
+    per_pair = frame.pivot_table(
+        index=["train", "test"], columns="method", values="pcc_median_depthnorm"
+    )[[m for m in METHODS if m in set(frame["method"])]]
     load = os.getloadavg()
-    text = (
+    return (
         f"# Zero-shot genes from H&E: HER2ST {', '.join(args.sections)}, every ordered pair\n\n"
-        f"`python benchmarks/zero_shot_her2st.py --slides {args.slides} --embeddings "
-        f"{args.embeddings.name} --out {args.out.name}` (mode {args.mode}, seed {args.seed}, "
-        f"panel {args.n_panel} -> 80/20; threads {os.environ.get('OMP_NUM_THREADS', 'all')}, "
-        f"load average {load[0]:.1f} at the end)\n\n"
-        "Mean over the ordered pairs of the held-out 20% (median over genes):\n\n"
-        + summary.round(3).to_markdown()
-        + "\n\nPer pair:\n\n"
-        + frame.pivot_table(
-            index=["train", "test"], columns="method", values="pcc_median_depthnorm"
-        )
-        .round(3)
-        .to_markdown()
-        + "\n\n(depth-normalised median PCC)\n"
+        f"`python benchmarks/zero_shot_her2st.py --slides DIR --embeddings "
+        f"{args.embeddings.name} --panel {args.panel} --out {args.out.name}` (mode {args.mode}, "
+        f"seed {args.seed}, {args.panel} panel of {args.n_panel} -> 80/20; threads "
+        f"{os.environ.get('OMP_NUM_THREADS', 'all')}, load average {load[0]:.1f} at the end)\n\n"
+        "Mean over the ordered pairs, held-out 20% of the panel (median over genes):\n\n"
+        + markdown(summary)
+        + "\n\nDepth-normalised median PCC per pair:\n\n"
+        + markdown(per_pair)
+        + "\n"
     )
-    write_text(text, args.out, args.overwrite)
-    print(text)
 
 
 if __name__ == "__main__":

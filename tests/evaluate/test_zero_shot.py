@@ -32,7 +32,9 @@ def quick_stevs():
 def evaluated(tmp_path_factory):
     train, test = make_synthetic_sections(tmp_path_factory.mktemp("zero_shot"), SYNTHETIC)
     embeddings = planted_gene_embeddings(SYNTHETIC, dim=32)
-    readout = coxformer_spatial_config("fast", progress_bar=False, min_spot_fraction=0.05)
+    readout = coxformer_spatial_config(
+        "fast", progress_bar=False, min_spot_fraction=0.05, max_epochs=40
+    )
     result = zero_shot_evaluation(
         [train],
         test,

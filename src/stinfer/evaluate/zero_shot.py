@@ -4,7 +4,8 @@ slide from its image alone (issue 19; :mod:`stinfer.models.zero_shot` is the met
 Protocol (:func:`zero_shot_evaluation`):
 
 1. the panel: the training slides' most variable genes (:func:`stinfer.preprocess.
-   select_genes`, ``hvg``) that have an embedding and that the test slide measures (for the
+   select_genes`, ``hvg``; or, ``panel_method="svg"``, their spatially variable genes as STEvs
+   chooses its panel, D.1.4) that have an embedding and that the test slide measures (for the
    truth only);
 2. a seeded split of the panel (:func:`~stinfer.evaluate.held_out_genes.split_genes`, 80/20):
    STEvs learns the 80% on the training slides; the 20% are never seen by any model except the
@@ -67,6 +68,7 @@ def zero_shot_evaluation(
     stevs_config: Any = "fast",
     coxformer_config: Any = "fast",
     mode: str = "fused",
+    panel_method: str = "hvg",
     oracle: bool = True,
     baselines: bool = True,
     shuffled: bool = True,
@@ -82,7 +84,9 @@ def zero_shot_evaluation(
         (the trained panel model).
     """
     table = embedding_table(gene_embeddings)
-    candidates = select_genes(list(train_slides), "hvg", n_genes=len(table.index))
+    if panel_method not in ("hvg", "svg"):
+        raise InputError(f"panel_method must be 'hvg' or 'svg', got {panel_method!r}.")
+    candidates = select_genes(list(train_slides), panel_method, n_genes=len(table.index))
     usable = [gene for gene in candidates if gene in table.index and gene in test_slide.var_names][
         :n_panel_genes
     ]
