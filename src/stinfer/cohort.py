@@ -52,8 +52,9 @@ logger = logging.getLogger(__name__)
 SUMMARY_FILE = "summary.csv"
 # slide: its name; path: the slide file; output: the prediction file; spots: the slide's spots;
 # seconds: reading + predicting + writing (a skipped slide keeps the earlier run's); error: the
-# one-line message of a failed slide
-SUMMARY_COLUMNS = ("slide", "path", "output", "spots", "seconds", "status", "error")
+# one-line message of a failed slide; peak_rss_mb: peak resident memory of the process that ran
+# the task when it ended (a Ray worker's own, or this process's with workers=1)
+SUMMARY_COLUMNS = ("slide", "path", "output", "spots", "seconds", "peak_rss_mb", "status", "error")
 STATUSES = ("done", "skipped", "failed")
 RAY_INSTALL = 'pip install -e ".[distributed]" (or pip install ray)'
 
@@ -417,6 +418,7 @@ def _row(
         "output": str(output),
         "spots": spots,
         "seconds": round(seconds, 3),
+        "peak_rss_mb": _peak_rss_mb() if status != "skipped" else float("nan"),
         "status": status,
         "error": error,
     }
@@ -446,3 +448,12 @@ def _skipped_row(
         spots = None if pd.isna(spots) else int(spots)
         seconds = float(pd.to_numeric(earlier["seconds"], errors="coerce"))
     return _row(slide, output, spots, seconds, "skipped")
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB (``ru_maxrss``; NaN where unavailable)."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return float("nan")
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
