@@ -442,12 +442,13 @@ def _earlier_rows(path: Path) -> dict[str, dict[str, Any]]:
 def _skipped_row(
     slide: CohortSlide, output: Path, earlier: dict[str, Any] | None
 ) -> dict[str, Any]:
-    spots, seconds = None, float("nan")
+    spots, seconds, peak = None, float("nan"), float("nan")
     if earlier is not None and earlier.get("status") in ("done", "skipped"):
         spots = pd.to_numeric(earlier["spots"], errors="coerce")
         spots = None if pd.isna(spots) else int(spots)
         seconds = float(pd.to_numeric(earlier["seconds"], errors="coerce"))
-    return _row(slide, output, spots, seconds, "skipped")
+        peak = float(pd.to_numeric(earlier.get("peak_rss_mb", float("nan")), errors="coerce"))
+    return {**_row(slide, output, spots, seconds, "skipped"), "peak_rss_mb": peak}
 
 
 def _peak_rss_mb() -> float:
