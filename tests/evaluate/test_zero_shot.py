@@ -64,16 +64,33 @@ def test_zero_shot_beats_the_mean_profile_and_shuffled_embeddings_on_planted_mod
     assert zero > 0.3
 
 
-def test_the_zero_shot_path_never_reads_the_test_slides_counts(evaluated):
+def test_the_zero_shot_path_never_reads_the_test_slides_counts(evaluated, monkeypatch):
+    """Poisoned test counts: the readout is handed the very same slide (the STEvs-predicted
+    panel), and that slide is all it learns from; the readout itself is replaced by a recorder,
+    so the check costs no training."""
+    import stinfer.models.zero_shot as zero_shot
+
     result, test, embeddings, readout = evaluated
-    genes = result["held_out_genes"][:4]
-    clean = predict_unmeasured_genes(result["stevs"], test, embeddings, genes, config=readout)
+    handed: list = []
+
+    class Recorder:
+        def __init__(self, slide, table, genes, modality, config):
+            handed.append((slide, list(genes), modality))
+            raise RuntimeError("recorded")
+
+    monkeypatch.setattr(zero_shot, "CoxFormerSpatial", Recorder)
     poisoned = test.copy()
     poisoned.X = np.random.default_rng(0).poisson(40.0, poisoned.shape).astype(np.float32)
-    again = predict_unmeasured_genes(result["stevs"], poisoned, embeddings, genes, config=readout)
-    np.testing.assert_allclose(again.layers["log1p_cp10k"], clean.layers["log1p_cp10k"], atol=1e-6)
-    np.testing.assert_allclose(again.X, clean.X, rtol=1e-5)
-    assert clean.uns["stinfer"]["zero_shot"]["readout_genes"] == len(result["panel_genes"])
+    genes = result["held_out_genes"][:4]
+    for slide in (test, poisoned):
+        with pytest.raises(RuntimeError, match="recorded"):
+            predict_unmeasured_genes(result["stevs"], slide, embeddings, genes, config=readout)
+    (clean, clean_genes, modality), (dirty, dirty_genes, _) = handed
+    np.testing.assert_array_equal(np.asarray(clean.X), np.asarray(dirty.X))
+    assert clean.uns["stinfer"]["counts_are_predicted"] and modality == "spatial"
+    assert clean_genes == dirty_genes == result["panel_genes"]
+    expected = result["stevs"].predict(test).X
+    np.testing.assert_allclose(np.asarray(clean.X), np.clip(expected, 0, None), rtol=1e-6)
     assert list(clean.obs_names) == list(test.obs_names)
 
 

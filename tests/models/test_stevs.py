@@ -218,6 +218,7 @@ def scores_by_mode(model: STEvs, tests, patches) -> dict[str, float]:
     }
 
 
+@pytest.mark.slow  # two 30-epoch trainings (~80 s each on 2 cores); -m slow
 def test_fused_follows_the_spatial_expert_when_the_image_carries_no_signal(sections):
     """Patches shuffled between the spots of every section: texture independent of
     expression. The ``fast`` product (modality dropout trains each expert alone) stays with
@@ -229,6 +230,7 @@ def test_fused_follows_the_spatial_expert_when_the_image_carries_no_signal(secti
     assert scores["image"] < 0.1 < scores["spatial"], scores  # the scenario is what it says
 
 
+@pytest.mark.slow  # two 30-epoch trainings (~80 s each on 2 cores); -m slow
 def test_fused_follows_the_image_expert_when_the_coordinates_carry_no_signal(sections):
     """Spot coordinates shuffled within every section (each spot keeps its own patch): the
     ``fast`` product stays with the image."""
