@@ -22,9 +22,9 @@ import numpy as np
 from stinfer.errors import InputError
 from stinfer.io.slide_data import panel_counts
 from stinfer.models.uncertainty import (
-    interval_coverage,
     interval_layer_names,
     moment_matched_theta,
+    pit_coverage,
     sd_error_spearman,
 )
 
@@ -66,13 +66,13 @@ def uncertainty_metrics(prediction: ad.AnnData, truth: ad.AnnData, seed: int = 0
     theta = moment_matched_theta(mean, sd * sd)
     levels = [float(level) for level in record["levels"]]
     pit_quantiles = record.get("pit_quantiles") if record.get("calibrated") else None
-    result = interval_coverage(counts, mean, theta, levels, pit_quantiles, seed)
+    result = pit_coverage(counts, mean, theta, levels, pit_quantiles, seed)
     for level in levels:
         lower_name, upper_name = interval_layer_names(level)
         lower = np.asarray(prediction.layers[lower_name], dtype=np.float64)
         upper = np.asarray(prediction.layers[upper_name], dtype=np.float64)
         percent = lower_name.removeprefix("lower_")
-        # the written intervals themselves, not a recomputation
+        # the written intervals themselves (plain coverage), not a recomputation
         result[f"coverage_{percent}"] = float(((counts >= lower) & (counts <= upper)).mean())
         result[f"width_{percent}"] = float((upper - lower).mean())
     correlation = sd_error_spearman(sd, np.abs(counts - mean))

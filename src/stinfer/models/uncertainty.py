@@ -58,6 +58,7 @@ __all__ = [
     "interval_layer_names",
     "moment_matched_theta",
     "nb_log_pmf",
+    "pit_coverage",
     "randomised_pit",
     "sd_error_spearman",
 ]
@@ -306,6 +307,25 @@ def _pit_inside(pit: np.ndarray, p_lo: float, p_hi: float) -> float:
     return float(np.mean((pit >= p_lo) & (pit <= p_hi)))
 
 
+def pit_coverage(
+    counts: np.ndarray,
+    mean: np.ndarray,
+    theta: np.ndarray,
+    levels: Sequence[float] = DEFAULT_LEVELS,
+    pit_quantiles: np.ndarray | None = None,
+    seed: int = 0,
+) -> dict[str, float]:
+    """``pit_coverage_<pct>`` per level: the fraction of randomised PITs of ``counts`` inside
+    the interval's probabilities ``[p_lo, p_hi]`` (nominal for a calibrated predictive)."""
+    pit = randomised_pit(counts, mean, theta, seed)
+    return {
+        f"pit_coverage_{interval_layer_names(level)[0].removeprefix('lower_')}": _pit_inside(
+            pit, *_interval_probabilities(level, pit_quantiles)
+        )
+        for level in levels
+    }
+
+
 def interval_coverage(
     counts: np.ndarray,
     mean: np.ndarray,
@@ -317,21 +337,14 @@ def interval_coverage(
     """Empirical coverage of the central intervals on observed ``counts``.
 
     Returns ``coverage_<pct>`` (fraction of counts inside ``[lower, upper]``, over-covers for
-    discrete counts, see the module docstring) and ``pit_coverage_<pct>`` (fraction of
-    randomised PITs inside ``[p_lo, p_hi]``; nominal for a calibrated predictive) per level.
+    discrete counts, see the module docstring) and :func:`pit_coverage` per level.
     """
     counts = np.asarray(counts, dtype=np.float64)
-    intervals = central_intervals(mean, theta, levels, pit_quantiles)
-    pit = randomised_pit(counts, mean, theta, seed)
     result = {}
-    for level, (lower, upper) in intervals.items():
+    for level, (lower, upper) in central_intervals(mean, theta, levels, pit_quantiles).items():
         percent = interval_layer_names(level)[0].removeprefix("lower_")
-        inside = (counts >= lower) & (counts <= upper)
-        result[f"coverage_{percent}"] = float(inside.mean())
-        result[f"pit_coverage_{percent}"] = _pit_inside(
-            pit, *_interval_probabilities(level, pit_quantiles)
-        )
-    return result
+        result[f"coverage_{percent}"] = float(((counts >= lower) & (counts <= upper)).mean())
+    return result | pit_coverage(counts, mean, theta, levels, pit_quantiles, seed)
 
 
 def sd_error_spearman(sd: np.ndarray, abs_error: np.ndarray) -> np.ndarray:
