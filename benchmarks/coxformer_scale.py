@@ -108,7 +108,7 @@ def case_embed_her2st(timer: StageTimer, args: argparse.Namespace) -> None:
         }
     timer.spots = int(sum(c.n_obs for c in corpora.values()))
     config = gene_embedding_config(
-        args.preset, seed=args.seed, accelerator="cpu", progress_bar=False
+        args.preset, trainer={"seed": args.seed, "accelerator": "cpu", "progress_bar": False}
     )
     wall, cpu = time.perf_counter(), time.process_time()
     model = CoxFormerEmbeddings(config).train(corpora)
@@ -163,7 +163,9 @@ def _held_out_protocol(timer: StageTimer, slide, table, args: argparse.Namespace
     from stinfer.models.coxformer_spatial import coxformer_spatial_config
 
     timer.spots, timer.genes = slide.n_obs, slide.n_vars
-    config = coxformer_spatial_config(args.preset, progress_bar=False, accelerator="cpu")
+    config = coxformer_spatial_config(
+        args.preset, trainer={"progress_bar": False, "accelerator": "cpu"}
+    )
     wall, cpu = time.perf_counter(), time.process_time()
     result = held_out_genes_evaluation(slide, table, "spatial", config, 0.2, args.seed)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu

@@ -153,9 +153,7 @@ def main() -> None:
     config = gene_embedding_config(
         args.preset,
         top_k=args.top_k,
-        seed=args.seed,
-        accelerator=args.accelerator,
-        progress_bar=False,
+        trainer={"seed": args.seed, "accelerator": args.accelerator, "progress_bar": False},
     )
     use_gpu = args.accelerator in ("gpu", "cuda") or (
         args.accelerator == "auto" and torch.cuda.is_available()

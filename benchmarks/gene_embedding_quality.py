@@ -103,7 +103,7 @@ def markdown_table(table: pd.DataFrame) -> str:
 def fit(corpora: dict, variant: str, seed: int):
     from stinfer.models.gene_embeddings import CoxFormerEmbeddings, gene_embedding_config
 
-    config = gene_embedding_config("fast", top_k=50, seed=seed, progress_bar=False)
+    config = gene_embedding_config("fast", top_k=50, trainer={"seed": seed, "progress_bar": False})
     if variant == "fast-top-k":  # the fast preset before the fix
         autoencoder = replace(config.autoencoder, geometry_weight=0.0, max_epochs=10, t_max=10)
         config = replace(config, autoencoder=autoencoder, autoencoder_input="top_k")

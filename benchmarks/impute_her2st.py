@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -66,11 +65,13 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 
     check_writable(args.out, args.overwrite)
-    config = coxformer_spatial_config(args.preset, progress_bar=False)
+    trainer = {"progress_bar": False}
     if args.epochs:
-        config = replace(config, max_epochs=args.epochs)
+        trainer["max_epochs"] = args.epochs
+    module = {}
     if args.gene_conditioning:
-        config = replace(config, gene_conditioning=args.gene_conditioning)
+        module["gene_conditioning"] = args.gene_conditioning
+    config = coxformer_spatial_config(args.preset, module=module, trainer=trainer)
     table = embedding_table(args.embeddings)
     rows = []
     for section in args.sections:
@@ -110,7 +111,7 @@ def main() -> None:
                 "embeddings": str(args.embeddings),
                 "seed": args.seed,
                 "preset": args.preset,
-                "gene_conditioning": config.gene_conditioning,
+                "gene_conditioning": config.module.gene_conditioning,
                 "rows": rows,
             },
             indent=2,

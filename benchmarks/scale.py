@@ -107,9 +107,7 @@ class StageTimer:
 
 
 def quiet_trainer(config, **changes):
-    config.training.trainer = dataclasses.replace(
-        config.training.trainer, progress_bar=False, **changes
-    )
+    config.trainer = dataclasses.replace(config.trainer, progress_bar=False, **changes)
     return config
 
 

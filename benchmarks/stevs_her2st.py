@@ -90,8 +90,8 @@ def fast_config(epochs: int | None, patch_cache: str):
 
     config = fast_preset()
     config.training.patch_cache_dir = patch_cache
-    trainer = config.training.trainer
-    config.training.trainer = dataclasses.replace(
+    trainer = config.trainer
+    config.trainer = dataclasses.replace(
         trainer, progress_bar=False, max_epochs=epochs or trainer.max_epochs
     )
     return config
@@ -136,7 +136,7 @@ def cross_slice_from(train_name: str, slides: dict, genes: list[str], args) -> l
         units.append((name, None, run_unit(lambda model=model: model, tests, genes)))
     for seed in args.seeds:
         config = fast_config(args.epochs, cache)
-        config.training.trainer = dataclasses.replace(config.training.trainer, seed=seed)
+        config.trainer = dataclasses.replace(config.trainer, seed=seed)
         unit = run_unit(
             lambda config=config: STEvs([train], genes, config),
             tests,
@@ -234,8 +234,8 @@ def frozen_epoch_seconds(
         config = resolve_config(preset)
         config.module.freeze_encoder = True
         config.training.patch_cache_dir = str(workdir / "patch_cache")
-        config.training.trainer = dataclasses.replace(
-            config.training.trainer, max_epochs=epochs, progress_bar=False, swa_epoch_start=None
+        config.trainer = dataclasses.replace(
+            config.trainer, max_epochs=epochs, progress_bar=False, swa_epoch_start=None
         )
         model = STEvs([slide], list(slide.var_names), config)
         seconds[epochs] = model.train().train_seconds

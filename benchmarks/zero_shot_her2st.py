@@ -65,8 +65,8 @@ def main() -> None:
     table = embedding_table(args.embeddings)
     slides = {name: read_h5ad_slide(args.slides / f"{name}.h5ad") for name in args.sections}
     stevs_config = fast_preset()
-    stevs_config.training.trainer = replace(stevs_config.training.trainer, progress_bar=False)
-    readout = coxformer_spatial_config("fast", progress_bar=False, seed=args.seed)
+    stevs_config.trainer = replace(stevs_config.trainer, progress_bar=False)
+    readout = coxformer_spatial_config("fast", trainer={"progress_bar": False, "seed": args.seed})
     rows = []
     for train, test in itertools.permutations(args.sections, 2):
         start = time.perf_counter()

@@ -5,6 +5,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# pytest-xdist runs the suite in one process per core (pyproject's addopts): each worker gets
+# its share of the cores before torch starts its thread pools, so workers never oversubscribe
+# the machine (two multi-threaded torch processes on two cores slow each other down many-fold).
+# The CLI subprocesses of the tests inherit the same limit.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    _THREADS = str(max(1, (os.cpu_count() or 1) // _WORKERS))
+    for _variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[_variable] = _THREADS
+
 import pytest
 import torch
 

@@ -18,6 +18,7 @@ Two rules:
    0   ``errors``          the one user-error type
    1   ``modalities``,     the modality vocabulary (``fused``/``image``/``spatial``);
        ``logs``,           what a run prints (each line once, third-party noise filtered);
+       ``distributed``,    independent tasks on Ray (start, threads per task, results);
        ``stinfer``         the package's front door (``__version__``, lazy submodules)
    2   ``io``, ``nn``,     readers and the slide data model (never torch); pure torch
        ``train``           modules; the one Lightning training path
@@ -54,7 +55,7 @@ SOURCE = Path(__file__).resolve().parents[1] / "src" / PACKAGE
 
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors",),
-    ("modalities", "logs", PACKAGE),
+    ("modalities", "logs", "distributed", PACKAGE),
     ("io", "nn", "train"),
     ("preprocess",),
     ("metrics", "plot"),

@@ -10,9 +10,9 @@ failure or an interruption does only what is left. ``DIR/summary.csv`` records e
 (:data:`SUMMARY_COLUMNS`).
 
 With ``workers=1`` the slides are predicted one after the other in this process, the model
-loaded once. With ``workers > 1`` each slide is a Ray task (``ray.remote``, one CPU and one
-torch thread each, no retries: a rerun retries) that loads the model from the run folder
-itself, so only paths and options are sent to the workers; Ray is started locally with
+loaded once. With ``workers > 1`` each slide is a Ray task (:mod:`stinfer.distributed`: one
+CPU and one torch thread each, no retries: a rerun retries) that loads the model from the run
+folder itself, so only paths and options are sent to the workers; Ray is started locally with
 ``num_cpus=workers`` unless it is already initialised (``ray.init(address=...)`` beforehand
 runs the tasks on that cluster, whose workers must see the same paths). Ray tasks use no GPU.
 """
@@ -29,6 +29,13 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from stinfer.distributed import (
+    RAY_INSTALL,
+    finished_tasks,
+    import_ray,
+    ray_session,
+    remote_task,
+)
 from stinfer.errors import InputError
 
 if TYPE_CHECKING:
@@ -56,7 +63,6 @@ SUMMARY_FILE = "summary.csv"
 # the task when it ended (a Ray worker's own, or this process's with workers=1)
 SUMMARY_COLUMNS = ("slide", "path", "output", "spots", "seconds", "peak_rss_mb", "status", "error")
 STATUSES = ("done", "skipped", "failed")
-RAY_INSTALL = 'pip install -e ".[distributed]" (or pip install ray)'
 
 
 @dataclass(frozen=True)
@@ -300,13 +306,12 @@ def _check_expression_run(
 
 
 def _import_ray(workers: int) -> Any:
-    try:
-        import ray
-    except ImportError:
+    ray = import_ray()
+    if ray is None:
         raise InputError(
             f"{workers} workers run the slides as Ray tasks, and Ray is not installed: "
             f"{RAY_INSTALL}, or use 1 worker."
-        ) from None
+        )
     return ray
 
 
@@ -345,16 +350,6 @@ def _predict_slide(
     return _row(slide, output, spots, time.perf_counter() - start, "done")
 
 
-def _predict_slide_on_worker(
-    run: str, slide: CohortSlide, output: Path, options: _PredictOptions
-) -> dict[str, Any]:
-    """A Ray task: :func:`_predict_slide` on one torch thread, the model loaded from ``run``."""
-    import torch
-
-    torch.set_num_threads(1)
-    return _predict_slide(run, slide, output, options)
-
-
 def _run_here(
     run: str | os.PathLike, pending: list[tuple[CohortSlide, Path]], options: _PredictOptions
 ) -> Iterator[dict[str, Any]]:
@@ -372,36 +367,25 @@ def _run_on_ray(
     options: _PredictOptions,
     workers: int,
 ) -> Iterator[dict[str, Any]]:
-    """Rows of the pending slides as their Ray tasks finish. A task that raised (a bug) raises
-    here; a worker that died (e.g. out of memory) fails its slide only."""
+    """Rows of the pending slides as their Ray tasks finish (:mod:`stinfer.distributed`): each
+    task is :func:`_predict_slide` on one torch thread, the model loaded from ``run``. A task
+    that raised (a bug) raises here; a worker that died (e.g. out of memory) fails its slide
+    only."""
     if not pending:
         return
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=workers, include_dashboard=False, logging_level=logging.WARNING)
-    try:
-        task = ray.remote(num_cpus=1, max_retries=0)(_predict_slide_on_worker)
+    with ray_session(ray, workers):
+        task = remote_task(ray)
         # workers get absolute paths (a worker's folder need not be ours); rows keep the given
         run_path = str(Path(run).absolute())
         running = {}
         for slide, output in pending:
             absolute = CohortSlide(slide.name, slide.path.absolute())
-            running[task.remote(run_path, absolute, output.absolute(), options)] = (slide, output)
-        remaining = list(running)
-        while remaining:
-            finished, remaining = ray.wait(remaining, num_returns=1)
-            slide, output = running[finished[0]]
-            try:
-                row = ray.get(finished[0])
-            except ray.exceptions.RayTaskError:
-                raise
-            except ray.exceptions.RayError as error:
-                message = " ".join(str(error).split()[:40])
-                row = _row(slide, output, None, float("nan"), "failed", f"Ray worker: {message}")
+            arguments = (run_path, absolute, output.absolute(), options)
+            running[task.remote(1, _predict_slide, *arguments)] = (slide, output)
+        for (slide, output), row, died in finished_tasks(ray, running):
+            if died:
+                row = _row(slide, output, None, float("nan"), "failed", died)
             yield {**row, "path": str(slide.path), "output": str(output)}
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def _row(

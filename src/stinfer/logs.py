@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import sys
 import warnings
@@ -110,10 +111,20 @@ def route_lightning_logs() -> None:
         named.propagate = True
 
 
+DDP_RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK")  # set by Lightning's DDP launcher
+
+
 def configure_logging(debug: bool = False) -> None:
     """The `stinfer` command's logging: ``LEVEL message`` lines on stderr, INFO or DEBUG
-    (``debug``, from ``-v``), each line once, third-party noise filtered unless ``debug``."""
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format=LOG_FORMAT)
+    (``debug``, from ``-v``), each line once, third-party noise filtered unless ``debug``.
+
+    In the other processes of a DDP run (started by Lightning with ``LOCAL_RANK``,
+    ``NODE_RANK`` or ``RANK`` set, see :func:`stinfer.train.global_rank`) only warnings and
+    errors are printed: rank 0 tells the run's story once."""
+    level = logging.DEBUG if debug else logging.INFO
+    if any(os.environ.get(name, "0") not in ("", "0") for name in DDP_RANK_VARIABLES):
+        level = logging.WARNING
+    logging.basicConfig(level=level, format=LOG_FORMAT)
     install_log_filters()
     ignore_noise_warnings()
     if "lightning" in sys.modules:

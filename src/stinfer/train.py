@@ -32,8 +32,9 @@ class TrainerConfig:
 
     max_epochs: int = 100
     accelerator: str = "auto"  # "auto" picks cuda, then mps, then cpu
-    devices: int | str = "auto"  # e.g. 4 for four GPUs (DDP)
-    strategy: str = "auto"  # e.g. "ddp"
+    devices: int | str = "auto"  # e.g. 4 for four GPUs (DDP); 2 with accelerator "cpu": gloo
+    strategy: str = "auto"  # e.g. "ddp"; batch sizes are per process (Lightning's convention)
+    num_nodes: int = 1  # machines of a multi-node DDP run (each with `devices` processes)
     precision: str | None = None  # None: bf16-mixed (or 16-mixed) on GPU, else see cpu_bf16
     # With precision None on a CPU that computes bf16 in hardware (AVX512-BF16 / AMX-BF16):
     # bf16 autocast ("bf16-mixed") instead of fp32. Off by default; a preset turns it on only
@@ -64,6 +65,12 @@ class TrainerConfig:
                 f"max_epochs (--epochs) must be >= 1, got {self.max_epochs}: a model trained "
                 "for no epochs is not trained."
             )
+        if isinstance(self.num_nodes, bool) or not isinstance(self.num_nodes, int):
+            raise InputError(
+                f"num_nodes (--num-nodes) must be a whole number, got {self.num_nodes!r}."
+            )
+        if self.num_nodes < 1:
+            raise InputError(f"num_nodes (--num-nodes) must be >= 1, got {self.num_nodes}.")
 
 
 GPU_ACCELERATORS = ("gpu", "cuda")
@@ -83,6 +90,45 @@ def check_accelerator(accelerator: str) -> None:
         )
 
 
+def global_rank() -> int:
+    """This process's rank in a (DDP) run: 0 in a single-process run and on the main process.
+
+    Lightning's launcher starts the other processes of ``devices=N`` by running the same command
+    again with ``LOCAL_RANK``/``NODE_RANK`` set; they train alongside rank 0 and must not write
+    what rank 0 writes. The rank is Lightning's own (set from the environment at import and
+    by the strategy at setup).
+    """
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return int(getattr(rank_zero_only, "rank", 0) or 0)
+
+
+def is_global_zero() -> bool:
+    """True on the process that writes outputs (rank 0, or the only process)."""
+    return global_rank() == 0
+
+
+def gather_rows(module: L.LightningModule, rows: torch.Tensor, n_total: int) -> torch.Tensor:
+    """The rows of every rank's validation shard, in the dataset's order: ``(n_total, ...)``.
+
+    Under DDP Lightning hands each of the ``W`` ranks a :class:`DistributedSampler` shard of
+    the (unshuffled) validation set: rank ``r`` gets items ``r, r + W, r + 2W, ...``, the list
+    padded by repeating the first items so every shard has ``ceil(n_total / W)`` rows.
+    Gathering the shards (``(W, L, ...)``), interleaving them (item ``i * W + r`` is shard
+    ``r``'s row ``i``) and dropping the padding gives back exactly the single-process rows, so
+    a validation metric computed from them (a median of per-gene correlations, which does not
+    decompose into per-rank parts) is the same as on one process. Returns ``rows`` itself on
+    one process.
+    """
+    trainer = module._trainer
+    world = 1 if trainer is None else int(trainer.world_size)
+    if world == 1:
+        return rows
+    gathered = module.all_gather(rows.contiguous())  # (W, L, ...)
+    interleaved = gathered.transpose(0, 1).reshape(-1, *rows.shape[1:])
+    return interleaved[:n_total]
+
+
 @dataclass
 class FitResult:
     """What :func:`fit` returns: per-epoch metrics, the best epoch and the wall time."""
@@ -92,6 +138,7 @@ class FitResult:
     best_score: float | None = None
     train_seconds: float = 0.0
     monitor: str | None = None  # the metric of best_epoch/best_score when a monitor chose them
+    world_size: int = 1  # processes that trained together (DDP), 1 without
 
     def best_logged(self, metric: str, mode: str = "max") -> tuple[int, float] | None:
         """``(epoch, value)`` of the best value of ``metric`` in :attr:`history` (epoch 0-based),
@@ -213,6 +260,14 @@ class EpochLog(L.Callback):
         )
 
 
+def _mean_over_ranks(trainer: L.Trainer, value: torch.Tensor | float) -> torch.Tensor:
+    """``value`` averaged over the DDP ranks (itself on one process)."""
+    tensor = torch.as_tensor(value, dtype=torch.float64).detach()
+    if trainer.world_size == 1:
+        return tensor
+    return trainer.strategy.reduce(tensor.to(trainer.strategy.root_device), reduce_op="mean").cpu()
+
+
 class BestWeights(L.Callback):
     """Keep a CPU copy of the weights at the best value of ``monitor``; restore it at the end.
 
@@ -244,7 +299,9 @@ class BestWeights(L.Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
             return
-        score = float(trainer.callback_metrics[self.monitor])
+        # under DDP every rank must take the same decision (and so hold the same weights):
+        # the ranks' values are averaged (equal when the metric was gathered over all ranks)
+        score = float(_mean_over_ranks(trainer, trainer.callback_metrics[self.monitor]))
         if self._improved(score):
             self.best_score = score
             self.best_epoch = trainer.current_epoch
@@ -308,7 +365,8 @@ class EMAEarlyStopping(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
             return
-        value = float(trainer.callback_metrics[self.monitor])
+        # one value for all DDP ranks, so every rank stops at the same epoch with the same best
+        value = float(_mean_over_ranks(trainer, trainer.callback_metrics[self.monitor]))
         if math.isnan(value):
             return
         if self.update(value):
@@ -370,6 +428,14 @@ class WeightAveraging(L.pytorch.callbacks.StochasticWeightAveraging):
             del pl_module.log, pl_module.log_dict
             pl_module.train(was_training)
             self.reset_momenta()
+        if trainer.world_size > 1:
+            # each rank saw its shard: the single-process statistics are the mean over all
+            # batches, i.e. over ranks of equal shards, so every rank ends with the same buffers
+            for module in pl_module.modules():
+                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):  # frozen: equal
+                    for name in ("running_mean", "running_var"):
+                        buffer = getattr(module, name)
+                        buffer.copy_(trainer.strategy.reduce(buffer, reduce_op="mean"))
 
     def reset_batch_norm_and_save_state(self, pl_module: L.LightningModule) -> None:
         frozen = [
@@ -399,6 +465,27 @@ def swa_callback(module: L.LightningModule, config: TrainerConfig) -> L.Callback
         optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
         swa_lr = optimizer.param_groups[0]["lr"]
     return WeightAveraging(swa_lrs=swa_lr, swa_epoch_start=start, annealing_epochs=1)
+
+
+def lightning_strategy(
+    strategy: str, module: L.LightningModule
+) -> str | L.pytorch.strategies.Strategy:
+    """The Lightning strategy for ``TrainerConfig.strategy`` and ``module``.
+
+    ``"ddp"`` is Lightning's DDP, told to look for parameters without a gradient when the
+    module says a step may leave some (``find_unused_parameters = True`` on the module:
+    CoxFormer's gene-level parameters sit outside some of its losses, STEvs' modality dropout
+    trains one expert alone), which plain DDP refuses as an error; the search costs a pass
+    over the autograd graph per step, so modules that use every parameter skip it. Every
+    other name is Lightning's own.
+    """
+    if strategy != "ddp":
+        return strategy
+    from lightning.pytorch.strategies import DDPStrategy
+
+    return DDPStrategy(
+        find_unused_parameters=bool(getattr(module, "find_unused_parameters", False))
+    )
 
 
 def fit(
@@ -442,7 +529,8 @@ def fit(
             max_epochs=config.max_epochs,
             accelerator=config.accelerator,
             devices=config.devices,
-            strategy=config.strategy,
+            strategy=lightning_strategy(config.strategy, module),
+            num_nodes=config.num_nodes,
             precision=config.precision or default_precision(config.accelerator, config.cpu_bf16),
             gradient_clip_val=config.gradient_clip_val,
             callbacks=all_callbacks,
@@ -457,7 +545,11 @@ def fit(
         module.train()  # Lightning keeps the mode it is given: a model that predicted is in eval
         start = time.perf_counter()
         trainer.fit(module, train_loader, val_loader)
-    result = FitResult(history=history.history, train_seconds=time.perf_counter() - start)
+    result = FitResult(
+        history=history.history,
+        train_seconds=time.perf_counter() - start,
+        world_size=int(trainer.world_size),
+    )
     if best is not None:
         result.best_epoch, result.best_score = best.best_epoch, best.best_score
         result.monitor = config.monitor

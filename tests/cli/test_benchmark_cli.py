@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pandas as pd
 import pytest
 import yaml
@@ -107,6 +109,26 @@ def test_user_errors_exit_2_with_one_line_and_no_traceback(tmp_path, capsys):
     assert [p.name for p in busy.iterdir()] == ["x.txt"] and (busy / "x.txt").read_text() == "x"
 
 
+def test_failed_cells_are_named_on_stderr_with_exit_1_and_without_ray_workers_run_here(
+    tmp_path, capsys, caplog, monkeypatch
+):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    broken = {"name": "Broken", "type": "coordinate_knn", "n_neighbors": 0}
+    raw = {**CONFIG, "models": [CONFIG["models"][0], broken]}
+    raw.pop("robustness")
+    config_path = tmp_path / "broken.yaml"
+    config_path.write_text(yaml.safe_dump(raw))
+    out, docs = tmp_path / "results", tmp_path / "docs"
+    command = ["benchmark", "--config", str(config_path), "--out", str(out), "--no-figures"]
+    assert main([*command, "--workers", "2", "--publish", str(docs)]) == 1
+    captured = capsys.readouterr()
+    assert "Ray is not installed" in caplog.text  # a warning; the cells ran in this process
+    assert "4 cells: 2 computed, 0 reused, 2 failed" in captured.out
+    failed = [line for line in captured.err.splitlines() if "failed: syn__Broken__" in line]
+    assert len(failed) == 2 and all("n_neighbors must be >= 1" in line for line in failed)
+    assert len(pd.read_csv(out / "failures.csv")) == 2 and not docs.exists()  # not published
+
+
 def test_help_tells_the_whole_story(capsys):
     with pytest.raises(SystemExit):
         main(["benchmark", "--help"])
@@ -118,5 +140,7 @@ def test_help_tells_the_whole_story(capsys):
         "summary.md",
         "resumes",
         "--overwrite",
+        "--workers",
+        "failures.csv",
     ):
         assert phrase in text

@@ -56,7 +56,7 @@ def test_explicit_variants_merge_nested_overrides_and_the_epochs_shorthand():
     assert configs["fourier 16"].module.fourier_num_frequencies == 16
     assert configs["no tta"].training.test_time_augmentation is False
     for config in configs.values():
-        assert config.training.trainer.max_epochs == 3
+        assert config.trainer.max_epochs == 3
     assert fast_preset().training.test_time_augmentation is True  # the preset is untouched
 
 

@@ -256,8 +256,8 @@ def test_changing_one_models_options_recomputes_only_its_cells(tmp_path):
     assert (result.results["model"] == "kNN").sum() == 6
 
 
-class _Interrupt(Exception):
-    pass
+class _Interrupt(BaseException):
+    """A kill (Ctrl-C, SIGTERM): stops the run, unlike a cell's error, which is recorded."""
 
 
 def test_a_killed_run_resumes_without_recomputing_finished_cells(tmp_path, monkeypatch):

@@ -98,6 +98,7 @@ def test_k_sensitivity_reruns_the_pipeline_per_k_in_table_s1_layout():
     from stinfer.coexpression.graph import CorrelationGraphConfig
     from stinfer.coexpression.synthetic import planted_module_corpus
     from stinfer.models.gene_embeddings import GeneEmbeddingConfig
+    from stinfer.train import TrainerConfig
 
     corpus, module = planted_module_corpus(n_cells=400, n_modules=3, genes_per_module=16, seed=1)
     config = GeneEmbeddingConfig(
@@ -106,8 +107,7 @@ def test_k_sensitivity_reruns_the_pipeline_per_k_in_table_s1_layout():
         autoencoder=AutoencoderConfig(
             n_tokens=4, d_model=16, n_heads=2, feedforward_dim=32, latent_dim=8, max_epochs=5
         ),
-        accelerator="cpu",
-        progress_bar=False,
+        trainer=TrainerConfig(accelerator="cpu", progress_bar=False),
     )
     labels = pd.Series((module == 0).astype(int), index=corpus.var_names)
     table = k_sensitivity({"synthetic": corpus}, labels, ks=(5, 10), config=config)

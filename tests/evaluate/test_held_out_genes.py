@@ -109,7 +109,9 @@ def test_every_method_gets_depth_controlled_and_top_variable_gene_metrics():
     n_patterned = 10
     slide, table = _depth_driven_slide(n_patterned)
     config = coxformer_spatial_config(
-        "fast", progress_bar=False, min_spot_fraction=0.05, max_epochs=1
+        "fast",
+        training={"min_spot_fraction": 0.05},
+        trainer={"progress_bar": False, "max_epochs": 1},
     )
     result = held_out_genes_evaluation(
         slide, table, "spatial", config, 0.25, seed=0, n_top_variable=n_patterned
@@ -147,7 +149,9 @@ def test_model_beats_both_baselines_on_held_out_planted_module_genes(tmp_path):
     config = SyntheticConfig(n_sections=1, target_spots=400, n_genes=200, seed=3)
     slide = make_synthetic_sections(tmp_path, config)[0]
     embeddings = planted_gene_embeddings(config, dim=32)
-    model_config = coxformer_spatial_config("fast", progress_bar=False, min_spot_fraction=0.05)
+    model_config = coxformer_spatial_config(
+        "fast", training={"min_spot_fraction": 0.05}, trainer={"progress_bar": False}
+    )
     result = held_out_genes_evaluation(slide, embeddings, "location", model_config, 0.2, seed=0)
     metrics = result["metrics"]
     for name, values in metrics.items():

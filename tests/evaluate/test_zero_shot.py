@@ -22,9 +22,7 @@ SYNTHETIC = SyntheticConfig(n_sections=2, target_spots=250, n_genes=80, seed=3)
 def quick_stevs():
     config = fast_preset()
     config.training.test_time_augmentation = False
-    config.training.trainer = dataclasses.replace(
-        config.training.trainer, max_epochs=20, progress_bar=False
-    )
+    config.trainer = dataclasses.replace(config.trainer, max_epochs=20, progress_bar=False)
     return config
 
 
@@ -33,7 +31,9 @@ def evaluated(tmp_path_factory):
     train, test = make_synthetic_sections(tmp_path_factory.mktemp("zero_shot"), SYNTHETIC)
     embeddings = planted_gene_embeddings(SYNTHETIC, dim=32)
     readout = coxformer_spatial_config(
-        "fast", progress_bar=False, min_spot_fraction=0.05, max_epochs=40
+        "fast",
+        training={"min_spot_fraction": 0.05},
+        trainer={"progress_bar": False, "max_epochs": 40},
     )
     result = zero_shot_evaluation(
         [train],

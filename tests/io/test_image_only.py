@@ -210,9 +210,7 @@ def test_a_trained_stevs_model_predicts_on_an_image_only_slide(slide_files, tmp_
     )[0]
     config = fast_preset()
     config.training.test_time_augmentation = False
-    config.training.trainer = dataclasses.replace(
-        config.training.trainer, max_epochs=1, progress_bar=False
-    )
+    config.trainer = dataclasses.replace(config.trainer, max_epochs=1, progress_bar=False)
     model = STEvs([section], genes=list(section.var_names), config=config)
     model.train()
     model.save(tmp_path / "run")

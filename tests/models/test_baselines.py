@@ -238,25 +238,28 @@ def test_patch_feature_ridge_never_overflows_under_extreme_extrapolation():
 
 # --------------------------------------------------------------------------- ST-Net
 def test_stnet_presets_are_named_configs():
-    assert STNET_PRESETS["paper"]().backbone == "densenet121"
+    assert STNET_PRESETS["paper"]().module.backbone == "densenet121"
     assert STNET_PRESETS["paper"]().trainer.max_epochs == 50
     fast = model_config("stnet", "fast", epochs=3)
-    assert fast.backbone == "resnet18" and fast.lr == 1e-3
+    assert fast.module.backbone == "resnet18" and fast.training.lr == 1e-3
     assert fast.trainer.max_epochs == 3
     assert stnet_fast_preset().trainer.max_epochs == 10  # the preset is untouched
     with pytest.raises(InputError, match="unknown ST-Net preset"):
         model_config("stnet", "huge")
 
 
-def test_stnet_old_flat_config_names_map_onto_the_trainer():
+def test_stnet_old_flat_config_names_map_onto_module_training_and_trainer():
     old = {"epochs": 7, "learning_rate": 2e-3, "seed": 4, "accelerator": "cpu", "lr": 1e-2}
-    upgraded = upgrade_stnet_config_dict(old)
+    upgraded = upgrade_stnet_config_dict({**old, "backbone": "resnet10t"})
     assert upgraded == {
-        "lr": 1e-2,  # the new name wins over the old one
+        "module": {"backbone": "resnet10t"},
+        "training": {"lr": 1e-2},  # the newer name wins over the older one
         "trainer": {"max_epochs": 7, "seed": 4, "accelerator": "cpu"},
     }
     config = model_config("stnet", "fast", **old)
-    assert (config.lr, config.trainer.max_epochs, config.trainer.seed) == (1e-2, 7, 4)
+    assert (config.training.lr, config.trainer.max_epochs, config.trainer.seed) == (1e-2, 7, 4)
+    both = model_config("stnet", "fast", batch_size=8, training={"batch_size": 16})
+    assert both.training.batch_size == 16
 
 
 def test_random_dihedral_applies_one_of_the_eight_square_symmetries_per_image():
@@ -291,9 +294,9 @@ def test_stnet_learns_expression_from_the_patch(one_torch_thread):
     config = model_config(
         "stnet",
         "fast",
-        backbone="resnet10t",
         epochs=8,
-        batch_size=16,
+        module={"backbone": "resnet10t"},
+        training={"batch_size": 16},
         trainer={"accelerator": "cpu"},
     )
     model = STNet([slide], list(slide.var_names), config, patches=[patches])

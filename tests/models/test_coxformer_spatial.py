@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import anndata as ad
 import lightning as L
 import numpy as np
@@ -12,18 +14,23 @@ import torch
 
 from stinfer.errors import InputError
 from stinfer.metrics import per_gene_pearson
+from stinfer.models import model_config
 from stinfer.models.coxformer_spatial import (
     CoxFormerSpatial,
+    CoxFormerSpatialConfig,
     CoxFormerSpatialTask,
     aggregate_sub_spots,
     coxformer_spatial_config,
+    fast_preset,
+    paper_preset,
     slide_log1p_cp10k,
     sub_spot_offsets,
+    upgrade_coxformer_spatial_config_dict,
     validation_split,
 )
 from stinfer.train import EMAEarlyStopping, TrainerConfig, fit
 
-TINY = dict(
+TINY_MODULE = dict(
     d_model=32,
     feedforward_dim=64,
     location_dim=32,
@@ -32,9 +39,17 @@ TINY = dict(
     gene_hidden_dim=32,
     n_heads=4,
     rank=8,
-    progress_bar=False,
-    accelerator="cpu",
 )
+
+
+def tiny_config(module=None, training=None, trainer=None):
+    """The ``fast`` preset with a tiny module, trained on the CPU, and these fields set."""
+    return coxformer_spatial_config(
+        "fast",
+        module={**TINY_MODULE, **(module or {})},
+        training=training or {},
+        trainer={"progress_bar": False, "accelerator": "cpu", **(trainer or {})},
+    )
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
@@ -131,13 +146,10 @@ def test_super_resolution_recovers_a_planted_sub_spot_pattern_better_than_upsamp
         (n_spots, n_sub, n_features)
     )
     embeddings = pd.DataFrame(rng.standard_normal((n_genes, 8)), index=genes)
-    config = coxformer_spatial_config(
-        "fast",
-        **TINY,
-        sub_spot_grid=grid,
-        min_spot_fraction=0.0,
-        max_epochs=25,
-        gene_conditioning=conditioning,
+    config = tiny_config(
+        module={"gene_conditioning": conditioning},
+        training={"sub_spot_grid": grid, "min_spot_fraction": 0.0},
+        trainer={"max_epochs": 25},
     )
     model = CoxFormerSpatial(slide, embeddings, genes, "image", config, image_features=features)
     model.train()
@@ -173,7 +185,7 @@ def planted():
     embeddings = pd.DataFrame(
         np.vstack([vectors, unmeasured]), index=[*genes, "new0", "new1", "new2"]
     )
-    config = coxformer_spatial_config("fast", **TINY, max_epochs=8, min_spot_fraction=0.0)
+    config = tiny_config(training={"min_spot_fraction": 0.0}, trainer={"max_epochs": 8})
     model = CoxFormerSpatial(slide, embeddings, genes[:50], "location", config)
     model.train()
     return model, slide, embeddings
@@ -267,8 +279,9 @@ def test_bad_inputs_raise_input_errors(planted):
 
 def test_training_on_a_random_subset_of_spots_per_step_runs_with_sub_spots(planted):
     _, slide, embeddings = planted
-    config = coxformer_spatial_config(
-        "fast", **TINY, max_epochs=1, min_steps_per_epoch=2, max_spots_per_step=30, sub_spot_grid=2
+    config = tiny_config(
+        training={"min_steps_per_epoch": 2, "max_spots_per_step": 30, "sub_spot_grid": 2},
+        trainer={"max_epochs": 1},
     )
     model = CoxFormerSpatial(slide, embeddings, [f"g{i}" for i in range(20)], "location", config)
     model.train()
@@ -283,6 +296,32 @@ def test_training_on_a_random_subset_of_spots_per_step_runs_with_sub_spots(plant
     # expected counts add up too: each sub-spot holds an equal share of its spot's library
     sub_counts = np.asarray(sub.X[:, 0], dtype=np.float64).reshape(-1, 4).sum(axis=1)
     np.testing.assert_allclose(sub_counts, model.impute(["new0"]).X[:, 0], rtol=1e-4, atol=1e-6)
+
+
+def test_config_has_module_training_and_trainer_and_takes_the_old_flat_names():
+    fast = fast_preset()
+    assert (fast.module.d_model, fast.training.lr, fast.trainer.max_epochs) == (128, 1e-3, 60)
+    assert fast.trainer.gradient_clip_val == 1.0 and paper_preset().trainer.max_epochs == 200
+    old = coxformer_spatial_config("fast", d_model=64, lr=0.5, max_epochs=3, progress_bar=False)
+    assert (old.module.d_model, old.training.lr, old.trainer.max_epochs) == (64, 0.5, 3)
+    assert not old.trainer.progress_bar
+    both = upgrade_coxformer_spatial_config_dict({"max_epochs": 3, "trainer": {"max_epochs": 5}})
+    assert both == {"trainer": {"max_epochs": 5}}  # the new name wins
+    config = model_config("coxformer_spatial", "fast", max_epochs=3, seed=1, image_dim=16)
+    assert (config.trainer.max_epochs, config.trainer.seed, config.module.image_dim) == (3, 1, 16)
+    assert model_config("coxformer_spatial", "fast", epochs=4).trainer.max_epochs == 4
+    flat = {
+        **dataclasses.asdict(fast.module),
+        **dataclasses.asdict(fast.training),
+        "max_epochs": 60,
+        "gradient_clip_val": 1.0,
+        "seed": 0,
+        "preset": "fast",
+    }
+    assert CoxFormerSpatialConfig.from_dict(flat) == fast  # a config.json of the flat layout
+    assert CoxFormerSpatialConfig.from_dict(fast.to_dict()) == fast
+    with pytest.raises(InputError, match=r"unknown options \['module\.d_modle'\]"):
+        coxformer_spatial_config("fast", module={"d_modle": 3})
 
 
 def test_validation_split_is_seeded_disjoint_and_empty_for_tiny_panels():
@@ -337,7 +376,7 @@ def test_attention_only_training_leaves_the_spot_decoder_untouched_and_predicts_
 ):
     _, slide, embeddings = planted
     genes = [f"g{i}" for i in range(50)]
-    config = coxformer_spatial_config("fast", **TINY, max_epochs=8, min_spot_fraction=0.0)
+    config = tiny_config(training={"min_spot_fraction": 0.0}, trainer={"max_epochs": 8})
     model = CoxFormerSpatial(slide, embeddings, genes, "location", config)
     decoder_before = {k: v.clone() for k, v in model.module.encoder.state_dict().items()}
     relevance_before = model.module.readout.relevance.detach().clone()
@@ -355,8 +394,10 @@ def test_attention_only_training_leaves_the_spot_decoder_untouched_and_predicts_
 
 def test_attention_only_training_is_refused_where_the_decoder_predicts(planted):
     _, slide, embeddings = planted
-    config = coxformer_spatial_config(
-        "fast", **TINY, max_epochs=1, min_spot_fraction=0.0, gene_conditioning="bilinear"
+    config = tiny_config(
+        module={"gene_conditioning": "bilinear"},
+        training={"min_spot_fraction": 0.0},
+        trainer={"max_epochs": 1},
     )
     model = CoxFormerSpatial(slide, embeddings, None, "location", config)
     with pytest.raises(InputError, match="spot_decoder=False"):

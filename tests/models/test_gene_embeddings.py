@@ -21,7 +21,9 @@ from stinfer.models.gene_embeddings import (
     CoxFormerEmbeddings,
     GeneEmbeddingConfig,
     gene_embedding_config,
+    upgrade_gene_embedding_config_dict,
 )
+from stinfer.train import TrainerConfig
 
 
 def tiny_config(**overrides) -> GeneEmbeddingConfig:
@@ -39,8 +41,7 @@ def tiny_config(**overrides) -> GeneEmbeddingConfig:
             t_max=30,
             lr=1e-3,
         ),
-        accelerator="cpu",
-        progress_bar=False,
+        trainer=TrainerConfig(accelerator="cpu", progress_bar=False),
         preset="test",
     )
     return replace(config, **overrides)
@@ -133,6 +134,14 @@ def test_presets_differ_only_in_the_documented_fields():
     assert (paper.autoencoder_input, fast.autoencoder_input) == ("top_k", "dense")
     assert set(PRESETS) == {"paper", "fast"}
     assert gene_embedding_config("fast", top_k=100).graph.top_k == 100
+    quiet = gene_embedding_config("fast", trainer={"seed": 3, "progress_bar": False})
+    assert (quiet.trainer.seed, quiet.trainer.progress_bar) == (3, False)
+    assert gene_embedding_config("fast", seed=3, progress_bar=False) == quiet  # the old names
+    old = {"seed": 1, "accelerator": "cpu", "trainer": {"seed": 2}, "autoencoder": {"lr": 0.1}}
+    assert upgrade_gene_embedding_config_dict(old) == {
+        "trainer": {"seed": 2, "accelerator": "cpu"},  # the new name wins
+        "autoencoder": {"lr": 0.1},
+    }
     with pytest.raises(InputError, match="preset"):
         gene_embedding_config("slow")
 

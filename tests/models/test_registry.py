@@ -25,19 +25,18 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 SMALL_PATCH = {"patch_size_px": 64}  # 64-px patches: the image models' cost, not their accuracy
 COXFORMER_TINY = dict(
-    d_model=32,
-    feedforward_dim=64,
-    location_dim=32,
-    image_dim=32,
-    head_width=32,
-    gene_hidden_dim=32,
-    n_heads=4,
-    rank=8,
-    max_epochs=2,
-    min_steps_per_epoch=2,
-    min_spot_fraction=0.0,
-    progress_bar=False,
-    accelerator="cpu",
+    module={
+        "d_model": 32,
+        "feedforward_dim": 64,
+        "location_dim": 32,
+        "image_dim": 32,
+        "head_width": 32,
+        "gene_hidden_dim": 32,
+        "n_heads": 4,
+        "rank": 8,
+    },
+    training={"min_steps_per_epoch": 2, "min_spot_fraction": 0.0},
+    trainer={"max_epochs": 2, "progress_bar": False, "accelerator": "cpu"},
 )
 EMBEDDINGS_TINY = dict(
     graph={"top_k": 8, "min_cells": 1},
@@ -51,8 +50,7 @@ EMBEDDINGS_TINY = dict(
         "max_epochs": 2,
         "t_max": 2,
     },
-    accelerator="cpu",
-    progress_bar=False,
+    trainer={"accelerator": "cpu", "progress_bar": False},
 )
 
 
@@ -109,17 +107,17 @@ BUILDERS = {
     "stnet": expression(
         "stnet",
         preset="fast",
-        backbone="resnet10t",
         epochs=1,
-        batch_size=32,
+        module={"backbone": "resnet10t"},
+        training={"batch_size": 32, "patch": SMALL_PATCH},
         trainer={"accelerator": "cpu"},
-        patch=SMALL_PATCH,
     ),
     "stevs": expression(
         "stevs",
         preset="fast",
         epochs=1,
-        training={"test_time_augmentation": False, "trainer": {"progress_bar": False}},
+        training={"test_time_augmentation": False},
+        trainer={"progress_bar": False},
     ),
     "coxformer_spatial": imputation("coxformer_spatial", preset="fast", **COXFORMER_TINY),
     "gene_mean_profile": imputation("gene_mean_profile"),
@@ -163,7 +161,7 @@ def test_create_model_splits_constructor_arguments_from_config_overrides(cohort)
     model = create_model("feature_ridge", [first], cohort["genes"], patches=patches, n_components=4)
     assert model._train_patches is patches and model.config.n_components == 4
     stevs = st.models.model_config("stevs", "fast", seed=3, epochs=2)
-    assert stevs.training.trainer.seed == 3 and stevs.training.trainer.max_epochs == 2
+    assert stevs.trainer.seed == 3 and stevs.trainer.max_epochs == 2
     assert isinstance(stevs.training.patch, PatchSpec)
     with pytest.raises(InputError, match=r"unknown options \['n_neigbors'\]"):
         create_model("coordinate_knn", [first], cohort["genes"], n_neigbors=3)
@@ -218,25 +216,32 @@ def test_folders_saved_before_the_header_still_load_as_their_own_type(name, save
 
 
 def old_config(name: str, config: dict) -> dict:
-    """``config`` as stinfer wrote it before epochs and batch size had one place each."""
+    """``config`` as stinfer wrote it before every model had ``module``, ``training`` and
+    ``trainer`` (and before epochs and batch size had one place each)."""
     config = json.loads(json.dumps(config))
+    trainer = config.pop("trainer")
+    run = ("seed", "accelerator", "devices", "precision", "progress_bar")
     if name == "stevs":
+        config["training"]["trainer"] = trainer
         config["module"].update(epochs=999, batch_size=7)  # never read: the training's win
         return config
     if name == "coxformer_embeddings":
         for stage in ("completion", "autoencoder"):
             config[stage]["learning_rate"] = config[stage].pop("lr")
-        return config
-    trainer = config.pop("trainer")
+        return {**config, **{key: trainer[key] for key in run}}
+    if name == "coxformer_spatial":
+        flat = {**config.pop("module"), **config.pop("training"), **config}
+        return {**flat, **{key: trainer[key] for key in (*run, "max_epochs", "gradient_clip_val")}}
+    config = {**config.pop("module"), **config.pop("training"), **config}
     config["learning_rate"] = config.pop("lr")
     config["epochs"] = trainer.pop("max_epochs")
-    for key in ("seed", "accelerator", "devices", "precision", "progress_bar"):
+    for key in run:
         config[key] = trainer.pop(key)
     config["early_stopping_patience"] = trainer.pop("early_stopping_patience")
     return config
 
 
-@pytest.mark.parametrize("name", ["stevs", "stnet", "coxformer_embeddings"])
+@pytest.mark.parametrize("name", ["stevs", "stnet", "coxformer_spatial", "coxformer_embeddings"])
 def test_configs_saved_with_the_old_field_names_still_load(name, saved, tmp_path):
     import shutil
 
@@ -253,14 +258,27 @@ def test_configs_saved_with_the_old_field_names_still_load(name, saved, tmp_path
 
 def test_old_field_names_in_overrides_move_to_their_one_place():
     stevs = st.models.model_config("stevs", "fast", module={"epochs": 4, "batch_size": 16})
-    assert stevs.training.trainer.max_epochs == 4 and stevs.training.batch_size == 16
+    assert stevs.trainer.max_epochs == 4 and stevs.training.batch_size == 16
     both = {"module": {"epochs": 4}, "training": {"trainer": {"max_epochs": 5}}}
-    assert st.models.model_config("stevs", "fast", **both).training.trainer.max_epochs == 5
+    assert st.models.model_config("stevs", "fast", **both).trainer.max_epochs == 5
+    nested = {"training": {"trainer": {"max_epochs": 5, "seed": 7}}, "trainer": {"seed": 8}}
+    stevs = st.models.model_config("stevs", "fast", epochs=3, **nested)
+    assert (stevs.trainer.max_epochs, stevs.trainer.seed) == (5, 8)  # the new place wins
     stnet = st.models.model_config("stnet", "fast", learning_rate=0.01, seed=2, epochs=3)
-    assert (stnet.lr, stnet.trainer.seed, stnet.trainer.max_epochs) == (0.01, 2, 3)
+    assert (stnet.training.lr, stnet.trainer.seed, stnet.trainer.max_epochs) == (0.01, 2, 3)
     assert st.models.model_config("stnet", "fast", seed=2).trainer.seed == 2
-    embeddings = st.models.model_config("coxformer_embeddings", completion={"learning_rate": 0.1})
+    stnet = st.models.model_config(
+        "stnet", "fast", backbone="resnet10t", patch={"patch_size_px": 64}
+    )
+    assert (stnet.module.backbone, stnet.training.patch.patch_size_px) == ("resnet10t", 64)
+    coxformer = st.models.model_config("coxformer_spatial", "fast", max_epochs=3, seed=1, lr=0.1)
+    assert (coxformer.trainer.max_epochs, coxformer.trainer.seed) == (3, 1)
+    assert coxformer.training.lr == 0.1
+    embeddings = st.models.model_config(
+        "coxformer_embeddings", completion={"learning_rate": 0.1}, seed=4, progress_bar=False
+    )
     assert embeddings.completion.lr == 0.1
+    assert (embeddings.trainer.seed, embeddings.trainer.progress_bar) == (4, False)
 
 
 def test_damaged_weights_a_foreign_config_and_unknown_options_are_one_line_errors(saved, tmp_path):
@@ -353,7 +371,7 @@ CLI_OPTIONS = {
     "feature_ridge": ["--option", "features=handcrafted", "--option", "patch.patch_size_px=64"],
     "stnet": [
         *("--preset", "fast", "--epochs", "1", "--accelerator", "cpu"),
-        *("--option", "backbone=resnet10t", "--option", "patch.patch_size_px=64"),
+        *("--option", "module.backbone=resnet10t", "--option", "training.patch.patch_size_px=64"),
     ],
     "stevs": ["--preset", "fast", "--epochs", "1", "--option", "training.augment=false"],
 }

@@ -45,9 +45,7 @@ def quick_fast_config(epochs: int = EPOCHS):
     (which makes every prediction 8 forward passes): the test's only changes."""
     config = fast_preset()
     config.training.test_time_augmentation = False
-    config.training.trainer = dataclasses.replace(
-        config.training.trainer, max_epochs=epochs, progress_bar=False
-    )
+    config.trainer = dataclasses.replace(config.trainer, max_epochs=epochs, progress_bar=False)
     return config
 
 
@@ -75,14 +73,17 @@ def test_presets_are_named_configs_and_unknown_names_fail():
 
 def test_epochs_and_batch_size_have_one_place_and_old_configs_map_onto_it():
     fast = fast_preset()
-    assert (fast.training.trainer.max_epochs, fast.training.batch_size) == (30, 32)
+    assert (fast.trainer.max_epochs, fast.training.batch_size) == (30, 32)
     assert not hasattr(fast.module, "epochs") and not hasattr(fast.module, "batch_size")
+    assert not hasattr(fast.training, "trainer")
     saved = fast.to_dict()
-    saved["module"].update(epochs=100, batch_size=128)  # an older config.json: module copies
+    saved["training"]["trainer"] = saved.pop("trainer")  # an older config.json: trainer in training
+    assert STEvsModelConfig.from_dict(saved) == fast
+    saved["module"].update(epochs=100, batch_size=128)  # older still: module copies
     assert STEvsModelConfig.from_dict(saved) == fast  # ignored: training used its own values
     del saved["training"]["batch_size"], saved["training"]["trainer"]["max_epochs"]
-    upgraded = STEvsModelConfig.from_dict(saved)  # only the module's: they move to training
-    assert (upgraded.training.trainer.max_epochs, upgraded.training.batch_size) == (100, 128)
+    upgraded = STEvsModelConfig.from_dict(saved)  # only the module's: they move to their place
+    assert (upgraded.trainer.max_epochs, upgraded.training.batch_size) == (100, 128)
 
 
 def test_fast_preset_predicts_held_out_sections_far_above_the_mean_baseline(trained, sections):
@@ -291,9 +292,7 @@ def test_cached_feature_training_gives_the_same_epoch_losses_and_weights_as_unca
     runs = []
     for cache in (True, False):
         model = frozen_model(sections[0], cache)
-        model.config.training.trainer = dataclasses.replace(
-            model.config.training.trainer, max_epochs=2
-        )
+        model.config.trainer = dataclasses.replace(model.config.trainer, max_epochs=2)
         history = model.train().history
         runs.append((history, model.module.state_dict()))
     (cached_history, cached_weights), (uncached_history, uncached_weights) = runs
@@ -306,8 +305,8 @@ def test_cached_feature_training_gives_the_same_epoch_losses_and_weights_as_unca
 
 def test_with_a_monitor_the_best_validation_epoch_is_restored(sections):
     model = frozen_model(sections[0], cache_features=True)
-    model.config.training.trainer = dataclasses.replace(
-        model.config.training.trainer, max_epochs=3, monitor="val/pcc_median"
+    model.config.trainer = dataclasses.replace(
+        model.config.trainer, max_epochs=3, monitor="val/pcc_median"
     )
     result = model.train()
     scores = [row["val/pcc_median"] for row in result.history]
@@ -334,7 +333,7 @@ def test_test_time_adaptation_changes_the_encoders_but_not_the_gene_decoder(sect
 
 def test_task_validation_metric_is_the_median_pcc_of_the_fused_prediction(trained, sections):
     task = STEvsTask(trained.module, trained.config.training)
-    assert isinstance(trained.config.training.trainer, TrainerConfig)
+    assert isinstance(trained.config.trainer, TrainerConfig)
     assert task.configure_optimizers().defaults["lr"] == trained.config.module.lr
 
 
@@ -368,8 +367,8 @@ from stinfer.models.stevs import STEvs, fast_preset
 in_memory, paths = sys.argv[1] == "memory", sys.argv[2:]
 slides = [read_h5ad_slide(path) for path in paths]
 config = fast_preset()
-config.training.trainer = dataclasses.replace(
-    config.training.trainer, max_epochs=1, progress_bar=False, swa_epoch_start=None
+config.trainer = dataclasses.replace(
+    config.trainer, max_epochs=1, progress_bar=False, swa_epoch_start=None
 )
 config.training.batch_size = 128
 model = STEvs(slides, list(slides[0].var_names), config)
@@ -578,7 +577,7 @@ def calibration_of(model: STEvs, slides: list[ad.AnnData]) -> dict:
     """The uncertainty calibration the trained ``model`` fits on ``slides``' validation spots."""
     with model._training_sources(slides, None) as sources:
         dataset, transforms = model._dataset(slides, sources, with_counts=True)
-        _, val_loader = model._loaders(dataset, model.config.training.trainer.seed)
+        _, val_loader = model._loaders(dataset, model.config.trainer.seed)
         task = STEvsTask(model.module, model.config.training, colour_transforms=transforms)
         return model._fit_uncertainty_calibration(task, val_loader)
 

@@ -36,6 +36,7 @@ SUBCOMMAND_MODULES = (
     "impute",
     "demo",
     "benchmark",
+    "features",
 )
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import shlex
+import sys
 from pathlib import Path
 
-from stinfer.cli.options import HelpFormatter, checked_output_folder
+from stinfer.cli.options import HelpFormatter, checked_output_folder, positive_int
 from stinfer.errors import InputError
 
 logger = logging.getLogger("stinfer")
@@ -17,12 +18,15 @@ examples:
   stinfer benchmark --config benchmarks/her2st_patient_c.yaml \\
       --data-root ../shared/data/her2st --out results/her2st
   stinfer benchmark --config benchmarks/synthetic_ci.yaml --out results/synthetic
+  stinfer benchmark --config benchmarks/her2st_patient_c.yaml \\
+      --data-root ../shared/data/her2st --out results/her2st --workers 4
 
 Writes into --out:
   results.csv      one row per model / protocol / train slice / test slice / seed: every
                    metric (MSE, median and mean PCC/SCC, depth-normalised PCC/SCC, HEST PCC,
                    constant genes, ARI when annotated), train/predict seconds, peak RSS
   robustness.csv   blue-shift sweep rows (when the config has `robustness`)
+  failures.csv     the cells that raised in this run and their errors (only when one did)
   summary.md       tables in the paper's layout, mean +/- sd, best in bold; runtime table
   figures/         metric bars with error bars, true vs predicted maps of a gene for every
                    model, STEvs latent UMAPs by slice and by domain, blue-shift curves
@@ -36,6 +40,12 @@ is recomputed. --overwrite discards the earlier run's outputs (the names above, 
 data/, patch_cache/); any other file in --out is kept. A non-empty --out that is not a benchmark
 output (no benchmark.json) is refused, with or without --overwrite. SIGTERM or Ctrl-C drops the
 cell in progress (exit 143 / 130); rerun to resume.
+
+A cell that raises does not stop the others: it is listed on stderr and in failures.csv, its
+folder is not written (a rerun tries it again) and the exit status is 1 (--publish is then
+skipped). --workers N runs N cells at a time as Ray tasks (pip install -e ".[distributed]"),
+one CPU and cores/N torch threads each; the tables, summary and figures are the same as with
+one worker. Without Ray installed, --workers N warns and runs the cells one after the other.
 """
 
 
@@ -68,6 +78,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--no-figures", action="store_true", help="skip drawing the figures")
     parser.add_argument(
+        "--workers",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="run N cells at a time as Ray tasks, one CPU and cores/N torch threads each "
+        '(pip install -e ".[distributed]"; without Ray: one after the other, with a warning); '
+        "default 1: one after the other in this process",
+    )
+    parser.add_argument(
         "--publish",
         type=Path,
         metavar="DIR",
@@ -85,7 +104,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 SUMMARY_HEADER = "# Benchmark: "  # the first line of every summary.md the report writes
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> int | None:
     from stinfer.evaluate.benchmark import load_config, run_benchmark
 
     config = load_config(args.config, data_root=args.data_root)
@@ -98,7 +117,7 @@ def run(args: argparse.Namespace) -> None:
     command += f" --out {shlex.quote(str(args.out))}"
     if args.publish:
         command += f" --publish {shlex.quote(str(args.publish))}"
-    run_benchmark(
+    result = run_benchmark(
         config,
         args.out,
         overwrite=args.overwrite,
@@ -106,9 +125,21 @@ def run(args: argparse.Namespace) -> None:
         command=command,
         only_models=args.only,
         figures=not args.no_figures,
+        workers=args.workers,
     )
+    for row in result.failures.itertuples():
+        print(f"stinfer benchmark: failed: {row.cell}: {row.error}", file=sys.stderr)
+    if len(result.failures):
+        if args.publish:
+            print(
+                f"stinfer benchmark: not published to {args.publish / config.name}: "
+                f"{len(result.failures)} cell(s) failed (see {args.out / 'failures.csv'}).",
+                file=sys.stderr,
+            )
+        return 1
     if args.publish:
         publish(args.out, args.publish / config.name)
+    return None
 
 
 def check_publishable(destination: Path) -> None:

@@ -121,8 +121,8 @@ def run(args: argparse.Namespace) -> None:
     print(f"[3/5] training STEvs (fast preset, {args.epochs} epochs) on {names[0]}")
     config = fast_preset()
     config.training.patch_cache_dir = str(patch_cache)
-    config.training.trainer = dataclasses.replace(
-        config.training.trainer, max_epochs=args.epochs, progress_bar=not args.no_progress
+    config.trainer = dataclasses.replace(
+        config.trainer, max_epochs=args.epochs, progress_bar=not args.no_progress
     )
     model = STEvs([train], genes, config)
     result = model.train()

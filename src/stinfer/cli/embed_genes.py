@@ -187,10 +187,12 @@ def build_config(args: argparse.Namespace):
     config = gene_embedding_config(
         args.preset,
         top_k=args.top_k,
-        seed=args.seed,
         label_fraction=args.label_fraction,
-        accelerator=args.accelerator,
-        progress_bar=not args.no_progress,
+        trainer={
+            "seed": args.seed,
+            "accelerator": args.accelerator,
+            "progress_bar": not args.no_progress,
+        },
     )
     graph = replace(
         config.graph,

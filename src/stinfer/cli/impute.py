@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from stinfer.cli.options import (
     HelpFormatter,
     add_accelerator_argument,
     add_allow_pickle_argument,
+    add_distributed_arguments,
     add_output_arguments,
     checked_output,
     fraction,
@@ -150,6 +151,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--metrics", type=Path, help="metrics JSON (default <out>.metrics.json)")
     parser.add_argument("--save-model", type=Path, metavar="DIR", help="also save the model")
     add_accelerator_argument(parser, "auto, cpu or gpu (default auto)", default="auto")
+    add_distributed_arguments(parser, "CoxFormer spatial training")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_output_arguments(parser, "predictions (.h5ad)")
     parser.set_defaults(func=run)
@@ -181,20 +183,23 @@ def build_config(args: argparse.Namespace):
 
     args.preset = auto_preset(args.preset, args.accelerator)
     logger.info("CoxFormer spatial preset: %s", args.preset)
-    config = coxformer_spatial_config(
-        args.preset,
-        seed=args.seed,
-        accelerator=args.accelerator,
-        progress_bar=not args.no_progress,
-        sub_spot_grid=args.sub_spot_grid,
-    )
+    trainer = {
+        "seed": args.seed,
+        "accelerator": args.accelerator,
+        "progress_bar": not args.no_progress,
+    }
+    for name in ("devices", "strategy", "num_nodes"):  # DDP (add_distributed_arguments)
+        if getattr(args, name, None) is not None:
+            trainer[name] = getattr(args, name)
+    training: dict[str, Any] = {"sub_spot_grid": args.sub_spot_grid}
+    module = {}
     if args.epochs is not None:
-        config = replace(config, max_epochs=args.epochs)
+        trainer["max_epochs"] = args.epochs
     if args.min_spot_fraction is not None:
-        config = replace(config, min_spot_fraction=args.min_spot_fraction)
+        training["min_spot_fraction"] = args.min_spot_fraction
     if args.gene_conditioning is not None:
-        config = replace(config, gene_conditioning=args.gene_conditioning)
-    return config
+        module["gene_conditioning"] = args.gene_conditioning
+    return coxformer_spatial_config(args.preset, module=module, training=training, trainer=trainer)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -203,7 +208,7 @@ def run(args: argparse.Namespace) -> None:
     from stinfer.io.slide_data import prepare_for_h5ad
     from stinfer.models.coxformer_spatial import CoxFormerSpatial, embedding_table
     from stinfer.models.persistence import check_model_destination
-    from stinfer.train import check_accelerator
+    from stinfer.train import check_accelerator, is_global_zero
 
     out = checked_output(args)
     if args.out.suffix.lower() != ".h5ad":
@@ -249,6 +254,8 @@ def run(args: argparse.Namespace) -> None:
             shuffled=not args.no_shuffled,
         )
         model, prediction = result["model"], result["prediction"]
+        if not is_global_zero():
+            return  # another DDP process of this run: rank 0 writes
         record = {
             "slide": str(args.slide),
             "embeddings": str(args.embeddings),
@@ -281,6 +288,8 @@ def run(args: argparse.Namespace) -> None:
             )
         model = CoxFormerSpatial(slide, table, None, args.modality, config)
         model.train()
+        if not is_global_zero():
+            return  # another DDP process of this run: rank 0 predicts and writes
         prediction = model.super_resolve(genes) if args.sub_spot_grid > 1 else model.impute(genes)
         logger.info("writing %s", out)
         write_h5ad(prepare_for_h5ad(prediction), out, overwrite=args.overwrite)
@@ -312,6 +321,10 @@ def run_zero_shot(args: argparse.Namespace, slide, table, config, out: Path) -> 
     genes = read_gene_names(args.genes)
     mode = canonical_modality(args.stevs_mode, "--stevs-mode")
     prediction = predict_unmeasured_genes(stevs, slide, table, genes, mode, config)
+    from stinfer.train import is_global_zero
+
+    if not is_global_zero():
+        return  # another DDP process of this run: rank 0 writes
     logger.info("writing %s", out)
     write_h5ad(prepare_for_h5ad(prediction), out, overwrite=args.overwrite)
     print(

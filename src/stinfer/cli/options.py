@@ -153,6 +153,30 @@ def add_accelerator_argument(parser: argparse.ArgumentParser, help_text: str, de
     parser.add_argument("--accelerator", choices=ACCELERATORS, default=default, help=help_text)
 
 
+def add_distributed_arguments(parser: argparse.ArgumentParser, models: str) -> None:
+    """``--devices``, ``--strategy`` and ``--num-nodes``: Lightning's DDP settings.
+
+    With ``--devices N --strategy ddp`` Lightning runs the same command once per device
+    (``--accelerator cpu`` gives N processes talking over gloo); every process trains on its
+    shard of the batches, only rank 0 writes. Batch sizes are per process.
+    """
+    parser.add_argument(
+        "--devices",
+        type=devices,
+        help="'auto', a number of devices (e.g. 4) or device indices (e.g. 0,1); with "
+        f"--strategy ddp one process per device ({models}; default auto)",
+    )
+    parser.add_argument(
+        "--strategy",
+        help=f"Lightning strategy, e.g. ddp: batch sizes are then per process ({models}; auto)",
+    )
+    parser.add_argument(
+        "--num-nodes",
+        type=int_at_least(1),
+        help=f"machines of a multi-node DDP run, each with --devices processes ({models}; 1)",
+    )
+
+
 def add_allow_pickle_argument(parser: argparse.ArgumentParser) -> None:
     """``--allow-pickle``: read a ``.pkl`` embedding table (refused by default)."""
     parser.add_argument(

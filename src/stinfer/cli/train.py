@@ -11,8 +11,8 @@ from typing import Any
 from stinfer.cli.options import (
     HelpFormatter,
     add_accelerator_argument,
+    add_distributed_arguments,
     checked_output_folder,
-    devices,
     non_negative_int,
     positive_int,
 )
@@ -38,8 +38,8 @@ models:
 
 Flags that a model has no setting for are refused (e.g. --epochs for the closed-form
 baselines, --freeze-encoder for anything but STEvs); --option FIELD=VALUE sets any field of the
-model's config (dotted for nested fields, e.g. training.augment=false for STEvs; the value is
-read as YAML). The run folder holds the model (config.json naming the model type,
+model's config (dotted for nested fields: STEvs and ST-Net configs have module, training and
+trainer sections, e.g. training.augment=false, trainer.max_epochs=5; the value is read as YAML). The run folder holds the model (config.json naming the model type,
 weights.safetensors; `stinfer predict --run` and stinfer.models.load read it) and
 train_history.json (per-epoch losses and validation metrics, training seconds).
 """
@@ -98,13 +98,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_accelerator_argument(
         parser, "auto | cpu | gpu | mps (auto; stevs, stnet); gpu needs a visible CUDA GPU"
     )
-    parser.add_argument(
-        "--devices",
-        type=devices,
-        help="'auto', a number of devices (e.g. 4) or device indices (e.g. 0,1) "
-        "(auto; stevs, stnet)",
-    )
-    parser.add_argument("--strategy", help="STEvs: Lightning strategy, e.g. ddp (auto)")
+    add_distributed_arguments(parser, "stevs, stnet")
     parser.add_argument(
         "--precision",
         choices=["auto", "32-true", "bf16-mixed"],
@@ -172,34 +166,29 @@ def flag_overrides(kind: str, args: argparse.Namespace) -> dict[str, Any]:
         "--accelerator": args.accelerator,
         "--devices": devices,
         "--strategy": args.strategy,
+        "--num-nodes": args.num_nodes,
         "--precision": args.precision,
     }
-    if kind == "stevs":
-        trainer = {"progress_bar": not args.no_progress, "precision": precision}
-        trainer.update(
-            {
-                key: value
-                for key, value in (
-                    ("max_epochs", args.epochs),
-                    ("accelerator", args.accelerator),
-                    ("devices", devices),
-                    ("strategy", args.strategy),
-                )
-                if value is not None
-            }
-        )
-        training: dict[str, Any] = {"trainer": trainer, "patch_cache_dir": args.patch_cache}
-        module = {"pretrained": args.pretrained} if args.pretrained else {}
-        if args.freeze_encoder:
-            module["freeze_encoder"] = True
-        return {"training": training, **({"module": module} if module else {})}
     fields = {
-        "stnet": {
+        "stevs": {
             "--epochs": "trainer.max_epochs",
-            "--pretrained": "pretrained",
-            "--patch-cache": "patch_cache_dir",
+            "--pretrained": "module.pretrained",
+            "--freeze-encoder": "module.freeze_encoder",
+            "--patch-cache": "training.patch_cache_dir",
             "--accelerator": "trainer.accelerator",
             "--devices": "trainer.devices",
+            "--strategy": "trainer.strategy",
+            "--num-nodes": "trainer.num_nodes",
+            "--precision": "trainer.precision",
+        },
+        "stnet": {
+            "--epochs": "trainer.max_epochs",
+            "--pretrained": "module.pretrained",
+            "--patch-cache": "training.patch_cache_dir",
+            "--accelerator": "trainer.accelerator",
+            "--devices": "trainer.devices",
+            "--strategy": "trainer.strategy",
+            "--num-nodes": "trainer.num_nodes",
             "--precision": "trainer.precision",
         },
         "feature_ridge": {"--pretrained": "pretrained", "--patch-cache": "patch_cache_dir"},
@@ -213,7 +202,7 @@ def flag_overrides(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     values = {fields[flag]: value for flag, value in given.items() if value is not None}
     if "trainer.precision" in values:
         values["trainer.precision"] = precision
-    if kind == "stnet":
+    if kind in ("stevs", "stnet"):
         values["trainer.progress_bar"] = not args.no_progress
     overrides: dict[str, Any] = {}
     for path, value in values.items():
@@ -230,7 +219,7 @@ def run(args: argparse.Namespace) -> None:
     from stinfer.models.configs import auto_preset
     from stinfer.models.persistence import check_model_destination, model_folder
     from stinfer.preprocess import select_genes
-    from stinfer.train import check_accelerator
+    from stinfer.train import check_accelerator, is_global_zero
 
     entry = model_type(args.model)
     if args.preset is not None and not entry.presets:
@@ -251,6 +240,8 @@ def run(args: argparse.Namespace) -> None:
     print(f"training {label} on {len(slides)} slide(s), {len(genes)} genes")
     model = create_model(args.model, slides, genes, config=config)
     result = model.train()
+    if not is_global_zero():
+        return  # another DDP process of this run: it trained alongside rank 0, which writes
     best_score = getattr(result, "best_score", None)
     score_name = {"stevs": "val median PCC", "stnet": "val MSE"}.get(args.model, "val score")
     # the validation metric each model logs per epoch: (name, label, which way is better)

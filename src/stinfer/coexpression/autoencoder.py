@@ -293,12 +293,24 @@ class AutoencoderTask(L.LightningModule):
         batch, index = batch
         reconstruction, latent = self.module(batch)
         loss = nn.functional.mse_loss(reconstruction.float(), batch.float())
-        self.log("train/mse", loss, on_step=False, on_epoch=True, batch_size=batch.shape[0])
+        self.log(
+            "train/mse",
+            loss,
+            on_step=False,
+            on_epoch=True,
+            sync_dist=True,
+            batch_size=batch.shape[0],
+        )
         if self.config.geometry_weight > 0:
             by_coexpression = self.config.geometry_target == "coexpression"
             geometry = geometry_loss(latent, batch, index if by_coexpression else None)
             self.log(
-                "train/geometry", geometry, on_step=False, on_epoch=True, batch_size=len(batch)
+                "train/geometry",
+                geometry,
+                on_step=False,
+                on_epoch=True,
+                sync_dist=True,
+                batch_size=len(batch),
             )
             loss = loss + self.config.geometry_weight * geometry
         return loss

@@ -370,13 +370,25 @@ class CompletionTask(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_index: int) -> torch.Tensor:
         loss = self._loss(batch)
         self.log(
-            "train/mse", loss, on_step=False, on_epoch=True, batch_size=batch["target"].numel()
+            "train/mse",
+            loss,
+            on_step=False,
+            on_epoch=True,
+            sync_dist=True,
+            batch_size=batch["target"].numel(),
         )
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_index: int) -> None:
         loss = self._loss(batch)
-        self.log("val/mse", loss, on_step=False, on_epoch=True, batch_size=batch["target"].numel())
+        self.log(
+            "val/mse",
+            loss,
+            on_step=False,
+            on_epoch=True,
+            sync_dist=True,
+            batch_size=batch["target"].numel(),
+        )
 
     def configure_optimizers(self):
         optimizer = torch.optim.Adam(self.parameters(), lr=self.config.lr)

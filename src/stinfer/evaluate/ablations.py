@@ -89,7 +89,7 @@ def stevs_variant_config(base: Any = "fast", overrides: Mapping[str, Any] | None
         A preset name (``"fast"``, ``"paper"``) or a ``STEvsModelConfig``.
     overrides
         ``{"module": {...}, "training": {...}}`` in the config's own field names, plus the
-        shorthand ``epochs`` (sets ``training.trainer.max_epochs``).
+        shorthand ``epochs`` (sets ``trainer.max_epochs``).
 
     The registry's STEvs config (:func:`stinfer.models.model_config`), so an ablation and a
     ``type: stevs`` model with the same overrides are the same run.

@@ -23,6 +23,19 @@ and test slices, seed, patch spec, domain and blue-shift settings), so changing 
 options recomputes that model's cells only. Cell order: closed-form baselines first, then the
 networks. ``results.csv``, ``robustness.csv``, ``summary.md`` and the figures are rebuilt from
 the cells at the end of every run (and the CSVs after every cell).
+
+Failures and workers. Every cell left to compute runs through :func:`compute_cell`: in this
+process one after the other (``workers=1``), or with ``workers > 1`` as Ray tasks
+(:mod:`stinfer.distributed`; the optional extra ``pip install -e ".[distributed]"``), one CPU
+and ``cores // workers`` torch threads each, that many at a time, every task running the same
+:func:`compute_cell` and writing its cell folder atomically. Without Ray, ``workers > 1`` warns
+and runs in this process. A cell that raises is recorded (``failures.csv``: the cell and its
+one-line error; a bug's traceback is logged) and the other cells go on; its folder is not
+written, so a rerun tries it again. The tables and the report are built from the cells in
+cell order, never in the order they finished, so both ways write the same files. A seeded
+training gives the same numbers on a worker as here when both run with the same number of
+torch threads (torch's CPU sums depend on it; the tests pin this with one thread each);
+otherwise they agree to rounding (~1e-3 relative for a 1-epoch STEvs).
 """
 
 from __future__ import annotations
@@ -46,10 +59,19 @@ import numpy as np
 import pandas as pd
 
 from stinfer.data.patches import PatchSpec, spot_patches
+from stinfer.distributed import (
+    RAY_INSTALL,
+    finished_tasks,
+    import_ray,
+    ray_session,
+    remote_task,
+    threads_per_worker,
+)
 from stinfer.errors import InputError
 from stinfer.evaluate.benchmark_layout import (
     CELL_DONE,
     CELLS_DIR,
+    FAILURES_FILE,
     LATENTS_FILE,
     MANIFEST,
     cell_folder,
@@ -96,6 +118,7 @@ __all__ = [
     "ModelSpec",
     "RobustnessSpec",
     "build_model",
+    "compute_cell",
     "load_config",
     "parse_config",
     "run_benchmark",
@@ -583,7 +606,7 @@ def build_model(
     preset = options.pop("preset", "fast" if entry.presets else None)
     config = model_config(kind, preset, seed, **options)
     if kind == "stevs":
-        config.training.trainer.progress_bar = False
+        config.trainer.progress_bar = False
     extra = {"patches": patches} if entry.accepts_patches else {}
     return create_model(kind, slides, genes, config=config, **extra)
 
@@ -852,11 +875,28 @@ class PatchStore:
 
 
 # --------------------------------------------------------------------------- running a cell
+def _feature_store_of(options: Mapping[str, Any]) -> str | None:
+    """The feature store a model's options name (``feature_store`` of the ridge probe,
+    ``training.feature_store`` of STEvs), or ``None``. Such a model is handed no patches: the
+    harness's patches would be read instead of the store (patches given explicitly always
+    are, for perturbed images)."""
+    training = options.get("training")
+    nested = training.get("feature_store") if isinstance(training, Mapping) else None
+    return options.get("feature_store") or nested
+
+
 def _model_options(
     model_spec: ModelSpec, config: BenchmarkConfig, cache_dir: Path | None = None
 ) -> dict[str, Any]:
     """The model's options with the benchmark's patch spec (and STEvs' patch cache) filled in."""
     options = copy.deepcopy(model_spec.options)
+    training = options.get("training")
+    if model_spec.type == "stnet" and isinstance(training, Mapping) and "patch" in training:
+        # the harness extracts a patch-taking model's patches in options["patch"], ST-Net's
+        # older flat name, which its config upgrade moves back to training.patch
+        options["patch"] = training.pop("patch")
+        if not training:
+            del options["training"]
     if model_type(model_spec.type).accepts_patches and "patch" not in options:
         options["patch"] = config.patch
     elif isinstance(options.get("patch"), Mapping):
@@ -907,7 +947,7 @@ def run_cell(
 
     def build() -> Any:
         train_patches = None
-        if entry.accepts_patches:
+        if entry.accepts_patches and not _feature_store_of(options):
             spec = options.get("patch", config.patch)
             train_patches = [store.of(slide, spec) for slide in cell.train_slides]
             if any(p is None for p in train_patches):
@@ -917,7 +957,9 @@ def run_cell(
         )
 
     def test_patches(model: Any, test_slide: ad.AnnData) -> np.ndarray | None:
-        return store.of(test_slide, model_patch_spec(model)) if entry.reads_images else None
+        if not entry.reads_images or _feature_store_of(options):
+            return None  # the model reads its features from the store (patches would bypass it)
+        return store.of(test_slide, model_patch_spec(model))
 
     def per_prediction(model: Any, unit: UnitPrediction) -> dict[str, Any]:
         columns = {}
@@ -1059,6 +1101,125 @@ def _uncertainty_figures(
 
 
 # --------------------------------------------------------------------------- the run
+FAILURE_COLUMNS = ("cell", "cohort", "model", "protocol", "train_slice", "seed", "error")
+"""The columns of ``failures.csv``: which cell raised and its one-line error."""
+
+
+def compute_cell(
+    cell: Cell, config: BenchmarkConfig, genes: list[str], store: PatchStore, out: Path
+) -> dict[str, Any]:
+    """Compute one cell into ``out``: :func:`run_cell` into ``<cell id>.partial``, then
+    ``done.json``, then one rename to ``cells/<cell id>``; in-process and Ray tasks alike.
+
+    Returns ``{"cell", "seconds", "error", "traceback"}``: ``error`` is ``""`` for a finished
+    cell, else the one-line message of what the cell raised (nothing is written for it);
+    ``traceback`` is set for a bug (not an :class:`InputError` or :class:`OSError`). Ctrl-C and
+    SIGTERM (:class:`BaseException`) remove the partial folder and propagate.
+    """
+    import traceback
+
+    folder = cell_folder(out, cell.cell_id)
+    partial = folder.with_name(folder.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    start = time.perf_counter()
+    try:
+        run_cell(cell, config, genes, store, partial)
+    except Exception as error:
+        shutil.rmtree(partial, ignore_errors=True)
+        message = " ".join(str(error).split())
+        bug = not isinstance(error, (InputError, OSError))
+        return {
+            "cell": cell.cell_id,
+            "seconds": time.perf_counter() - start,
+            "error": f"{type(error).__name__}: {message}" if bug or not message else message,
+            "traceback": traceback.format_exc() if bug else "",
+        }
+    except BaseException:  # Ctrl-C or SIGTERM: leave no half-written cell
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    seconds = time.perf_counter() - start
+    (partial / CELL_DONE).write_text(
+        json.dumps({"cell": cell.cell_id, "key": cell.key, "seconds": seconds}, indent=2)
+    )
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(partial, folder)
+    return {"cell": cell.cell_id, "seconds": seconds, "error": "", "traceback": ""}
+
+
+@dataclass
+class _Pending:
+    """A cell left to compute, with what :func:`compute_cell` needs and its progress label."""
+
+    cell: Cell
+    genes: list[str]
+    store: PatchStore
+    label: str
+
+
+def _cells_here(
+    pending: Sequence[_Pending], config: BenchmarkConfig, out: Path, say: Callable[[str], None]
+):
+    """``(pending, outcome)`` of each cell, computed one after the other in this process."""
+    for item in pending:
+        say(f"{item.label}: running")
+        yield item, compute_cell(item.cell, config, item.genes, item.store, out)
+
+
+def _cells_on_ray(
+    ray: Any,
+    pending: Sequence[_Pending],
+    config: BenchmarkConfig,
+    out: Path,
+    workers: int,
+    say: Callable[[str], None],
+):
+    """``(pending, outcome)`` of each cell as its Ray task finishes: :func:`compute_cell` with
+    ``cores // workers`` torch threads; each cohort's slides are put in Ray's object store
+    once. A worker that died (e.g. out of memory) fails its cell only."""
+    threads = threads_per_worker(workers)
+    with ray_session(ray, workers):
+        task = remote_task(ray)
+        config_ref, stores, running = ray.put(config), {}, {}
+        for item in pending:
+            if item.cell.cohort not in stores:
+                stores[item.cell.cohort] = ray.put(item.store)
+            arguments = (item.cell, config_ref, item.genes, stores[item.cell.cohort], out)
+            running[task.remote(threads, compute_cell, *arguments)] = item
+        say(f"{len(pending)} cells on {workers} Ray workers, {threads} torch thread(s) each")
+        for item, outcome, died in finished_tasks(ray, running):
+            if died:
+                outcome = {"cell": item.cell.cell_id, "seconds": float("nan"), "error": died}
+            yield item, {"traceback": "", **outcome}
+
+
+def _failure_row(cell: Cell, error: str) -> dict[str, Any]:
+    return {
+        "cell": cell.cell_id,
+        "cohort": cell.cohort,
+        "model": cell.model.name,
+        "protocol": cell.protocol,
+        "train_slice": cell.train_name,
+        "seed": cell.seed,
+        "error": error,
+    }
+
+
+def _write_failures(out: Path, rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """``out/failures.csv``: the cells that failed in this run; an earlier run's file is
+    removed when none did."""
+    from stinfer.io.atomic import write_text
+
+    failures = pd.DataFrame(list(rows), columns=list(FAILURE_COLUMNS))
+    if len(failures):
+        write_text(failures.to_csv(index=False), out / FAILURES_FILE, overwrite=True)
+    else:
+        (out / FAILURES_FILE).unlink(missing_ok=True)
+    return failures
+
+
 @dataclass
 class BenchmarkResult:
     """What :func:`run_benchmark` did: output paths and how many cells ran or were reused."""
@@ -1070,6 +1231,8 @@ class BenchmarkResult:
     n_computed: int
     n_reused: int
     files: list[Path] = field(default_factory=list)
+    failures: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=FAILURE_COLUMNS))
+    """The cells that raised, one row each (:data:`FAILURE_COLUMNS`); empty when none did."""
 
 
 def _prepare_out(out: Path, config: BenchmarkConfig, overwrite: bool, config_text: str) -> None:
@@ -1151,6 +1314,7 @@ def run_benchmark(
     only_models: Sequence[str] | None = None,
     figures: bool = True,
     progress: Callable[[str], None] | None = print,
+    workers: int = 1,
 ) -> BenchmarkResult:
     """Run (or resume) a benchmark into ``out``; see the module docstring.
 
@@ -1172,14 +1336,31 @@ def run_benchmark(
         Draw the figures at the end.
     progress
         Called with one line per cell (default ``print``); ``None`` for silence.
+    workers
+        1: the cells one after the other in this process. More: that many cells at a time as
+        Ray tasks (a local Ray with ``num_cpus=workers`` unless Ray is already initialised),
+        each with ``cores // workers`` torch threads; without Ray installed, a warning and
+        this process. The outputs are the same either way.
 
     Returns
     -------
     BenchmarkResult
+        With :attr:`~BenchmarkResult.failures`: the cells that raised, also written to
+        ``out/failures.csv``. A failed cell does not stop the others; rerun to retry it.
     """
     from stinfer.evaluate.report import write_figures, write_summary
     from stinfer.io.atomic import write_text
 
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise InputError(f"workers={workers!r}: give a whole number >= 1.")
+    ray = import_ray() if workers > 1 else None
+    if workers > 1 and ray is None:
+        logger.warning(
+            "%d workers run the cells as Ray tasks, and Ray is not installed (%s): running "
+            "them one after the other in this process.",
+            workers,
+            RAY_INSTALL,
+        )
     out = Path(out)
     say = progress or (lambda line: None)
     _prepare_out(out, config, overwrite, config_text)
@@ -1190,6 +1371,7 @@ def run_benchmark(
     all_cells: list[Cell] = []
     cohort_data: dict[str, tuple[list[ad.AnnData], list[str]]] = {}
     n_computed = n_reused = 0
+    pending: list[_Pending] = []
     for cohort in config.cohorts:
         slides = load_cohort(cohort, out / "data")
         genes = cohort_genes(cohort, slides)
@@ -1211,27 +1393,24 @@ def run_benchmark(
                 continue
             if only_models and cell.model.name not in only_models:
                 continue
-            say(f"{label}: running")
-            partial = folder.with_name(folder.name + ".partial")
-            if partial.exists():
-                shutil.rmtree(partial)
-            partial.mkdir(parents=True)
-            start = time.perf_counter()
-            try:
-                run_cell(cell, config, genes, store, partial)
-            except BaseException:  # failed, Ctrl-C or SIGTERM: leave no half-written cell
-                shutil.rmtree(partial, ignore_errors=True)
-                raise
-            seconds = time.perf_counter() - start
-            (partial / CELL_DONE).write_text(
-                json.dumps({"cell": cell.cell_id, "key": cell.key, "seconds": seconds}, indent=2)
-            )
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(partial, folder)
-            n_computed += 1
-            say(f"{label}: finished in {seconds:.1f} s")
-            _write_tables(out, all_cells)
+            pending.append(_Pending(cell, genes, store, label))
+    if ray is not None and pending:
+        outcomes = _cells_on_ray(ray, pending, config, out.absolute(), workers, say)
+    else:
+        outcomes = _cells_here(pending, config, out, say)
+    failed: list[dict[str, Any]] = []
+    for item, outcome in outcomes:
+        if outcome["error"]:
+            failed.append(_failure_row(item.cell, outcome["error"]))
+            say(f"{item.label}: failed: {outcome['error']}")
+            if outcome["traceback"]:
+                logger.warning("cell %s failed:\n%s", item.cell.cell_id, outcome["traceback"])
+            continue
+        n_computed += 1
+        say(f"{item.label}: finished in {outcome['seconds']:.1f} s")
+        _write_tables(out, all_cells)
+    order = {item.cell.cell_id: index for index, item in enumerate(pending)}
+    failures = _write_failures(out, sorted(failed, key=lambda row: order[row["cell"]]))
     results, robustness = _write_tables(out, all_cells)
     files = [out / "results.csv"]
     if not robustness.empty:
@@ -1240,7 +1419,11 @@ def run_benchmark(
     if figures and not results.empty:
         files += write_figures(out, config, results, robustness, all_cells, cohort_data)
     say(
-        f"{len(all_cells)} cells: {n_computed} computed, {n_reused} reused; wrote "
-        f"{out / 'results.csv'}, {out / 'summary.md'} and {out / 'figures'}"
+        f"{len(all_cells)} cells: {n_computed} computed, {n_reused} reused, {len(failures)} "
+        f"failed; wrote {out / 'results.csv'}, {out / 'summary.md'} and {out / 'figures'}"
     )
-    return BenchmarkResult(out, results, robustness, len(all_cells), n_computed, n_reused, files)
+    if len(failures):
+        files.append(out / FAILURES_FILE)
+    return BenchmarkResult(
+        out, results, robustness, len(all_cells), n_computed, n_reused, files, failures
+    )

@@ -13,7 +13,8 @@ neither imports the other for them::
         latents.npz                       STEvs latents per slide (``figures.umap``)
 
 Beside these the runner writes ``config.yaml``, ``genes_<cohort>.txt``, ``results.csv``,
-``robustness.csv``, ``data/`` (generated cohorts), ``patch_cache/`` and the report
+``robustness.csv``, ``failures.csv`` (the cells that raised in the last run, when any did),
+``data/`` (generated cohorts), ``patch_cache/`` and the report
 ``summary.md`` and ``figures/`` (:data:`OWN_OUTPUTS`). ``--overwrite`` removes only these, in a
 folder that has the manifest; any other file there is the user's and is kept.
 
@@ -29,6 +30,7 @@ from pathlib import Path
 __all__ = [
     "CELLS_DIR",
     "CELL_DONE",
+    "FAILURES_FILE",
     "LATENTS_FILE",
     "MANIFEST",
     "MODE_SUFFIX",
@@ -44,6 +46,7 @@ __all__ = [
 MANIFEST = "benchmark.json"  # marks a folder as a stinfer benchmark output
 CELLS_DIR = "cells"
 CELL_DONE = "done.json"
+FAILURES_FILE = "failures.csv"  # the cells that raised in the last run (absent when none did)
 LATENTS_FILE = "latents.npz"
 MODE_SUFFIX = {"fused": "", "image": " (image only)", "spatial": " (spatial only)"}
 """How a result row names a model evaluated in each inference mode (STEvs Table 5)."""
@@ -56,6 +59,7 @@ OWN_OUTPUTS = frozenset(
         "config.yaml",
         "results.csv",
         "robustness.csv",
+        FAILURES_FILE,
         "summary.md",
         "figures",
         "data",

@@ -40,7 +40,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import Any
 
 import anndata as ad
@@ -233,7 +232,7 @@ def held_out_genes_evaluation(
         models and the shuffled control.
     genes
         Candidate genes (default: measured genes with an embedding detected in at least
-        ``config.min_spot_fraction`` of spots).
+        ``config.training.min_spot_fraction`` of spots).
     baselines, shuffled
         Also run the mean-profile and k-NN baselines / the shuffled-embedding control.
     n_top_variable
@@ -263,10 +262,10 @@ def held_out_genes_evaluation(
     )
 
     modality = canonical_modality(modality)
-    config = replace(coxformer_spatial_config(config), seed=seed)
+    config = coxformer_spatial_config(config, trainer={"seed": seed})
     table = embedding_table(gene_embeddings)
     if genes is None:
-        genes = measured_genes(slide, table.index, config.min_spot_fraction)
+        genes = measured_genes(slide, table.index, config.training.min_spot_fraction)
     train_genes, test_genes = split_genes(genes, test_fraction, seed)
     most_variable = slide.var_names[top_variable_genes(slide.X, n_top_variable)]
     highly_variable = np.isin(test_genes, most_variable)
@@ -337,7 +336,9 @@ def held_out_genes_evaluation(
         )
         # its held-out predictions read the measured training genes and the attention's
         # gene-level parameters only: the spot decoder is trained where it matters
-        attention_only = config.gene_conditioning == "attention" and config.sub_spot_grid == 1
+        attention_only = (
+            config.module.gene_conditioning == "attention" and config.training.sub_spot_grid == 1
+        )
         control.train(spot_decoder=not attention_only)
         shuffled_values = control.impute(test_genes).layers[LOG1P_LAYER]
         layers["coxformer_shuffled"] = np.asarray(shuffled_values, dtype=np.float64)

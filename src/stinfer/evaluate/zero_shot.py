@@ -172,18 +172,14 @@ def _seeded(config: Any, seed: int):
 
     resolved = resolve_config(config)
     resolved = dataclasses.replace(resolved)  # never modify the caller's config
-    resolved.training = dataclasses.replace(
-        resolved.training, trainer=dataclasses.replace(resolved.training.trainer, seed=seed)
-    )
+    resolved.trainer = dataclasses.replace(resolved.trainer, seed=seed)
     return resolved
 
 
 def _seeded_coxformer(config: Any, seed: int):
-    from dataclasses import replace
-
     from stinfer.models.coxformer_spatial import coxformer_spatial_config
 
-    return replace(coxformer_spatial_config(config), seed=seed)
+    return coxformer_spatial_config(config, trainer={"seed": seed})
 
 
 def _log1p_prediction(

@@ -64,6 +64,8 @@ __all__ = [
     "PatchFeatureRidgeConfig",
     "STNet",
     "STNetConfig",
+    "STNetModuleConfig",
+    "STNetTrainingConfig",
     "prediction_anndata",
     "stnet_fast_preset",
     "stnet_paper_preset",
@@ -362,6 +364,7 @@ class PatchFeatureRidgeConfig:
     features: Literal["color", "handcrafted", "backbone"] = "color"
     backbone: str = "resnet18"  # timm name, used when features == "backbone"
     pretrained: str | None = None  # None (random weights), "hub", or a local weights file
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # timm args (UNI: init_values)
     n_components: int = 256  # HEST-Benchmark: PCA to 256 dims (fewer if data allow fewer)
     alphas: tuple[float, ...] = tuple(np.logspace(-2, 5, 15))  # RidgeCV grid (GCV / LOO)
     alpha_per_gene: bool = False  # one alpha for all genes (True: one per gene)
@@ -370,6 +373,7 @@ class PatchFeatureRidgeConfig:
     batch_size: int = 64  # backbone forward batch
     device: str | None = None  # backbone device; None: cuda, mps, else cpu
     seed: int = 0  # seeds the random backbone weights when pretrained is None
+    feature_store: str | None = None  # zarr feature store (backbone features read/written)
 
 
 class PatchFeatureRidge:
@@ -379,6 +383,21 @@ class PatchFeatureRidge:
     ``RidgeCV`` (alpha chosen by efficient leave-one-out cross-validation over
     ``config.alphas``), fitted to log1p counts; predictions are ``expm1``, clipped at 0.
     Jaume et al. (2024), HEST-1k, NeurIPS Datasets & Benchmarks.
+
+    **The HEST-Benchmark probe.** ``feature_ridge`` with ``features="backbone"`` and a
+    pathology foundation encoder (``backbone`` its timm ViT, ``pretrained`` its weights file:
+    UNI ``vit_large_patch16_224``, Phikon ``vit_base_patch16_224``, ...) is the probe of the
+    HEST benchmark: standardise, PCA to 256, ridge. HEST scores it by the Pearson correlation
+    over the 50 most variable genes, which :mod:`stinfer.metrics` reports as
+    ``hest_pcc_top50`` (:func:`stinfer.metrics.hest_pcc_top50`), so a user's own slides can
+    be put beside the HEST leaderboard (``benchmarks/her2st_hest_probe.yaml``).
+
+    With ``config.feature_store`` (a zarr folder, :class:`stinfer.data.feature_store.FeatureStore`)
+    and ``features="backbone"``, each slide's backbone features are read from the store, or
+    computed and written there once (training and ``predict``), so a second run, another seed
+    or another probe on the same encoder does not recompute them; ``stinfer features`` fills
+    the same store. Patches passed explicitly (``patches=``: shifted or degraded images) are
+    never read from nor written to the store.
 
     Parameters
     ----------
@@ -411,13 +430,16 @@ class PatchFeatureRidge:
             self.backbone_ = self._create_backbone(self.config.pretrained)
         self.probe_: dict[str, np.ndarray] | None = None
         self.log_max_: np.ndarray | None = None
+        self.feature_weights_id_: str | None = None
 
     def _create_backbone(self, pretrained: str | None) -> torch.nn.Module:
         from stinfer.nn.encoders import create_backbone
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.config.seed)
-            return create_backbone(self.config.backbone, pretrained)
+            return create_backbone(
+                self.config.backbone, pretrained, **dict(self.config.backbone_kwargs)
+            )
 
     def features(self, patches: np.ndarray) -> np.ndarray:
         """``(n_spots, n_features)`` float32 features of uint8 patches (the configured extractor)."""
@@ -431,6 +453,42 @@ class PatchFeatureRidge:
             patches, self.backbone_, batch_size=self.config.batch_size, device=self.config.device
         )
 
+    def _uses_store(self) -> bool:
+        return self.config.feature_store is not None and self.config.features == "backbone"
+
+    def _stored_features(self, slide: ad.AnnData) -> np.ndarray:
+        """The backbone features of ``slide`` from ``config.feature_store`` (computed once)."""
+        from stinfer.data.feature_store import (
+            FeatureExtractor,
+            FeatureExtractorSpec,
+            FeatureStore,
+            weights_identity,
+        )
+
+        config = self.config
+        if self.feature_weights_id_ is None:
+            self.feature_weights_id_ = weights_identity(
+                config.pretrained, config.backbone, config.seed
+            )
+        spec = FeatureExtractorSpec(
+            encoder=config.backbone,
+            encoder_kwargs=dict(config.backbone_kwargs),
+            weights=config.pretrained,
+            seed=config.seed,
+            patch=config.patch,
+            batch_size=config.batch_size,
+            device=config.device,
+        )
+        extractor = FeatureExtractor(spec, self.backbone_, self.feature_weights_id_)
+        return FeatureStore(config.feature_store).get_or_compute(slide, extractor).features
+
+    def _slide_features(self, slide: ad.AnnData, patches: np.ndarray | None) -> np.ndarray:
+        """Features of ``slide``: from the store when configured and no patches are given."""
+        if patches is None and self._uses_store():
+            return self._stored_features(slide)
+        patches = _slide_patches(slide, self.config.patch, self.config.patch_cache_dir, patches)
+        return self.features(patches)
+
     def train(self) -> FitResult:
         """Extract features, fit the scaler, PCA and RidgeCV; ``history`` holds the chosen alpha."""
         from sklearn.decomposition import PCA
@@ -439,13 +497,17 @@ class PatchFeatureRidge:
         from sklearn.preprocessing import StandardScaler
 
         start = time.perf_counter()
-        all_patches = _training_patches(
-            self.train_slides,
-            self.config.patch,
-            self.config.patch_cache_dir,
-            self._train_patches,
-        )
-        features = np.concatenate([self.features(p) for p in all_patches]).astype(np.float64)
+        if self._train_patches is None and self._uses_store():
+            parts = [self._stored_features(slide) for slide in self.train_slides]
+        else:
+            all_patches = _training_patches(
+                self.train_slides,
+                self.config.patch,
+                self.config.patch_cache_dir,
+                self._train_patches,
+            )
+            parts = [self.features(p) for p in all_patches]
+        features = np.concatenate(parts).astype(np.float64)
         targets = _training_log1p(self.train_slides, self.genes)
         self.log_max_ = targets.max(axis=0)
         n_components = min(self.config.n_components, features.shape[0], features.shape[1])
@@ -480,8 +542,7 @@ class PatchFeatureRidge:
         """Predicted counts of every spot; ``patches`` replace the slide's own when given."""
         if self.probe_ is None:
             raise RuntimeError("call train() before predict().")
-        patches = _slide_patches(slide, self.config.patch, self.config.patch_cache_dir, patches)
-        log_expression = self._probe(self.features(patches).astype(np.float64))
+        log_expression = self._probe(self._slide_features(slide, patches).astype(np.float64))
         log_expression = log_expression.reshape(slide.n_obs, len(self.genes))
         return prediction_anndata(
             slide, self.genes, _counts_from_log1p(log_expression, self.log_max_)
@@ -501,10 +562,13 @@ class PatchFeatureRidge:
         if self.probe_ is None:
             raise RuntimeError("call train() before save().")
         arrays = {**self.probe_, "log_max": self.log_max_}
+        state = {}
         if self.backbone_ is not None:
-            state = self.backbone_.state_dict()
-            arrays.update({f"backbone.{key}": value for key, value in state.items()})
-        return _save_baseline(self, directory, overwrite, arrays)
+            backbone_state = self.backbone_.state_dict()
+            arrays.update({f"backbone.{key}": value for key, value in backbone_state.items()})
+            if self.feature_weights_id_ is not None:  # the feature store's name of the weights
+                state["feature_weights_id"] = self.feature_weights_id_
+        return _save_baseline(self, directory, overwrite, arrays, state)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> PatchFeatureRidge:
@@ -516,15 +580,48 @@ class PatchFeatureRidge:
         backbone = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         model.probe_ = {k: v.numpy() for k, v in tensors.items() if not k.startswith(prefix)}
         model.backbone_ = None
+        model.feature_weights_id_ = saved.state.get("feature_weights_id")
         if model.config.features == "backbone":
             model.config.pretrained = None  # the saved weights replace any initial weights
             model.backbone_ = model._create_backbone(None)
             model.backbone_.load_state_dict(backbone)
             model.backbone_.eval()
+            if model.feature_weights_id_ is None:  # saved before the feature store existed
+                from stinfer.data.feature_store import module_weights_identity
+
+                model.feature_weights_id_ = module_weights_identity(model.backbone_)
         return model
 
 
 # --------------------------------------------------------------------------- ST-Net
+@dataclass
+class STNetModuleConfig:
+    """The ST-Net network: a timm backbone and a linear head (He et al. 2020)."""
+
+    backbone: str = "densenet121"  # He et al. 2020
+    pretrained: str | None = None  # None (random init: no weights here), "hub", or a local file
+
+
+@dataclass
+class STNetTrainingConfig:
+    """How ST-Net sees the data and learns (He et al. 2020; STEvs Table 21 for lr and L2)."""
+
+    batch_size: int = 32  # He et al. 2020
+    lr: float = 5e-4  # STEvs Table 21, modal ST-Net choice
+    weight_decay: float = 5e-3  # STEvs Table 21, modal ST-Net l2_reg
+    augment: bool = True  # random flips and 90-degree rotations (He et al. 2020)
+    val_fraction: float = 0.1  # held-out spots when no obs[SPLIT_KEY] marks validation spots
+    patch: PatchSpec = field(default_factory=PatchSpec)  # STEvs D.1.2: 160-px spot patches
+    patch_cache_dir: str | None = None
+    predict_batch_size: int = 128
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.val_fraction < 1:
+            raise InputError(
+                f"STNetConfig.training.val_fraction must be in [0, 1), got {self.val_fraction}."
+            )
+
+
 @dataclass
 class STNetConfig:
     """Settings of :class:`STNet`; defaults are the ``paper`` preset (:func:`stnet_paper_preset`).
@@ -534,28 +631,38 @@ class STNetConfig:
     most frequent choices of the STEvs baseline search (seed Table 21: lr 5e-4, l2 0.005) with
     AdamW; the target is log1p of raw counts (the count scale every stinfer model predicts in),
     not ST-Net's log of depth-normalised counts. Patches are the STEvs 160-px spot patches,
-    standardised with the backbone's timm data config (ImageNet mean/std). The number of epochs,
-    the seed, devices, precision and early stopping are the ``trainer``'s, as for every model.
+    standardised with the backbone's timm data config (ImageNet mean/std). The network is
+    ``module``, the data and optimiser ``training``; the number of epochs, the seed, devices,
+    precision and early stopping are the ``trainer``'s, as for every model.
     """
 
-    backbone: str = "densenet121"  # He et al. 2020
-    pretrained: str | None = None  # None (random init: no weights here), "hub", or a local file
-    batch_size: int = 32  # He et al. 2020
-    lr: float = 5e-4  # STEvs Table 21, modal ST-Net choice
-    weight_decay: float = 5e-3  # STEvs Table 21, modal ST-Net l2_reg
-    augment: bool = True  # random flips and 90-degree rotations (He et al. 2020)
-    val_fraction: float = 0.1  # held-out spots when no obs[SPLIT_KEY] marks validation spots
-    patch: PatchSpec = field(default_factory=PatchSpec)  # STEvs D.1.2: 160-px spot patches
-    patch_cache_dir: str | None = None
-    predict_batch_size: int = 128
+    module: STNetModuleConfig = field(default_factory=STNetModuleConfig)
+    training: STNetTrainingConfig = field(default_factory=STNetTrainingConfig)
     trainer: TrainerConfig = field(  # He et al. 2020: 50 epochs
         default_factory=lambda: TrainerConfig(max_epochs=50, progress_bar=False)
     )
 
 
-# Field names of older STNet configs (flat, before the trainer was nested) -> their path now.
-STNET_RENAMED_FIELDS = {
-    "learning_rate": "lr",
+# Field names of older STNet configs -> their path now (stinfer.models.configs.move_fields),
+# newest layout first: flat fields beside a nested trainer; before that, the trainer's fields
+# flat too, with `learning_rate` and `epochs`.
+STNET_MOVED_FIELDS = {
+    "backbone": "module.backbone",
+    "pretrained": "module.pretrained",
+    **{
+        name: f"training.{name}"
+        for name in (
+            "batch_size",
+            "lr",
+            "weight_decay",
+            "augment",
+            "val_fraction",
+            "patch",
+            "patch_cache_dir",
+            "predict_batch_size",
+        )
+    },
+    "learning_rate": "training.lr",
     "epochs": "trainer.max_epochs",
     "seed": "trainer.seed",
     "accelerator": "trainer.accelerator",
@@ -568,21 +675,11 @@ STNET_RENAMED_FIELDS = {
 
 def upgrade_stnet_config_dict(values: Mapping[str, Any]) -> dict[str, Any]:
     """``values`` (a saved ``config`` or overrides) with the old flat names of
-    :data:`STNET_RENAMED_FIELDS` moved to their place now; a value given under the new name
-    wins over the old one."""
-    values = dict(values)
-    if not isinstance(values.get("trainer") or {}, Mapping):
-        return values  # a TrainerConfig given whole: override_config names any old field
-    trainer = dict(values.get("trainer") or {})
-    for old, new in STNET_RENAMED_FIELDS.items():
-        if old not in values:
-            continue
-        value = values.pop(old)
-        head, _, name = new.rpartition(".")
-        (trainer if head else values).setdefault(name, value)
-    if trainer:
-        values["trainer"] = trainer
-    return values
+    :data:`STNET_MOVED_FIELDS` moved to their place now; a value given under the new name
+    wins over the old one (:func:`~stinfer.models.configs.move_fields`)."""
+    from stinfer.models.configs import move_fields
+
+    return move_fields(values, STNET_MOVED_FIELDS)
 
 
 def stnet_paper_preset() -> STNetConfig:
@@ -599,8 +696,8 @@ def stnet_fast_preset() -> STNetConfig:
       the shorter schedule).
     """
     return STNetConfig(
-        backbone="resnet18",
-        lr=1e-3,
+        module=STNetModuleConfig(backbone="resnet18"),
+        training=STNetTrainingConfig(lr=1e-3),
         trainer=TrainerConfig(max_epochs=10, progress_bar=False),
     )
 
@@ -664,13 +761,17 @@ class STNetModule(L.LightningModule):
         if self.augment:
             patches = random_dihedral(patches)
         loss = torch.nn.functional.mse_loss(self(patches).float(), targets)
-        self.log("train/mse", loss, on_step=False, on_epoch=True, batch_size=len(targets))
+        self.log(
+            "train/mse", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(targets)
+        )
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
         patches, targets = batch
         loss = torch.nn.functional.mse_loss(self(patches).float(), targets)
-        self.log("val/mse", loss, on_step=False, on_epoch=True, batch_size=len(targets))
+        self.log(
+            "val/mse", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(targets)
+        )
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
@@ -709,31 +810,31 @@ class STNet:
     ) -> None:
         self.train_slides, self.genes = _check_slides(train_slides, genes)
         self.config = config or STNetConfig()
-        if not 0 <= self.config.val_fraction < 1:
-            raise InputError(
-                f"STNetConfig.val_fraction must be in [0, 1), got {self.config.val_fraction}."
-            )
         self._train_patches = patches
         self.log_max_: np.ndarray | None = None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.config.trainer.seed)
-            self.module = STNetModule(
-                self.config.backbone,
-                len(self.genes),
-                self.config.pretrained,
-                self.config.lr,
-                self.config.weight_decay,
-                self.config.augment,
-            )
+            self.module = self._create_module(self.config.module.pretrained)
+
+    def _create_module(self, pretrained: str | None) -> STNetModule:
+        module, training = self.config.module, self.config.training
+        return STNetModule(
+            module.backbone,
+            len(self.genes),
+            pretrained,
+            training.lr,
+            training.weight_decay,
+            training.augment,
+        )
 
     def _validation_mask(self) -> np.ndarray:
         marked = validation_spot_mask(self.train_slides)
         if marked is not None:
             return marked
         mask = np.zeros(sum(slide.n_obs for slide in self.train_slides), dtype=bool)
-        if self.config.val_fraction == 0:
+        if self.config.training.val_fraction == 0:
             return mask
-        n_val = round(self.config.val_fraction * len(mask))
+        n_val = round(self.config.training.val_fraction * len(mask))
         if n_val == 0:
             return mask
         chosen = np.random.default_rng(self.config.trainer.seed).choice(
@@ -747,11 +848,9 @@ class STNet:
         from torch.utils.data import DataLoader, TensorDataset
 
         start = time.perf_counter()
+        training = self.config.training
         all_patches = _training_patches(
-            self.train_slides,
-            self.config.patch,
-            self.config.patch_cache_dir,
-            self._train_patches,
+            self.train_slides, training.patch, training.patch_cache_dir, self._train_patches
         )
         patches = torch.from_numpy(np.ascontiguousarray(np.concatenate(all_patches)))
         log_targets = _training_log1p(self.train_slides, self.genes)
@@ -761,14 +860,14 @@ class STNet:
         generator = torch.Generator().manual_seed(self.config.trainer.seed)
         train_loader = DataLoader(
             TensorDataset(patches[~val], targets[~val]),
-            batch_size=self.config.batch_size,
+            batch_size=training.batch_size,
             shuffle=True,
             generator=generator,
         )
         val_loader = None
         if val.any():
             val_loader = DataLoader(
-                TensorDataset(patches[val], targets[val]), batch_size=self.config.predict_batch_size
+                TensorDataset(patches[val], targets[val]), batch_size=training.predict_batch_size
             )
         trainer_config = dataclasses.replace(
             self.config.trainer,
@@ -778,7 +877,7 @@ class STNet:
         result = fit(self.module, train_loader, val_loader, trainer_config)
         logger.info(
             "STNet(%s): %d train / %d val spots, trained in %.1f s (%s)",
-            self.config.backbone,
+            self.config.module.backbone,
             int((~val).sum()),
             int(val.sum()),
             result.train_seconds,
@@ -794,12 +893,13 @@ class STNet:
         """
         from stinfer.data.features import default_device, iter_chunks
 
-        patches = _slide_patches(slide, self.config.patch, self.config.patch_cache_dir, patches)
+        training = self.config.training
+        patches = _slide_patches(slide, training.patch, training.patch_cache_dir, patches)
         device = default_device()
         module = self.module.to(device).eval()
         outputs = []
         with torch.inference_mode():
-            for chunk in iter_chunks(patches, self.config.predict_batch_size):
+            for chunk in iter_chunks(patches, training.predict_batch_size):
                 batch = torch.from_numpy(np.array(chunk, copy=True)).to(device)
                 outputs.append(module(batch).float().cpu().numpy())
         log_expression = (
@@ -819,18 +919,11 @@ class STNet:
     def load(cls, directory: str | os.PathLike) -> STNet:
         """Load a model written by :meth:`save` (safetensors: no pickle is executed)."""
         model, saved = _load_baseline(cls, STNetConfig, directory, upgrade_stnet_config_dict)
-        model.config.pretrained = None  # the saved weights replace any initial weights
+        model.config.module.pretrained = None  # the saved weights replace any initial weights
         tensors = saved.tensors()
         log_max = tensors.pop("log_max", None)
         model.log_max_ = None if log_max is None else log_max.numpy()
-        model.module = STNetModule(
-            model.config.backbone,
-            len(model.genes),
-            None,
-            model.config.lr,
-            model.config.weight_decay,
-            model.config.augment,
-        )
+        model.module = model._create_module(None)
         model.module.load_state_dict(tensors)
         model.module.eval()
         return model

@@ -6,7 +6,9 @@ with presets (each model module holds ``paper_preset()``/``fast_preset()`` const
 CPU) for every command and model. One function, :func:`override_config`, applies a mapping (a YAML entry, ``create_model``'s
 keyword arguments, the ``config`` of a saved ``config.json``) onto a config dataclass, field by
 field and recursively into nested configs, so every model reads its options and its saved
-config the same way, and a misspelt field fails loudly with its dotted path.
+config the same way, and a misspelt field fails loudly with its dotted path;
+:func:`move_fields` first moves the fields of a model's older config layouts to their place
+now (each model's upgrade function lists its moves).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 
 from stinfer.errors import InputError
 
-__all__ = ["AUTO_PRESET", "auto_preset", "override_config", "resolve_preset"]
+__all__ = ["AUTO_PRESET", "auto_preset", "move_fields", "override_config", "resolve_preset"]
 
 AUTO_PRESET = "auto"
 logger = logging.getLogger("stinfer")
@@ -75,7 +77,7 @@ def resolve_preset(
 def override_config(config: Any, overrides: Mapping[str, Any], where: str) -> Any:
     """A copy of the config dataclass ``config`` with ``overrides`` (field -> value) applied.
 
-    A mapping given for a field that holds a dataclass (``patch``, ``training.trainer``) or a
+    A mapping given for a field that holds a dataclass (``training.patch``, ``trainer``) or a
     dict overrides inside it, recursively; a list given for a tuple field becomes a tuple. An
     unknown field or a value the config rejects is an :class:`InputError` naming its dotted
     path under ``where`` (e.g. ``"stevs: unknown options ['module.fusoin']"``).
@@ -107,3 +109,75 @@ def override_config(config: Any, overrides: Mapping[str, Any], where: str) -> An
         if isinstance(error, InputError):
             raise
         raise InputError(f"{where}: {error}") from error
+
+
+def move_fields(values: Mapping[str, Any], moves: Mapping[str, str]) -> dict[str, Any]:
+    """A copy of ``values`` (a saved ``config`` or nested overrides) with fields moved.
+
+    ``moves`` maps an old dotted path to its new one (``"training.trainer": "trainer"``,
+    ``"max_epochs": "trainer.max_epochs"``), applied in order, so list a newer layout's moves
+    before an older one's. A value already at the new path wins over the moved one (two
+    mappings are merged key by key, the new keys winning); an old parent left empty is
+    dropped. A path through a value that is not a mapping (a config object given whole) is
+    left alone, so :func:`override_config` names any old field that remains. ``values`` is
+    not modified.
+    """
+    values = _copied_mappings(values)
+    for old, new in moves.items():
+        *old_parents, old_name = old.split(".")
+        chain = _mapping_chain(values, old_parents)
+        if chain is None or old_name not in chain[-1]:
+            continue
+        *new_parents, new_name = new.split(".")
+        target = _mapping_at(values, new_parents)
+        if target is None:
+            continue
+        value = chain[-1].pop(old_name)
+        target[new_name] = _merged(target[new_name], value) if new_name in target else value
+        for parent, name, child in zip(
+            reversed(chain[:-1]), reversed(old_parents), reversed(chain[1:]), strict=True
+        ):
+            if child or parent.get(name) is not child:
+                break
+            del parent[name]
+    return values
+
+
+def _copied_mappings(value: Any) -> Any:
+    """``value`` with every nested mapping copied into a new dict (other values shared)."""
+    if isinstance(value, Mapping):
+        return {key: _copied_mappings(item) for key, item in value.items()}
+    return value
+
+
+def _mapping_chain(values: dict[str, Any], parents: list[str]) -> list[dict[str, Any]] | None:
+    """The dicts from ``values`` down along ``parents``; None where one is missing or is not
+    a mapping."""
+    chain = [values]
+    for name in parents:
+        child = chain[-1].get(name)
+        if not isinstance(child, dict):
+            return None
+        chain.append(child)
+    return chain
+
+
+def _mapping_at(values: dict[str, Any], parents: list[str]) -> dict[str, Any] | None:
+    """The dict at ``parents`` under ``values``, created where missing; None where a value on
+    the way is not a mapping."""
+    for name in parents:
+        child = values.setdefault(name, {})
+        if not isinstance(child, dict):
+            return None
+        values = child
+    return values
+
+
+def _merged(current: Any, moved: Any) -> Any:
+    """``current`` (at the new path) over ``moved`` (from the old one): mappings key by key."""
+    if isinstance(current, dict) and isinstance(moved, dict):
+        merged = dict(moved)
+        for key, value in current.items():
+            merged[key] = _merged(value, merged[key]) if key in merged else value
+        return merged
+    return current

@@ -57,8 +57,8 @@ import json
 import logging
 import math
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +80,7 @@ from stinfer.io.slide_data import (
 )
 from stinfer.metrics import cluster_ari, cluster_domains
 from stinfer.modalities import canonical_modality
-from stinfer.models.configs import resolve_preset
+from stinfer.models.configs import move_fields, override_config, resolve_preset
 from stinfer.models.gene_baselines import choose_knn_k
 from stinfer.models.persistence import LEGACY_LAYOUTS, read_saved_model, write_model_folder
 from stinfer.nn.coxformer import (
@@ -105,6 +105,8 @@ __all__ = [
     "PRESETS",
     "CoxFormerSpatial",
     "CoxFormerSpatialConfig",
+    "CoxFormerSpatialModuleConfig",
+    "CoxFormerSpatialTrainingConfig",
     "aggregate_sub_spots",
     "coxformer_spatial_config",
     "embedding_table",
@@ -115,6 +117,7 @@ __all__ = [
     "slide_log1p_cp10k",
     "standardise_embeddings",
     "sub_spot_offsets",
+    "upgrade_coxformer_spatial_config_dict",
 ]
 
 IMAGE_FEATURES = ("vit", "handcrafted")
@@ -123,10 +126,10 @@ LOSSES = ("weighted_huber", "mse")
 
 # --------------------------------------------------------------------------- configuration
 @dataclass
-class CoxFormerSpatialConfig:
-    """Every setting of a CoxFormer spatial run; the defaults are the ``paper`` preset."""
+class CoxFormerSpatialModuleConfig:
+    """The network and its loss (CoxFormer Suppl. S3;
+    :class:`~stinfer.nn.coxformer.CoxFormerSpatialModule`)."""
 
-    # module (CoxFormer Suppl. S3)
     d_model: int = 512  # S3
     n_heads: int = 8  # S3
     feedforward_dim: int = 1024  # S3
@@ -153,14 +156,35 @@ class CoxFormerSpatialConfig:
     nonzero_weight: float = 0.5  # S3: lambda_nz
     zero_weight: float = 0.5  # S3: lambda_z
     l1_weight: float = 1e-3  # S3: lambda_l1
+
+    def __post_init__(self) -> None:
+        if self.gene_conditioning not in ("attention", "bilinear", "additive"):
+            raise InputError(
+                "gene_conditioning must be 'attention', 'bilinear' or 'additive', got "
+                f"{self.gene_conditioning!r}"
+            )
+        if self.attention_top_k != "auto" and not (
+            isinstance(self.attention_top_k, int) and self.attention_top_k >= 0
+        ):
+            raise InputError(
+                f"attention_top_k must be 'auto' or an integer >= 0, got {self.attention_top_k!r}"
+            )
+        if self.attention_loss not in LOSSES:
+            raise InputError(f"attention_loss must be one of {LOSSES}, got {self.attention_loss!r}")
+
+
+@dataclass
+class CoxFormerSpatialTrainingConfig:
+    """How the model sees the slide and learns: the optimiser and EMA early stopping
+    (CoxFormer Suppl. S3), the genes and spots of a step, the training genes and the spot
+    inputs (image features, patches, sub-spots)."""
+
     # optimisation (S3)
     lr: float = 1e-4  # S3: AdamW
     weight_decay: float = 1e-4  # S3
     min_lr: float = 1e-6  # S3: cosine eta_min
     batch_genes: int = 64  # S3: batch size 64 (genes)
     min_steps_per_epoch: int = 1  # stinfer: gene batches drawn per epoch at least (small panels)
-    gradient_clip_val: float | None = None  # stinfer: S3 clips nothing
-    max_epochs: int = 200  # S3
     ema_beta: float = 0.2  # S3: EMA of the training loss
     min_relative_improvement: float = 0.002  # S3: 0.2%
     patience: int = 10  # stinfer: S3 does not give the window
@@ -176,34 +200,14 @@ class CoxFormerSpatialConfig:
     patch_size_px: int = 160  # patch side around the spot (STEvs D.1.2 patches)
     sub_spot_grid: int = 1  # r: r x r sub-spots per spot (1: spot level; 4: super-resolution)
     predict_batch_genes: int = 1024
-    # run
-    preset: str = "paper"
-    seed: int = 0
-    accelerator: str = "auto"
-    devices: int | str = "auto"
-    precision: str | None = None
-    progress_bar: bool = True
 
     def __post_init__(self) -> None:
-        if self.gene_conditioning not in ("attention", "bilinear", "additive"):
-            raise InputError(
-                "gene_conditioning must be 'attention', 'bilinear' or 'additive', got "
-                f"{self.gene_conditioning!r}"
-            )
         if self.image_features not in IMAGE_FEATURES:
             raise InputError(
                 f"image_features must be one of {IMAGE_FEATURES}, got {self.image_features!r}"
             )
         if int(self.sub_spot_grid) < 1:
             raise InputError(f"sub_spot_grid must be at least 1, got {self.sub_spot_grid}")
-        if self.attention_top_k != "auto" and not (
-            isinstance(self.attention_top_k, int) and self.attention_top_k >= 0
-        ):
-            raise InputError(
-                f"attention_top_k must be 'auto' or an integer >= 0, got {self.attention_top_k!r}"
-            )
-        if self.attention_loss not in LOSSES:
-            raise InputError(f"attention_loss must be one of {LOSSES}, got {self.attention_loss!r}")
         if not 0.0 <= self.validation_fraction < 1.0:
             raise InputError(
                 f"validation_fraction must be in [0, 1), got {self.validation_fraction}"
@@ -211,26 +215,76 @@ class CoxFormerSpatialConfig:
         if not 0.0 <= self.min_spot_fraction < 1.0:
             raise InputError(f"min_spot_fraction must be in [0, 1), got {self.min_spot_fraction}")
 
+
+@dataclass
+class CoxFormerSpatialConfig:
+    """Every setting of a CoxFormer spatial run; the defaults are the ``paper`` preset.
+
+    ``module``: the network and its loss; ``training``: the optimiser, early stopping and
+    the data the model sees; ``trainer``: epochs (S3: up to 200), seed, devices, precision,
+    gradient clipping (S3 clips nothing), as for every model; ``preset``: the name it was
+    built from, recorded with the predictions.
+    """
+
+    module: CoxFormerSpatialModuleConfig = field(default_factory=CoxFormerSpatialModuleConfig)
+    training: CoxFormerSpatialTrainingConfig = field(default_factory=CoxFormerSpatialTrainingConfig)
+    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(max_epochs=200))  # S3
+    preset: str = "paper"
+
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-serialisable dict (stored with a saved model)."""
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> CoxFormerSpatialConfig:
-        known = {item.name for item in dataclasses.fields(cls)}
-        return cls(**{key: value for key, value in values.items() if key in known})
+    def from_dict(cls, values: Mapping[str, Any]) -> CoxFormerSpatialConfig:
+        """Build from :meth:`to_dict`'s layout; an older (flat) layout is upgraded first
+        (:func:`upgrade_coxformer_spatial_config_dict`), and fields this stinfer does not
+        have are dropped."""
+        values = upgrade_coxformer_spatial_config_dict(values)
+        sections = {}
+        for name, section in (
+            ("module", CoxFormerSpatialModuleConfig),
+            ("training", CoxFormerSpatialTrainingConfig),
+            ("trainer", TrainerConfig),
+        ):
+            known = {item.name for item in dataclasses.fields(section)}
+            given = values.get(name) or {}
+            sections[name] = section(**{key: value for key, value in given.items() if key in known})
+        return cls(**sections, preset=values.get("preset", "paper"))
 
-    def trainer(self) -> TrainerConfig:
-        """The :class:`~stinfer.train.TrainerConfig` of this run (EMA stopping is separate)."""
-        return TrainerConfig(
-            max_epochs=self.max_epochs,
-            accelerator=self.accelerator,
-            devices=self.devices,
-            precision=self.precision,
-            seed=self.seed,
-            progress_bar=self.progress_bar,
-            gradient_clip_val=self.gradient_clip_val,
+
+# Fields of the older flat config -> their place now (stinfer.models.configs.move_fields).
+COXFORMER_SPATIAL_MOVED_FIELDS = {
+    **{
+        item.name: f"module.{item.name}"
+        for item in dataclasses.fields(CoxFormerSpatialModuleConfig)
+    },
+    **{
+        item.name: f"training.{item.name}"
+        for item in dataclasses.fields(CoxFormerSpatialTrainingConfig)
+    },
+    **{
+        name: f"trainer.{name}"
+        for name in (
+            "max_epochs",
+            "seed",
+            "accelerator",
+            "devices",
+            "precision",
+            "progress_bar",
+            "gradient_clip_val",
         )
+    },
+}
+
+
+def upgrade_coxformer_spatial_config_dict(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` (a saved ``config`` or overrides) with the fields of the older flat layout
+    (:data:`COXFORMER_SPATIAL_MOVED_FIELDS`: ``lr`` -> ``training.lr``, ``max_epochs`` ->
+    ``trainer.max_epochs``, ``d_model`` -> ``module.d_model``, ...) moved to their place now;
+    a value given under the new name wins over the old one
+    (:func:`~stinfer.models.configs.move_fields`)."""
+    return move_fields(values, COXFORMER_SPATIAL_MOVED_FIELDS)
 
 
 def paper_preset() -> CoxFormerSpatialConfig:
@@ -265,7 +319,7 @@ def fast_preset() -> CoxFormerSpatialConfig:
       features carry less than colour and texture statistics, and they are slow to
       compute on a CPU.
     """
-    return CoxFormerSpatialConfig(
+    module = CoxFormerSpatialModuleConfig(
         d_model=128,
         feedforward_dim=256,
         location_dim=128,
@@ -273,18 +327,19 @@ def fast_preset() -> CoxFormerSpatialConfig:
         gene_hidden_dim=128,
         n_spot_layers=1,
         group_size=1024,
-        max_spots_per_step=2048,
-        lr=1e-3,
-        gradient_clip_val=1.0,
-        batch_genes=256,
-        min_steps_per_epoch=20,
-        max_epochs=60,
-        patience=5,
         attention_loss="mse",
         attention_dropout=0.0,
-        image_features="handcrafted",
-        preset="fast",
     )
+    training = CoxFormerSpatialTrainingConfig(
+        max_spots_per_step=2048,
+        lr=1e-3,
+        batch_genes=256,
+        min_steps_per_epoch=20,
+        patience=5,
+        image_features="handcrafted",
+    )
+    trainer = TrainerConfig(max_epochs=60, gradient_clip_val=1.0)
+    return CoxFormerSpatialConfig(module, training, trainer, preset="fast")
 
 
 PRESETS = {"paper": paper_preset, "fast": fast_preset}
@@ -294,9 +349,14 @@ def coxformer_spatial_config(
     config: CoxFormerSpatialConfig | str | None = None, **overrides: Any
 ) -> CoxFormerSpatialConfig:
     """A config from a preset name (``paper``, ``fast``), a config, or ``None`` (``paper``),
-    with ``overrides`` (field -> value) replacing fields."""
+    with ``overrides`` replacing fields, nested as the config is
+    (``trainer={"max_epochs": 5}``; the older flat names are moved to their place,
+    :func:`upgrade_coxformer_spatial_config_dict`)."""
     config = resolve_preset(PRESETS, config, CoxFormerSpatialConfig, "CoxFormer spatial")
-    return dataclasses.replace(config, **overrides) if overrides else config
+    if not overrides:
+        return config
+    overrides = upgrade_coxformer_spatial_config_dict(overrides)
+    return override_config(config, overrides, "coxformer_spatial")
 
 
 # --------------------------------------------------------------------------- data: genes
@@ -414,7 +474,7 @@ def slide_image_features(
 
     Spot patches come from the project's one extractor
     (:func:`stinfer.data.patches.spot_patches`); with ``grid > 1`` each patch is cut into
-    ``grid x grid`` tiles (sub-spots, row-major). Features: ``config.image_features``.
+    ``grid x grid`` tiles (sub-spots, row-major). Features: ``config.training.image_features``.
     """
     from stinfer.data.features import backbone_features, handcrafted_features
     from stinfer.data.patches import spot_patches
@@ -426,12 +486,14 @@ def slide_image_features(
             "H&E image (prepare the slide with --image; or pass image_features= in Python), "
             "'spatial' does not."
         )
-    patches = spot_patches(slide, patch_spec_for(config.patch_size_px))
+    patches = spot_patches(slide, patch_spec_for(config.training.patch_size_px))
     if grid > 1:
         patches = tile_patches(patches, grid)
-    if config.image_features == "handcrafted":
+    if config.training.image_features == "handcrafted":
         return handcrafted_features(patches)
-    backbone = vit_token_mean_backbone(config.image_backbone, config.image_pretrained)
+    backbone = vit_token_mean_backbone(
+        config.training.image_backbone, config.training.image_pretrained
+    )
     return backbone_features(patches, backbone)
 
 
@@ -486,6 +548,9 @@ class CoxFormerSpatialTask(L.LightningModule):
         super().__init__()
         self.module = module
         self.spot_decoder = spot_decoder  # False: only the attention readout (see train())
+        # DDP (stinfer.train.lightning_strategy): the readout-only stage and the gene-level
+        # parameters outside a batch's losses leave parameters without a gradient
+        self.find_unused_parameters = True
         self.validation_genes = validation_genes  # (N,) bool: out of the attention's loss
         self.config = config
         self.n_sub = n_sub
@@ -493,22 +558,24 @@ class CoxFormerSpatialTask(L.LightningModule):
         self.register_buffer("image_features", image_features, persistent=False)
         self.register_buffer("targets", targets, persistent=False)
         self.register_buffer("embeddings", embeddings, persistent=False)
-        self.generator = torch.Generator().manual_seed(config.seed)
+        self.generator = torch.Generator().manual_seed(config.trainer.seed)
         self.coexpression = module.readout.coexpression(targets) if module.uses_memory else None
         # validation: a fixed sample of spots on large slides, the same every epoch
         n_spots = targets.shape[0]
         self.validation_spots = None
-        if n_spots > config.max_spots_per_step:
-            draw = torch.Generator().manual_seed(config.seed + 1)
+        if n_spots > config.training.max_spots_per_step:
+            draw = torch.Generator().manual_seed(config.trainer.seed + 1)
             order = torch.randperm(n_spots, generator=draw)
-            self.validation_spots = order[: config.max_spots_per_step].sort().values
+            self.validation_spots = order[: config.training.max_spots_per_step].sort().values
 
     def spot_rows(self) -> torch.Tensor | None:
         """Random spots of this step (``None``: all of them), as sub-spot rows when ``R > 1``."""
         n_spots = self.targets.shape[0]
-        if n_spots <= self.config.max_spots_per_step:
+        if n_spots <= self.config.training.max_spots_per_step:
             return None
-        spots = torch.randperm(n_spots, generator=self.generator)[: self.config.max_spots_per_step]
+        spots = torch.randperm(n_spots, generator=self.generator)[
+            : self.config.training.max_spots_per_step
+        ]
         return spots.sort().values
 
     def predict_spots(
@@ -535,11 +602,13 @@ class CoxFormerSpatialTask(L.LightningModule):
             features = None if features is None else features[rows]
             targets = targets[spots.to(self.device)]
         vectors = self.embeddings[genes]
-        if self.training and self.config.embedding_noise > 0:
+        if self.training and self.config.module.embedding_noise > 0:
             noise = torch.randn(vectors.shape, generator=self.generator).to(vectors)
-            vectors = vectors + noise * (self.config.embedding_noise / vectors.shape[1] ** 0.5)
+            vectors = vectors + noise * (
+                self.config.module.embedding_noise / vectors.shape[1] ** 0.5
+            )
         module = self.module
-        tokens = module.spot_tokens(coords, features, self.config.group_size, generator)
+        tokens = module.spot_tokens(coords, features, self.config.module.group_size, generator)
         memory = targets if module.uses_memory else None
         graph = None if self.coexpression is None else self.coexpression.to(self.device)
         base, full = module.readout_pair(tokens, vectors, memory, genes, self.n_sub, graph)
@@ -550,12 +619,12 @@ class CoxFormerSpatialTask(L.LightningModule):
 
     def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Weighted Huber + L1 (CoxFormer S3) of ``(S, G)`` predictions."""
-        c = self.config
+        c = self.config.module
         return weighted_huber_loss(pred, target, c.nonzero_weight, c.zero_weight, c.l1_weight)
 
     def prediction_loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Loss of the model's prediction: ``config.attention_loss`` for the attention readout."""
-        if self.module.uses_memory and self.config.attention_loss == "mse":
+        """Loss of the model's prediction: ``config.module.attention_loss`` for the attention readout."""
+        if self.module.uses_memory and self.config.module.attention_loss == "mse":
             return torch.nn.functional.mse_loss(pred, target)
         return self.loss(pred, target)
 
@@ -578,30 +647,43 @@ class CoxFormerSpatialTask(L.LightningModule):
         else:
             loss = full.sum() * 0.0  # a batch of validation genes only
         objective = loss
-        if base is not None and self.module.uses_memory and self.config.base_loss_weight > 0:
-            objective = loss + self.config.base_loss_weight * self.loss(base, target)
+        if base is not None and self.module.uses_memory and self.config.module.base_loss_weight > 0:
+            objective = loss + self.config.module.base_loss_weight * self.loss(base, target)
         return objective, loss
 
     def training_step(self, batch, batch_idx):
         (genes,) = batch
         objective, loss = self.losses(genes, self.spot_rows(), self.generator)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=len(genes))
-        self.log("train/objective", objective, on_step=False, on_epoch=True, batch_size=len(genes))
+        self.log(
+            "train/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(genes)
+        )
+        self.log(
+            "train/objective",
+            objective,
+            on_step=False,
+            on_epoch=True,
+            sync_dist=True,
+            batch_size=len(genes),
+        )
         return objective
 
     def validation_step(self, batch, batch_idx):
         """Losses of the validation genes (never in a gradient step; own memory slot masked)."""
         (genes,) = batch
-        generator = torch.Generator().manual_seed(self.config.seed)
+        generator = torch.Generator().manual_seed(self.config.trainer.seed)
         objective, loss = self.losses(genes, self.validation_spots, generator)
-        self.log("val/loss", loss, on_epoch=True, batch_size=len(genes))
-        self.log("val/objective", objective, on_epoch=True, batch_size=len(genes))
+        self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=len(genes))
+        self.log("val/objective", objective, on_epoch=True, sync_dist=True, batch_size=len(genes))
 
     def configure_optimizers(self):
         optimiser = torch.optim.AdamW(
-            self.module.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay
+            self.module.parameters(),
+            lr=self.config.training.lr,
+            weight_decay=self.config.training.weight_decay,
         )
-        return with_cosine_schedule(optimiser, self.config.max_epochs, self.config.min_lr)
+        return with_cosine_schedule(
+            optimiser, self.config.trainer.max_epochs, self.config.training.min_lr
+        )
 
 
 # --------------------------------------------------------------------------- the model
@@ -617,7 +699,7 @@ class CoxFormerSpatial:
         (genes x dims) or a file readable by :func:`stinfer.io.gene_embeddings.read_gene_embeddings`.
     train_genes
         Genes to learn from; default every gene of the slide with an embedding detected in at
-        least ``config.min_spot_fraction`` of the spots.
+        least ``config.training.min_spot_fraction`` of the spots.
     modality
         ``"spatial"`` (spot coordinates), ``"image"`` or ``"fused"`` (both); the older
         ``"location"`` and ``"both"`` mean ``"spatial"`` and ``"fused"``.
@@ -625,7 +707,7 @@ class CoxFormerSpatial:
         A :class:`CoxFormerSpatialConfig` or a preset name (``"paper"``, ``"fast"``).
     image_features
         Optional precomputed ``(n_spots, F)`` spot features, or ``(n_spots, r*r, F)`` sub-spot
-        features when ``config.sub_spot_grid = r > 1``; default computed from the slide's image.
+        features when ``config.training.sub_spot_grid = r > 1``; default computed from the slide's image.
 
     Attributes
     ----------
@@ -635,7 +717,7 @@ class CoxFormerSpatial:
         Best epoch and stopping epoch of the last :meth:`train`.
     gene_level_best : BestWeights | None
         Epoch whose attention gene-level parameters were kept (best loss of the validation
-        genes, ``config.validation_fraction`` of the training genes), when there were any.
+        genes, ``config.training.validation_fraction`` of the training genes), when there were any.
     """
 
     model_type = "coxformer_spatial"  # the registry name, saved in config.json
@@ -658,12 +740,14 @@ class CoxFormerSpatial:
         self.embedding_genes = pd.Index(table.index)
         self.embeddings = standardised
         if train_genes is None:
-            train_genes = measured_genes(slide, self.embedding_genes, self.config.min_spot_fraction)
+            train_genes = measured_genes(
+                slide, self.embedding_genes, self.config.training.min_spot_fraction
+            )
         self.train_genes = [str(g) for g in train_genes]
         self._check_train_genes()
         self.targets = slide_log1p_cp10k(slide, self.train_genes)
         self.attention_top_k = self._attention_top_k()
-        self.n_sub = int(self.config.sub_spot_grid) ** 2
+        self.n_sub = int(self.config.training.sub_spot_grid) ** 2
         coords = spot_coordinates_px(slide)
         self.coordinate_centre, self.coordinate_half_extent = coordinate_frame(coords)
         self.image_in_dim: int | None = None
@@ -697,27 +781,27 @@ class CoxFormerSpatial:
             )
 
     def _attention_top_k(self) -> int:
-        """``config.attention_top_k``, ``"auto"`` resolved by cross-validation over genes.
+        """``config.module.attention_top_k``, ``"auto"`` resolved by cross-validation over genes.
 
         The k of :func:`stinfer.models.gene_baselines.choose_knn_k`: 5-fold CV over the
         training genes only (median PCC of each fold's genes predicted from the others).
         """
         self.knn_cv_scores: dict[int, float] | None = None
-        k = self.config.attention_top_k
-        if k != "auto" or self.config.gene_conditioning != "attention":
+        k = self.config.module.attention_top_k
+        if k != "auto" or self.config.module.gene_conditioning != "attention":
             return 0 if k == "auto" else int(k)
         vectors = self.gene_vectors(self.train_genes)
         logger.info(
             "top-k attention: choosing k by 5-fold k-NN cross-validation over %d training genes",
             len(self.train_genes),
         )
-        best, scores = choose_knn_k(self.targets, vectors, seed=self.config.seed)
+        best, scores = choose_knn_k(self.targets, vectors, seed=self.config.trainer.seed)
         self.knn_cv_scores = scores  # the k-NN baseline of the same genes reuses them
         logger.info("top-k attention: k = %d (CV median PCC %.3f)", best, scores[best])
         return int(best)
 
     def _build_module(self) -> CoxFormerSpatialModule:
-        c = self.config
+        c = self.config.module
         module = CoxFormerSpatialModule(
             self.modality,
             embedding_dim=self.embeddings.shape[1],
@@ -750,14 +834,16 @@ class CoxFormerSpatial:
     def _image_features(self, slide: ad.AnnData, given: np.ndarray | None) -> np.ndarray:
         """``(n_spots * R, F)`` float32 image features (sub-spots flattened row-major)."""
         if given is None:
-            features = slide_image_features(slide, self.config, int(self.config.sub_spot_grid))
+            features = slide_image_features(
+                slide, self.config, int(self.config.training.sub_spot_grid)
+            )
         else:
             features = np.asarray(given, dtype=np.float32)
             expected = (slide.n_obs, self.n_sub) if self.n_sub > 1 else (slide.n_obs,)
             if features.shape[: len(expected)] != expected or features.ndim != len(expected) + 1:
                 raise InputError(
                     f"image_features has shape {features.shape}; expected {expected} + (F,) "
-                    f"for {slide.n_obs} spots and sub_spot_grid {self.config.sub_spot_grid}."
+                    f"for {slide.n_obs} spots and sub_spot_grid {self.config.training.sub_spot_grid}."
                 )
             features = features.reshape(slide.n_obs * self.n_sub, -1)
         if not np.all(np.isfinite(features)):
@@ -770,9 +856,9 @@ class CoxFormerSpatial:
         """Module inputs for every (sub-)spot of ``slide`` and their pixel coordinates."""
         coords = spot_coordinates_px(slide)
         if self.n_sub > 1:
-            pitch = spot_step_px(coords) if slide.n_obs > 1 else self.config.patch_size_px
-            side = min(float(self.config.patch_size_px), pitch)
-            offsets = sub_spot_offsets(int(self.config.sub_spot_grid)) * side
+            pitch = spot_step_px(coords) if slide.n_obs > 1 else self.config.training.patch_size_px
+            side = min(float(self.config.training.patch_size_px), pitch)
+            offsets = sub_spot_offsets(int(self.config.training.sub_spot_grid)) * side
             coords = (coords[:, None, :] + offsets[None]).reshape(-1, 2)
         if same_slide:
             centre, half = self.coordinate_centre, self.coordinate_half_extent
@@ -821,7 +907,7 @@ class CoxFormerSpatial:
             computed on the attention's loss alone. Such a model cannot predict on a slide
             that lacks training genes (it refuses).
         """
-        c = self.config
+        c, training = self.config, self.config.training
         if not spot_decoder and (not self.module.uses_memory or self.n_sub > 1):
             raise InputError(
                 "train(spot_decoder=False) needs the attention readout at spot level "
@@ -830,9 +916,9 @@ class CoxFormerSpatial:
             )
         location, features, _ = self._spot_inputs(self.slide, None, same_slide=True)
         embeddings = torch.from_numpy(self.gene_vectors(self.train_genes))
-        fraction = c.validation_fraction if self.module.uses_memory else 0.0
+        fraction = training.validation_fraction if self.module.uses_memory else 0.0
         n_genes = len(self.train_genes)
-        validation = validation_split(n_genes, fraction, c.seed)[1]
+        validation = validation_split(n_genes, fraction, c.trainer.seed)[1]
         is_validation = None
         if len(validation):
             is_validation = torch.zeros(n_genes, dtype=torch.bool)
@@ -848,9 +934,9 @@ class CoxFormerSpatial:
             is_validation,
             spot_decoder,
         )
-        generator = torch.Generator().manual_seed(c.seed)
-        batch = min(c.batch_genes, n_genes)
-        n_draws = max(n_genes, c.min_steps_per_epoch * batch)
+        generator = torch.Generator().manual_seed(c.trainer.seed)
+        batch = min(training.batch_genes, n_genes)
+        n_draws = max(n_genes, training.min_steps_per_epoch * batch)
         loader = DataLoader(
             TensorDataset(torch.arange(n_genes)),
             batch_size=batch,
@@ -861,7 +947,10 @@ class CoxFormerSpatial:
         )
         # S3's rule for the whole model: EMA of the training objective, best weights restored
         self.early_stopping = EMAEarlyStopping(
-            "train/objective", c.ema_beta, c.min_relative_improvement, c.patience
+            "train/objective",
+            training.ema_beta,
+            training.min_relative_improvement,
+            training.patience,
         )
         callbacks: list[L.Callback] = [self.early_stopping]
         val_loader = None
@@ -870,7 +959,7 @@ class CoxFormerSpatial:
             # took a gradient step were predicted best: on small panels they overfit the
             # training genes long before the spot decoder has converged
             val_loader = DataLoader(
-                TensorDataset(torch.from_numpy(validation)), batch_size=c.predict_batch_genes
+                TensorDataset(torch.from_numpy(validation)), batch_size=training.predict_batch_genes
             )
             prefixes = tuple(f"module.readout.{n}" for n in GeneAttentionReadout.GENE_LEVEL)
             self.gene_level_best = BestWeights("val/loss", "min", prefixes)
@@ -881,10 +970,10 @@ class CoxFormerSpatial:
             self.modality,
             n_genes,
             self.slide.n_obs,
-            c.max_epochs,
+            c.trainer.max_epochs,
             "" if spot_decoder else ", attention readout only",
         )
-        self.fit_result = fit(task, loader, val_loader, c.trainer(), callbacks=callbacks)
+        self.fit_result = fit(task, loader, val_loader, c.trainer, callbacks=callbacks)
         self.spot_decoder_trained = spot_decoder
         self._training_coexpression = task.coexpression
         self.fit_result.best_epoch = self.early_stopping.best_epoch
@@ -942,18 +1031,18 @@ class CoxFormerSpatial:
         self.module.eval()
         device = next(self.module.parameters()).device
         vectors = torch.from_numpy(self.gene_vectors(genes)).to(device)
-        generator = torch.Generator().manual_seed(self.config.seed)
+        generator = torch.Generator().manual_seed(self.config.trainer.seed)
         tokens = self.module.spot_tokens(
             None if location is None else location.to(device),
             None if features is None else features.to(device),
-            self.config.group_size,
+            self.config.module.group_size,
             generator,
         )
         if memory_targets is not None:
             memory = torch.from_numpy(np.asarray(memory_targets, dtype=np.float32)).to(device)
         elif self.module.uses_memory:
             memory = self.module.memory_estimate(
-                tokens, self.n_sub, self.config.predict_batch_genes
+                tokens, self.n_sub, self.config.training.predict_batch_genes
             )
         else:
             memory = None
@@ -966,7 +1055,7 @@ class CoxFormerSpatial:
                 graph = self.module.readout.coexpression(memory)
             own = torch.from_numpy(pd.Index(self.train_genes).get_indexer(list(genes)))
             own = own.to(device)
-        size = self.config.predict_batch_genes
+        size = self.config.training.predict_batch_genes
         parts = [
             self.module.readout_pair(
                 tokens,
@@ -1067,7 +1156,7 @@ class CoxFormerSpatial:
         :meth:`impute` (a sub-spot's library: its spot's over ``r * r``); ``uns["stinfer"]`` is the
         slide's with ``spot_diameter_px`` None (a sub-spot has no capture-spot size).
         """
-        grid = int(self.config.sub_spot_grid)
+        grid = int(self.config.training.sub_spot_grid)
         if grid < 2:
             raise InputError(
                 "super_resolve needs a model trained with sub_spot_grid >= 2 (e.g. 4); this "
@@ -1179,7 +1268,7 @@ class CoxFormerSpatial:
         model.attention_top_k = int(record.get("attention_top_k", 0))
         model.coordinate_centre = np.asarray(record["coordinate_centre"])
         model.coordinate_half_extent = float(record["coordinate_half_extent"])
-        model.n_sub = int(config.sub_spot_grid) ** 2
+        model.n_sub = int(config.training.sub_spot_grid) ** 2
         model.spot_decoder_trained = bool(record.get("spot_decoder_trained", True))
         model._slide_features = None
         if model.image_in_dim:

@@ -88,7 +88,7 @@ from stinfer.io.gene_embeddings import (
     read_gene_embeddings,
     write_gene_embeddings,
 )
-from stinfer.models.configs import resolve_preset
+from stinfer.models.configs import move_fields, override_config, resolve_preset
 from stinfer.train import TrainerConfig
 
 logger = logging.getLogger("stinfer")
@@ -110,7 +110,14 @@ CorporaLike = Sequence[ad.AnnData | Corpus] | Mapping[str, ad.AnnData | Corpus] 
 
 @dataclass
 class GeneEmbeddingConfig:
-    """Everything :class:`CoxFormerEmbeddings` needs; defaults are the ``paper`` preset."""
+    """Everything :class:`CoxFormerEmbeddings` needs; defaults are the ``paper`` preset.
+
+    A two-stage model has one section per stage, each with its own ``lr``, ``batch_size``,
+    ``max_epochs`` and ``seed`` (``completion``: Suppl. S1; ``autoencoder``: Suppl. S2), the
+    ``graph`` both read, and one ``trainer`` with the run settings both stages share (devices,
+    precision, progress bar); each stage's ``max_epochs`` and ``seed`` replace the trainer's
+    for its fit, and ``trainer.seed`` draws the label cells and the SVD node features.
+    """
 
     graph: CorrelationGraphConfig = field(default_factory=CorrelationGraphConfig)
     completion: CompletionConfig = field(default_factory=CompletionConfig)
@@ -118,11 +125,7 @@ class GeneEmbeddingConfig:
     label_fraction: float = 0.5  # stinfer: cells per corpus held out for targets (no label corpus)
     autoencoder_input: str = "top_k"  # Suppl. S2: top-K rows of C_cox; "dense": every pair
     preset: str = "paper"
-    seed: int = 0
-    accelerator: str = "auto"  # stinfer.train.TrainerConfig
-    devices: int | str = "auto"
-    precision: str | None = None
-    progress_bar: bool = True
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.label_fraction < 1.0:
@@ -131,16 +134,6 @@ class GeneEmbeddingConfig:
             raise InputError(
                 f"autoencoder_input must be 'top_k' or 'dense', got {self.autoencoder_input!r}."
             )
-
-    def trainer(self) -> TrainerConfig:
-        """The :class:`~stinfer.train.TrainerConfig` shared by both training stages."""
-        return TrainerConfig(
-            accelerator=self.accelerator,
-            devices=self.devices,
-            precision=self.precision,
-            progress_bar=self.progress_bar,
-            seed=self.seed,
-        )
 
 
 def paper_preset() -> GeneEmbeddingConfig:
@@ -214,25 +207,37 @@ def fast_preset() -> GeneEmbeddingConfig:
 PRESETS = {"paper": paper_preset, "fast": fast_preset}
 
 
+# Fields of older configs -> their place now (stinfer.models.configs.move_fields): the stages'
+# `learning_rate`, and the run settings that were flat beside the stages.
+GENE_EMBEDDING_MOVED_FIELDS = {
+    "completion.learning_rate": "completion.lr",
+    "autoencoder.learning_rate": "autoencoder.lr",
+    **{
+        name: f"trainer.{name}"
+        for name in ("seed", "accelerator", "devices", "precision", "progress_bar")
+    },
+}
+
+
 def upgrade_gene_embedding_config_dict(values: Mapping[str, Any]) -> dict[str, Any]:
-    """``values`` (a saved ``config`` or overrides) with the stages' old ``learning_rate``
-    renamed ``lr``, as in every stinfer config; a value under ``lr`` wins over the old one."""
-    values = dict(values)
-    for stage in ("completion", "autoencoder"):
-        if isinstance(values.get(stage), Mapping) and "learning_rate" in values[stage]:
-            options = dict(values[stage])
-            old = options.pop("learning_rate")
-            options.setdefault("lr", old)
-            values[stage] = options
-    return values
+    """``values`` (a saved ``config`` or overrides) with the fields of older layouts in their
+    place now (:data:`GENE_EMBEDDING_MOVED_FIELDS`): the stages' ``learning_rate`` is ``lr``,
+    as in every stinfer config, and the flat ``seed``, ``accelerator``, ``devices``,
+    ``precision`` and ``progress_bar`` are the ``trainer``'s; a value under the new name wins
+    over the old one (:func:`~stinfer.models.configs.move_fields`)."""
+    return move_fields(values, GENE_EMBEDDING_MOVED_FIELDS)
 
 
 def gene_embedding_config(
     preset: str = "paper", top_k: int | None = None, **overrides: object
 ) -> GeneEmbeddingConfig:
-    """The named preset (``paper`` or ``fast``) with ``top_k`` and top-level ``overrides``."""
+    """The named preset (``paper`` or ``fast``) with ``top_k`` and ``overrides``, nested as the
+    config is (``trainer={"seed": 1}``; older names are moved,
+    :func:`upgrade_gene_embedding_config_dict`)."""
     config = resolve_preset(PRESETS, preset, GeneEmbeddingConfig, "gene embedding")
-    config = replace(config, **overrides) if overrides else config
+    if overrides:
+        overrides = upgrade_gene_embedding_config_dict(overrides)
+        config = override_config(config, overrides, "coxformer_embeddings")
     if top_k is not None:
         config = replace(config, graph=replace(config.graph, top_k=int(top_k)))
     return config
@@ -327,7 +332,7 @@ class CoxFormerEmbeddings:
             ``self``, trained; :meth:`get_embeddings` returns the embeddings.
         """
         config = self.config
-        trainer = config.trainer()
+        trainer = config.trainer
         start = time.perf_counter()
         graph_corpora = as_corpora(corpora, layer)
         every_corpus = list(graph_corpora)  # every cell, for the dense co-expression rows
@@ -337,7 +342,7 @@ class CoxFormerEmbeddings:
             label_source = "label corpora"
         elif config.label_fraction > 0:
             graph_corpora, label_parts = split_corpus_cells(
-                graph_corpora, config.label_fraction, config.seed
+                graph_corpora, config.label_fraction, config.trainer.seed
             )
             label_source = f"held-out cells ({config.label_fraction:g} of each corpus)"
         else:
@@ -350,7 +355,7 @@ class CoxFormerEmbeddings:
 
         tick = time.perf_counter()
         features = gene_svd_features(
-            standardised, config.completion.n_node_features, seed=config.seed
+            standardised, config.completion.n_node_features, seed=config.trainer.seed
         )
         del standardised
         label_standardised = standardise_corpora(
@@ -467,8 +472,11 @@ class CoxFormerEmbeddings:
         earlier saved model there is replaced only with ``overwrite``, any other non-empty
         folder is refused (:func:`stinfer.models.persistence.model_folder`)."""
         from stinfer.models.persistence import model_folder
+        from stinfer.train import is_global_zero
 
         self._check_trained()
+        if not is_global_zero():  # a DDP run's other ranks hold the same model: rank 0 writes
+            return Path(path)
         with model_folder(path, overwrite) as tmp:
             self._write_files(tmp)
         return Path(path)
@@ -515,6 +523,7 @@ class CoxFormerEmbeddings:
             graph=CorrelationGraphConfig(**raw.pop("graph")),
             completion=CompletionConfig(**raw.pop("completion")),
             autoencoder=AutoencoderConfig(**raw.pop("autoencoder")),
+            trainer=TrainerConfig(**raw.pop("trainer", {})),
             **raw,
         )
         model = cls(config)

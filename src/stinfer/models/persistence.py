@@ -37,6 +37,7 @@ import torch
 
 from stinfer.errors import InputError
 from stinfer.io.atomic import atomic_folder, atomic_output, check_replaceable_folder
+from stinfer.train import is_global_zero
 
 WEIGHTS_FILE = "weights.safetensors"
 CONFIG_FILE = "config.json"
@@ -159,7 +160,12 @@ def write_model_folder(
     overwrite
         Replace an earlier saved model in ``directory``; without it an existing saved model is
         an :class:`InputError` and nothing is written (:func:`check_model_destination`).
+
+    In a DDP run only rank 0 writes (every rank holds the same weights after training); the
+    other ranks return ``directory`` without touching it.
     """
+    if not is_global_zero():
+        return Path(directory)
     directory = check_model_destination(directory, overwrite)
     with model_folder(directory, overwrite) as tmp:
         write_model_files(tmp, model_type, config, state, module, arrays)

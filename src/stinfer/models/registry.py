@@ -142,35 +142,33 @@ def _stnet_base(preset: Any) -> Any:
     return resolve_preset(STNET_PRESETS, preset, STNetConfig, "ST-Net")
 
 
-def _stnet_shorthands(overrides: dict[str, Any]) -> dict[str, Any]:
-    """``epochs: N`` sets ``trainer.max_epochs`` (unless given); the old flat names
-    (``learning_rate``, ``accelerator``, ...) move to their place
-    (:func:`stinfer.models.baselines.upgrade_stnet_config_dict`)."""
-    from stinfer.models.baselines import upgrade_stnet_config_dict
+def _trained_shorthands(upgrade: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """The overrides of a model trained for epochs: the fields of its older config layouts
+    moved to their place by ``upgrade`` (``"module:function"``), then ``epochs: N`` sets
+    ``trainer.max_epochs`` unless that is given."""
 
-    return upgrade_stnet_config_dict(overrides)
+    def shorthands(overrides: dict[str, Any]) -> dict[str, Any]:
+        module, _, name = upgrade.partition(":")
+        overrides = dict(overrides)
+        epochs = overrides.pop("epochs", None)
+        overrides = getattr(importlib.import_module(module), name)(overrides)
+        if epochs is None:
+            return overrides
+        trainer = overrides.setdefault("trainer", {})
+        if not isinstance(trainer, dict):
+            raise InputError(
+                f"epochs={epochs!r} and a whole trainer={trainer!r}: set max_epochs in the trainer."
+            )
+        trainer.setdefault("max_epochs", int(epochs))
+        return overrides
+
+    return shorthands
 
 
 def _stevs_base(preset: Any) -> Any:
     from stinfer.models.stevs import resolve_config
 
     return copy.deepcopy(resolve_config(preset))
-
-
-def _stevs_shorthands(overrides: dict[str, Any]) -> dict[str, Any]:
-    """``epochs: N`` sets ``training.trainer.max_epochs`` (unless given); the old fields
-    ``module.epochs``/``module.batch_size`` move to the training config
-    (:func:`stinfer.models.stevs.upgrade_config_dict`)."""
-    from stinfer.models.stevs import upgrade_config_dict
-
-    overrides = dict(overrides)
-    epochs = overrides.pop("epochs", None)
-    if epochs is not None:
-        training = dict(overrides.get("training", {}))
-        trainer = dict(training.get("trainer", {}))
-        trainer.setdefault("max_epochs", int(epochs))
-        overrides["training"] = {**training, "trainer": trainer}
-    return upgrade_config_dict(overrides)
 
 
 def _coxformer_spatial_base(preset: Any) -> Any:
@@ -188,8 +186,9 @@ def _gene_embeddings_base(preset: Any) -> Any:
 
 
 def _gene_embeddings_shorthands(overrides: dict[str, Any]) -> dict[str, Any]:
-    """The stages' old ``learning_rate`` is ``lr``
-    (:func:`stinfer.models.gene_embeddings.upgrade_gene_embedding_config_dict`)."""
+    """The stages' old ``learning_rate`` is ``lr``, the old flat run settings are the
+    ``trainer``'s (:func:`stinfer.models.gene_embeddings.upgrade_gene_embedding_config_dict`);
+    each stage has its own ``max_epochs``, so there is no ``epochs`` shorthand."""
     from stinfer.models.gene_embeddings import upgrade_gene_embedding_config_dict
 
     return upgrade_gene_embedding_config_dict(overrides)
@@ -240,7 +239,7 @@ MODEL_TYPES: dict[str, ModelType] = {
             presets=("paper", "fast"),
             seed_field="trainer.seed",
             base_config=_stnet_base,
-            shorthands=_stnet_shorthands,
+            shorthands=_trained_shorthands("stinfer.models.baselines:upgrade_stnet_config_dict"),
         ),
         ModelType(
             "stevs",
@@ -249,9 +248,9 @@ MODEL_TYPES: dict[str, ModelType] = {
             "STEvs: multimodal VAE, H&E + coordinates -> NB expression",
             reads_images=True,
             presets=("paper", "fast"),
-            seed_field="training.trainer.seed",
+            seed_field="trainer.seed",
             base_config=_stevs_base,
-            shorthands=_stevs_shorthands,
+            shorthands=_trained_shorthands("stinfer.models.stevs:upgrade_config_dict"),
         ),
         ModelType(
             "coxformer_spatial",
@@ -260,7 +259,11 @@ MODEL_TYPES: dict[str, ModelType] = {
             "CoxFormer spatial model: any gene with an embedding at every spot",
             reads_images=True,
             presets=("paper", "fast"),
+            seed_field="trainer.seed",
             base_config=_coxformer_spatial_base,
+            shorthands=_trained_shorthands(
+                "stinfer.models.coxformer_spatial:upgrade_coxformer_spatial_config_dict"
+            ),
         ),
         ModelType(
             "gene_mean_profile",
@@ -289,6 +292,7 @@ MODEL_TYPES: dict[str, ModelType] = {
             "gene_embeddings",
             "CoxFormer gene embeddings from co-expression corpora",
             presets=("paper", "fast"),
+            seed_field="trainer.seed",
             base_config=_gene_embeddings_base,
             shorthands=_gene_embeddings_shorthands,
         ),
@@ -324,12 +328,16 @@ def model_config(name: str, preset: Any = None, seed: int | None = None, **overr
     seed
         Sets the config's seed (:attr:`ModelType.seed_field`); ignored by models without one.
     **overrides
-        Config fields, nested as the config is (``training={"augment": False}`` for STEvs,
-        ``patch={"patch_size_px": 64}``); STEvs and ST-Net also take ``epochs=N`` for their
-        trainer's ``max_epochs``, and the field names of their older configs (see
+        Config fields, nested as the config is (``training={"augment": False}``,
+        ``trainer={"max_epochs": 5}``, ``patch={"patch_size_px": 64}`` for a closed-form
+        baseline); the models trained for epochs (STEvs, ST-Net, CoxFormer spatial) also take
+        ``epochs=N`` for ``trainer.max_epochs``, and every model with an upgrade function takes
+        the field names of its older configs (see
         :func:`stinfer.models.stevs.upgrade_config_dict`,
-        :func:`stinfer.models.baselines.upgrade_stnet_config_dict`). An unknown field is an
-        :class:`InputError` naming its path.
+        :func:`stinfer.models.baselines.upgrade_stnet_config_dict`,
+        :func:`stinfer.models.coxformer_spatial.upgrade_coxformer_spatial_config_dict`,
+        :func:`stinfer.models.gene_embeddings.upgrade_gene_embedding_config_dict`). An unknown
+        field is an :class:`InputError` naming its path.
     """
     entry = model_type(name)
     config = copy.deepcopy(entry.base_config(preset))  # the caller's config stays untouched

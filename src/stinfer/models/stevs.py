@@ -38,6 +38,12 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
+from stinfer.data.feature_store import (
+    FeatureExtractor,
+    FeatureExtractorSpec,
+    FeatureStore,
+    module_weights_identity,
+)
 from stinfer.data.patches import PatchSpec, iter_spot_patches, spot_patches
 from stinfer.data.spot_dataset import PatchSource, SlideSpots, SpotDataset, stacked_batch
 from stinfer.errors import InputError
@@ -61,7 +67,7 @@ from stinfer.io.slide_data import (
 )
 from stinfer.metrics import per_gene_pearson
 from stinfer.modalities import canonical_modality
-from stinfer.models.configs import resolve_preset
+from stinfer.models.configs import move_fields, resolve_preset
 from stinfer.models.persistence import LEGACY_LAYOUTS, read_saved_model, write_model_folder
 from stinfer.models.uncertainty import (
     MixtureMoments,
@@ -74,7 +80,7 @@ from stinfer.models.uncertainty import (
 from stinfer.nn.encoders import SlideColourNormaliser, colour_moments
 from stinfer.nn.fusion import PoEFusion, calibration_offsets
 from stinfer.nn.stevs import STEvsConfig, STEvsModule
-from stinfer.train import FitResult, TrainerConfig, fit
+from stinfer.train import FitResult, TrainerConfig, fit, gather_rows
 
 logger = logging.getLogger("stinfer")
 
@@ -91,6 +97,9 @@ FUSION_CALIBRATIONS = ("none", "validation")
 COLOUR_SAMPLE_SPOTS = 4096
 # Posterior samples per validation spot when the uncertainty calibration is fitted.
 CALIBRATION_SAMPLES = 30
+# Version of what STEvs._encoder_input does to a patch, in the feature store's key: change it
+# when that step changes, so features stored by an older STEvs are not read as current ones.
+FEATURE_PIPELINE_VERSION = 1
 
 
 # --------------------------------------------------------------------------- configuration
@@ -120,6 +129,18 @@ class STEvsTrainingConfig:
     (``STEvsConfig.library_weight``) and predicts depth at test time. ``initialise_decoder``
     starts the gene decoder's output biases at the training data's means
     (:meth:`~stinfer.nn.decoders.GeneDecoder.initialise_from_counts`).
+
+    ``feature_store`` (a zarr folder, :class:`~stinfer.data.feature_store.FeatureStore`;
+    needs ``module.freeze_encoder`` and ``cache_features``): each slide's frozen backbone
+    features, for training, :meth:`STEvs.adapt` and prediction, are read from the store, or
+    computed once and written there, instead of being recomputed by every model and run. They
+    are exactly the features STEvs computes itself: its own input pipeline (the colour step,
+    then ``patch_normalization``) runs on the store's patches, and the feature key records
+    that pipeline, the slide's colour transform (``colour_normalization="slide"``: the gain
+    and shift fitted on the training slides, so models fitted on other slides get their own
+    key) and the digest of the backbone's weights, so STEvs's features never mix with the
+    feature probe's (timm-scaled) ones on the same encoder. Patches passed in (``patches=``)
+    never touch the store; with cached features no test-time augmentation is applied.
     """
 
     patch: PatchSpec = field(default_factory=PatchSpec)  # STEvs D.1.2: 160-px patches
@@ -137,10 +158,8 @@ class STEvsTrainingConfig:
     fusion_calibration: str = "none"  # "validation": PoE weights chosen on the validation spots
     initialise_decoder: bool = True  # gene decoder output biases start at the training means
     cache_features: bool = True  # frozen encoder: compute backbone features once per slide
+    feature_store: str | None = None  # zarr store of those features, shared across runs
     predict_batch_size: int = 256
-    trainer: TrainerConfig = field(
-        default_factory=lambda: TrainerConfig(max_epochs=100, monitor="val/pcc_median")
-    )
 
     def __post_init__(self) -> None:
         if self.patch_normalization not in PATCH_NORMALIZATIONS:
@@ -166,14 +185,23 @@ class STEvsTrainingConfig:
 
 @dataclass
 class STEvsModelConfig:
-    """Everything that defines a STEvs run: the module and its training."""
+    """Everything that defines a STEvs run: the module's hyperparameters (``module``), how it
+    sees the data and learns (``training``: patches, batch size, augmentation, ...) and how the
+    run goes (``trainer``: epochs, seed, devices, precision, model selection)."""
 
     module: STEvsConfig = field(default_factory=STEvsConfig)
     training: STEvsTrainingConfig = field(default_factory=STEvsTrainingConfig)
+    trainer: TrainerConfig = field(  # STEvs Sec. 4.2: 100 epochs
+        default_factory=lambda: TrainerConfig(max_epochs=100, monitor="val/pcc_median")
+    )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-serialisable dict (stored with a saved model)."""
-        return {"module": self.module.to_dict(), "training": dataclasses.asdict(self.training)}
+        return {
+            "module": self.module.to_dict(),
+            "training": dataclasses.asdict(self.training),
+            "trainer": dataclasses.asdict(self.trainer),
+        }
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> STEvsModelConfig:
@@ -183,46 +211,37 @@ class STEvsModelConfig:
         training = dict(values.get("training", {}))
         if "patch" in training:
             training["patch"] = PatchSpec(**training["patch"])
-        if "trainer" in training:
-            training["trainer"] = TrainerConfig(**training["trainer"])
-        return cls(
+        config = cls(
             module=STEvsConfig.from_dict(values.get("module", {})),
             training=STEvsTrainingConfig(**training),
         )
+        if "trainer" in values:
+            config.trainer = TrainerConfig(**values["trainer"])
+        return config
 
 
-# Module fields that older configs carried beside the training config's, and their one place now
-# (a path under `training`).
-MOVED_MODULE_FIELDS = {"epochs": ("trainer", "max_epochs"), "batch_size": ("batch_size",)}
+# Fields of older configs -> their one place now (stinfer.models.configs.move_fields), newest
+# layout first: the trainer sat under `training`; before that `module.epochs` and
+# `module.batch_size` duplicated the training's values.
+STEVS_MOVED_FIELDS = {
+    "training.trainer": "trainer",
+    "module.epochs": "trainer.max_epochs",
+    "module.batch_size": "training.batch_size",
+}
 
 
 def upgrade_config_dict(values: Mapping[str, Any]) -> dict[str, Any]:
     """``values`` (a saved ``config`` or nested overrides) with moved fields in their one place.
 
+    The trainer was ``training.trainer`` and is ``trainer`` now. Before that,
     ``module.epochs`` and ``module.batch_size`` duplicated ``training.trainer.max_epochs`` and
-    ``training.batch_size``, and only the training values were ever used. An old saved config
+    ``training.batch_size``, and only the training values were ever used: an old saved config
     has both, so its module copies are dropped; an override that sets only the module field
-    (an old YAML) sets the training field instead. When both are given, the training one wins.
+    (an old YAML) sets the trainer's or training's field instead. When a value is given under
+    an old and a new name, the new one wins (:data:`STEVS_MOVED_FIELDS`,
+    :func:`~stinfer.models.configs.move_fields`).
     """
-    values = dict(values)
-    module, training = values.get("module") or {}, values.get("training") or {}
-    if not isinstance(module, Mapping) or not isinstance(training, Mapping):
-        return values  # a config object given whole: override_config names any old field
-    module = dict(module)
-    moved = {name: module.pop(name) for name in MOVED_MODULE_FIELDS if name in module}
-    if not moved or not isinstance(training.get("trainer") or {}, Mapping):
-        return values
-    values["module"] = module
-    training = dict(training)
-    trainer = dict(training.get("trainer") or {})
-    for name, value in moved.items():
-        *parents, field_name = MOVED_MODULE_FIELDS[name]
-        target = trainer if parents else training
-        target.setdefault(field_name, value)
-    if trainer:
-        training["trainer"] = trainer
-    values["training"] = training
-    return values
+    return move_fields(values, STEVS_MOVED_FIELDS)
 
 
 def paper_preset() -> STEvsModelConfig:
@@ -244,7 +263,7 @@ def paper_preset() -> STEvsModelConfig:
     forces fp32). GPUs train in bf16 autocast as every stinfer model does.
     """
     config = STEvsModelConfig()
-    config.training.trainer.cpu_bf16 = True
+    config.trainer.cpu_bf16 = True
     return config
 
 
@@ -324,9 +343,9 @@ def fast_preset() -> STEvsModelConfig:
         modality_dropout=0.3,
         observed_library=True,
         subset_elbo=True,
-        trainer=TrainerConfig(max_epochs=30, monitor=None, swa_epoch_start=0.5),
     )
-    return STEvsModelConfig(module=module, training=training)
+    trainer = TrainerConfig(max_epochs=30, monitor=None, swa_epoch_start=0.5)
+    return STEvsModelConfig(module=module, training=training, trainer=trainer)
 
 
 PRESETS = {"paper": paper_preset, "fast": fast_preset}
@@ -437,6 +456,9 @@ class STEvsTask(L.LightningModule):
         self._val_predictions: list[torch.Tensor] = []
         self._val_counts: list[torch.Tensor] = []
         self._val_expert_weights: list[torch.Tensor] = []
+        # DDP (stinfer.train.lightning_strategy): a step that trains one expert alone, or
+        # adapts without the RNA term, leaves parameters without a gradient
+        self.find_unused_parameters = adapt or training.modality_dropout > 0
 
     def _prepare(self, inputs, targets, slides, augment: bool):
         """Patches as the encoder reads them and the reconstruction target (or ``None``):
@@ -506,7 +528,14 @@ class STEvsTask(L.LightningModule):
                 losses["subsets"] = subsets
                 losses["loss"] = losses["loss"] + subsets
         for name, value in losses.items():
-            self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=len(coords))
+            self.log(
+                f"train/{name}",
+                value,
+                on_step=False,
+                on_epoch=True,
+                sync_dist=True,
+                batch_size=len(coords),
+            )
         return losses["loss"]
 
     def validation_step(self, batch, batch_idx):
@@ -522,15 +551,23 @@ class STEvsTask(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if not self._val_predictions:
             return
-        predicted = torch.cat(self._val_predictions).numpy()
-        observed = torch.cat(self._val_counts).numpy()
-        self._val_predictions.clear()
-        self._val_counts.clear()
-        correlations, _ = per_gene_pearson(predicted, observed)
-        self.log("val/pcc_median", float(np.median(correlations)))
+        # under DDP each rank validated its shard: the median PCC is of all validation spots
+        n_val = len(self.trainer.val_dataloaders.dataset)
+        predicted = self._gathered(self._val_predictions, n_val)
+        observed = self._gathered(self._val_counts, n_val)
+        correlations, _ = per_gene_pearson(predicted.numpy(), observed.numpy())
+        # the same on every rank (gathered); sync_dist only says so to Lightning
+        self.log("val/pcc_median", float(np.median(correlations)), sync_dist=True)
         if self._val_expert_weights:
-            self.log("val/image_expert_weight", float(torch.cat(self._val_expert_weights).mean()))
-            self._val_expert_weights.clear()
+            weights = self._gathered(self._val_expert_weights, n_val)
+            self.log("val/image_expert_weight", float(weights.mean()), sync_dist=True)
+
+    def _gathered(self, rows: list[torch.Tensor], n_total: int) -> torch.Tensor:
+        """This epoch's validation rows of every rank (:func:`stinfer.train.gather_rows`),
+        on the CPU; ``rows`` is emptied for the next epoch."""
+        local = torch.cat(rows)
+        rows.clear()
+        return gather_rows(self, local.to(self.device), n_total).cpu()
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """AdamW over the module's trainable parameters, lr and weight decay of its config (C.4.2).
@@ -592,7 +629,7 @@ class STEvs:
         for slide in self.train_slides:
             check_genes(slide, self.genes)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.config.training.trainer.seed)  # same seed, same initial weights
+            torch.manual_seed(self.config.trainer.seed)  # same seed, same initial weights
             self.module = STEvsModule(num_genes=len(self.genes), config=self.config.module)
         self.module.coord_normalizer.fit(
             [torch.from_numpy(spot_coordinates_um(slide)) for slide in self.train_slides]
@@ -601,6 +638,14 @@ class STEvs:
         self.validation_image_expert_weight: float | None = None
         self.fusion_calibration: dict[str, float] | None = None
         self.uncertainty_calibration: dict[str, Any] | None = None
+        self.feature_weights_id: str | None = None
+        if self.config.training.feature_store is not None and not self._uses_cached_features():
+            raise InputError(
+                f"training.feature_store={self.config.training.feature_store!r} needs a frozen "
+                "encoder with cached features (module.freeze_encoder=True and "
+                "training.cache_features=True): a trained encoder's features change every "
+                "step. Freeze the encoder or unset training.feature_store."
+            )
 
     # ----------------------------------------------------------------- data
     def _require_image(self, slide: ad.AnnData) -> None:
@@ -664,24 +709,90 @@ class STEvs:
     def _uses_cached_features(self) -> bool:
         return self.module.image_encoder.frozen and self.config.training.cache_features
 
+    def _uses_feature_store(self) -> bool:
+        return self.config.training.feature_store is not None and self._uses_cached_features()
+
+    def _encode_patches(
+        self, patches: np.ndarray | torch.Tensor, transform: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Frozen backbone features ``(n, F)`` of one batch of a slide's uint8 patches."""
+        return self.module.encode_image_features(self._encoder_input(patches, transform))
+
     @torch.no_grad()
     def _features(self, source: PatchSource, transform: torch.Tensor | None) -> torch.Tensor:
         """Frozen backbone features ``(N, F)`` of a slide's patches, computed once, in chunks."""
         self.module.eval()
         size = self.config.training.predict_batch_size
         return torch.cat(
-            [
-                self.module.encode_image_features(self._encoder_input(chunk, transform))
-                for _, chunk in source.iter_chunks(size)
-            ]
+            [self._encode_patches(chunk, transform) for _, chunk in source.iter_chunks(size)]
         )
 
+    def _feature_extractor(self, transform: torch.Tensor | None) -> FeatureExtractor:
+        """What the feature store computes for a slide with colour ``transform``: the frozen
+        backbone on STEvs's own encoder input, in batches of ``predict_batch_size`` (the
+        batches of :meth:`_features`), keyed by the backbone's weights digest
+        (:func:`~stinfer.data.feature_store.module_weights_identity`, kept in
+        :attr:`feature_weights_id` and saved with the model) and by the input pipeline."""
+        module, training = self.config.module, self.config.training
+        backbone = self.module.image_encoder.backbone
+        if self.feature_weights_id is None:
+            self.feature_weights_id = module_weights_identity(backbone)
+        input_scaling = {
+            "pipeline": "stevs",
+            "version": FEATURE_PIPELINE_VERSION,
+            "patch_normalization": training.patch_normalization,
+            "colour_transform": None if transform is None else transform.tolist(),
+        }
+        spec = FeatureExtractorSpec(
+            encoder=module.backbone,
+            encoder_kwargs={
+                "img_size": module.patch_size,
+                "in_chans": module.in_chans,
+                **module.backbone_kwargs,
+            },
+            weights=module.pretrained,
+            seed=self.config.trainer.seed,
+            patch=training.patch,
+            batch_size=training.predict_batch_size,
+            chunk_size=training.predict_batch_size,
+            input_scaling=input_scaling,
+        )
+        return FeatureExtractor(
+            spec,
+            backbone,
+            self.feature_weights_id,
+            encode=lambda patches: self._encode_patches(patches, transform),
+        )
+
+    @torch.no_grad()
+    def _stored_features(self, slide: ad.AnnData, transform: torch.Tensor | None) -> torch.Tensor:
+        """The frozen backbone features ``(N, F)`` of ``slide`` from ``training.feature_store``:
+        read when stored under this model's key, else computed (from the slide's image) and
+        written there; equal to :meth:`_features` of its patches."""
+        self.module.eval()
+        store = self.config.training.feature_store
+        result = FeatureStore(store).get_or_compute(slide, self._feature_extractor(transform))
+        logger.info(
+            "STEvs features of slide %s: %s %s (key %s)",
+            slide_id(slide),
+            "computed into" if result.computed else "read from",
+            store,
+            result.key,
+        )
+        return torch.from_numpy(result.features)
+
     def _dataset(
-        self, slides: Sequence[ad.AnnData], sources: Sequence[PatchSource], with_counts: bool
+        self,
+        slides: Sequence[ad.AnnData],
+        sources: Sequence[PatchSource],
+        with_counts: bool,
+        use_store: bool = False,
     ) -> tuple[SpotDataset, torch.Tensor | None]:
         """The training spots of ``slides`` and their slides' ``(S, 2, C)`` colour transforms.
 
-        Fits the colour normaliser on these slides first when it is not fitted yet.
+        Fits the colour normaliser on these slides first when it is not fitted yet. Cached
+        features come from the feature store when ``use_store`` (the sources are the slides'
+        own patches) and one is configured.
         """
         moments = None
         if self.config.training.colour_normalization != "none":
@@ -692,7 +803,11 @@ class STEvs:
         keep_patches = not self._uses_cached_features() or self.module.image_decoder is not None
         spots = []
         for slide, source, transform in zip(slides, sources, transforms, strict=True):
-            features = self._features(source, transform) if self._uses_cached_features() else None
+            features = None
+            if use_store and self._uses_feature_store():
+                features = self._stored_features(slide, transform)
+            elif self._uses_cached_features():
+                features = self._features(source, transform)
             spots.append(
                 SlideSpots(
                     coords=self._coords(slide),
@@ -738,10 +853,12 @@ class STEvs:
         PCC is restored; with ``trainer.swa_epoch_start``, the averaged weights are kept; else
         the last epoch.
         """
-        trainer_config = self.config.training.trainer
+        trainer_config = self.config.trainer
         with self._training_sources(self.train_slides, patches) as sources:
             self.module.colour_normalizer.fitted.fill_(False)
-            dataset, transforms = self._dataset(self.train_slides, sources, with_counts=True)
+            dataset, transforms = self._dataset(
+                self.train_slides, sources, with_counts=True, use_store=patches is None
+            )
             train_loader, val_loader = self._loaders(dataset, trainer_config.seed)
             if self.config.training.initialise_decoder:
                 self.module.gene_decoder.initialise_from_totals(*dataset.count_totals())
@@ -790,7 +907,7 @@ class STEvs:
         if self.module.image_encoder is not None and self.module.coord_encoder is not None:
             modes += ["image", "spatial"]
         device = next(self.module.parameters()).device
-        seed = self.config.training.trainer.seed
+        seed = self.config.trainer.seed
         moments: dict[str, list] = {mode: [] for mode in modes}
         counts, start = [], 0
         for inputs, coords, batch_counts, targets, slides in loader:
@@ -974,13 +1091,15 @@ class STEvs:
         encoders adapt to the new slides' appearance while the gene decoder is untouched.
         """
         trainer_config = dataclasses.replace(
-            self.config.training.trainer, max_epochs=epochs, monitor=None, swa_epoch_start=None
+            self.config.trainer, max_epochs=epochs, monitor=None, swa_epoch_start=None
         )
         for parameter in self.module.gene_decoder.parameters():
             parameter.requires_grad_(False)
         try:
             with self._training_sources(list(target_slides), None) as sources:
-                dataset, transforms = self._dataset(target_slides, sources, with_counts=False)
+                dataset, transforms = self._dataset(
+                    target_slides, sources, with_counts=False, use_store=True
+                )
                 loader = DataLoader(
                     dataset,
                     batch_size=self.config.training.batch_size,
@@ -1053,17 +1172,27 @@ class STEvs:
         ``nb_theta`` ``(n, M)``, ``mu`` and ``logvar`` ``(n, D)`` float32 for the spots at
         ``rows`` (a slice), and with ``uncertainty`` the layers of
         :meth:`_uncertainty_outputs`. Memory is bounded by one chunk (``predict_batch_size``
-        spots); :meth:`predict` and :meth:`write_prediction` are built on it."""
+        spots); :meth:`predict` and :meth:`write_prediction` are built on it. With a feature
+        store and no ``patches``, the slide's features come from the store (held whole: ``F``
+        floats per spot)."""
         mode = canonical_modality(mode, "mode")
         self.module.eval()
         training = self.config.training
         coords = self._coords(slide)
+        size = training.predict_batch_size
+        spot_slices = (
+            (slice(i, min(i + size, slide.n_obs)), None) for i in range(0, slide.n_obs, size)
+        )
+        stored = None
         if mode == "spatial":
-            size = training.predict_batch_size
-            chunks = (
-                (slice(i, min(i + size, slide.n_obs)), None) for i in range(0, slide.n_obs, size)
-            )
+            chunks, transform = spot_slices, None
+        elif patches is None and self._uses_feature_store():
+            self._require_image(slide)
             transform = None
+            if training.colour_normalization != "none":  # the colour moments read the patches
+                _, transform = self._prediction_chunks(slide, None)
+            stored = self._stored_features(slide, transform)
+            chunks = spot_slices
         else:
             chunks, transform = self._prediction_chunks(slide, patches)
         views = [0]
@@ -1077,7 +1206,9 @@ class STEvs:
             means, thetas, first, posteriors = [], [], None, []
             for view in views:
                 inputs = None
-                if chunk is not None:
+                if stored is not None:
+                    inputs = stored[rows]
+                elif chunk is not None:
                     inputs = self._encoder_input(dihedral(torch.from_numpy(chunk), view), transform)
                     if self._uses_cached_features():
                         inputs = self.module.encode_image_features(inputs)
@@ -1323,6 +1454,8 @@ class STEvs:
             "fusion_calibration": self.fusion_calibration,
             "uncertainty_calibration": self.uncertainty_calibration,
         }
+        if self.feature_weights_id is not None:  # the feature store's name of the backbone
+            state["feature_weights_id"] = self.feature_weights_id
         return write_model_folder(
             directory, self.model_type, self.config.to_dict(), state, self.module, None, overwrite
         )
@@ -1349,6 +1482,7 @@ class STEvs:
         model.validation_image_expert_weight = saved.state.get("validation_image_expert_weight")
         model.fusion_calibration = saved.state.get("fusion_calibration")
         model.uncertainty_calibration = saved.state.get("uncertainty_calibration")
+        model.feature_weights_id = saved.state.get("feature_weights_id")
         model.module = STEvsModule(num_genes=len(genes), config=config.module)
         weights = saved.tensors()
         if isinstance(model.module.fusion, PoEFusion):  # saved before the fusion calibration

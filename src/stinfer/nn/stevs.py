@@ -102,8 +102,8 @@ class STEvsConfig:
     alignment: bool = True  # STEvs Eq. 2; False is "w/o Alignment Loss" (Tables 3-4)
     library_weight: float = 1.0  # stinfer: log-library MSE (profile scale only; not in STEvs)
     kl_anneal_epochs: int = 50  # E_anneal of STEvs Eq. 38; 50 in the public code
-    # optimisation (the number of epochs and the batch size are the model's training config:
-    # stinfer.models.stevs.STEvsTrainingConfig.batch_size and its trainer's max_epochs)
+    # optimisation (the batch size and the number of epochs are the model's config's:
+    # stinfer.models.stevs.STEvsModelConfig.training.batch_size and .trainer.max_epochs)
     lr: float = 1e-4  # STEvs Sec. 4.2 (AdamW, C.4.2)
     weight_decay: float = 0.01  # AdamW default, as in the public code
 
