@@ -137,6 +137,45 @@ def test_every_method_gets_depth_controlled_and_top_variable_gene_metrics():
     assert mean_profile["pcc_partial_median"] < 0.4 * mean_profile["pcc_median"]
 
 
+def test_baseline_rows_are_what_the_registry_models_predict_for_the_same_split():
+    """The protocol's mean-profile and k-NN rows come from ``gene_mean_profile`` and
+    ``gene_knn`` (:func:`stinfer.models.create_model`) built on the visible slide."""
+    from stinfer.io.prediction_layout import LOG1P_LAYER
+    from stinfer.models import create_model
+    from stinfer.models.coxformer_spatial import coxformer_spatial_config
+
+    slide, table = _depth_driven_slide(10)
+    config = coxformer_spatial_config(
+        "fast",
+        training={"min_spot_fraction": 0.05},
+        trainer={"progress_bar": False, "max_epochs": 1},
+    )
+    result = held_out_genes_evaluation(
+        slide, table, "spatial", config, 0.25, seed=0, n_top_variable=10, shuffled=False
+    )
+    train, test = result["train_genes"], result["test_genes"]
+    visible = slide[:, ~slide.var_names.isin(test)].copy()
+    log_totals = np.log(np.maximum(np.asarray(visible.X.sum(axis=1)).ravel(), 1.0))
+    prediction = result["prediction"]
+    truth = prediction.layers["truth"]
+    mean_model = create_model("gene_mean_profile", visible, table, train_genes=train)
+    knn_model = create_model("gene_knn", visible, table, train_genes=train, seed=0)
+    for name, model in (("mean_profile", mean_model), ("knn", knn_model)):
+        model.train()
+        expected = model.predict(visible, test).layers[LOG1P_LAYER]
+        np.testing.assert_array_equal(prediction.layers[name], expected)
+        reference = held_out_metrics(
+            expected, truth, log_totals, prediction.var["highly_variable"].to_numpy()
+        )
+        for key in ("pcc_median", "pcc_partial_median", "hvg_pcc_median", "scc_median", "mse"):
+            assert result["metrics"][name][key] == pytest.approx(reference[key], abs=1e-6), key
+    # k by the model's own cross-validation, even where the protocol reuses CoxFormer's
+    assert result["metrics"]["knn"]["k"] == knn_model.k
+    assert result["metrics"]["knn"]["cv_pcc_median"] == {
+        str(k): v for k, v in knn_model.cv_scores.items()
+    }
+
+
 def test_model_beats_both_baselines_on_held_out_planted_module_genes(tmp_path):
     """Issue 6 acceptance (synthetic): median PCC >= 0.6, above mean profile and tuned k-NN."""
     from stinfer.data.synthetic import (

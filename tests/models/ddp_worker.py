@@ -66,6 +66,18 @@ def main(slides_dir: Path, out: Path, devices: int, seed: int) -> None:
 
     stevs_module.STEvsTask.training_step = counting_step
 
+    import stinfer.models.coxformer_spatial as coxformer_module
+
+    training_genes: list[int] = []  # CoxFormer training genes this rank drew in its first epoch
+    coxformer_step = coxformer_module.CoxFormerSpatialTask.training_step
+
+    def recording_step(task, batch, batch_idx):
+        if task.current_epoch == 0:
+            training_genes.extend(int(gene) for gene in batch[0])
+        return coxformer_step(task, batch, batch_idx)
+
+    coxformer_module.CoxFormerSpatialTask.training_step = recording_step
+
     distributed = {"accelerator": "cpu", "devices": devices, "progress_bar": False, "seed": seed}
     if devices > 1:
         distributed["strategy"] = "ddp"
@@ -121,6 +133,7 @@ def main(slides_dir: Path, out: Path, devices: int, seed: int) -> None:
         "coxformer_best_epoch": coxformer.early_stopping.best_epoch,
         "validation_rows": validation_rows,
         "training_spots_first_epoch": training_spots[0],
+        "coxformer_genes_first_epoch": training_genes,
         "n_validation_spots": len(
             stevs_module.validation_split(
                 stevs.train_slides, stevs.config.training.val_fraction, 0

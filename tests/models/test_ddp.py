@@ -22,6 +22,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +104,18 @@ def test_validation_uses_every_spot_and_training_shards_them(runs):
     per_rank = rank0["training_spots_first_epoch"]
     assert per_rank == rank1["training_spots_first_epoch"]
     assert abs(2 * per_rank - single["training_spots_first_epoch"]) <= GLOBAL_BATCH - 1 + 2 - 1
+
+
+def test_coxformer_gene_batches_are_sharded_between_the_ranks(runs):
+    (single,) = runs["single"]
+    rank0, rank1 = runs["ddp"]
+    drawn = single["coxformer_genes_first_epoch"]
+    genes0, genes1 = rank0["coxformer_genes_first_epoch"], rank1["coxformer_genes_first_epoch"]
+    # the epoch's gene draws (the same seeded draw as on one process) are split between the
+    # ranks: half each, together every draw once, plus at most one repeat of padding
+    assert abs(len(genes0) - len(drawn) / 2) <= 1 and abs(len(genes1) - len(drawn) / 2) <= 1
+    together, once = Counter(genes0 + genes1), Counter(drawn)
+    assert not once - together and sum((together - once).values()) <= 1
 
 
 def test_only_rank_zero_writes_and_the_saved_models_are_the_held_ones(runs):

@@ -5,17 +5,19 @@ spots); models learn from the 80% and predict the other 20% at every spot. The s
 models see has the test genes *removed*, so the log1p-CP10k targets (spot totals over the
 remaining genes) carry nothing of them; the test truth is normalised by the same totals.
 
-Methods, all through one interface (training-gene targets and embeddings in, test-gene
-predictions in log1p CP10k out):
+Methods, all registry models (:func:`stinfer.models.create_model`) built on the visible slide
+and the training genes, trained, and asked for the test genes (log1p CP10k):
 
-- ``mean_profile``: every test gene gets the per-spot mean of the training genes' profiles
-  (:func:`stinfer.models.gene_baselines.mean_profile`);
-- ``knn`` (:func:`stinfer.models.gene_baselines.knn_profiles`): a test gene's profile is the
-  similarity-weighted mean of the profiles of its ``k`` nearest training genes (cosine
-  similarity of standardised embeddings, weights = similarity clipped at 0); ``k`` is chosen
-  by 5-fold cross-validation over the *training* genes only (median PCC,
+- ``mean_profile`` (``gene_mean_profile``,
+  :class:`~stinfer.models.imputation_baselines.GeneMeanProfile`): every test gene gets the
+  per-spot mean of the training genes' profiles;
+- ``knn`` (``gene_knn``, :class:`~stinfer.models.imputation_baselines.GeneKNN`): a test gene's
+  profile is the similarity-weighted mean of the profiles of its ``k`` nearest training genes
+  (cosine similarity of standardised embeddings, weights = similarity clipped at 0); ``k`` is
+  chosen by 5-fold cross-validation over the *training* genes only (median PCC,
   :func:`~stinfer.models.gene_baselines.choose_knn_k`), never on the test genes;
-- ``coxformer``: :class:`stinfer.models.coxformer_spatial.CoxFormerSpatial`;
+- ``coxformer`` (``coxformer_spatial``,
+  :class:`~stinfer.models.coxformer_spatial.CoxFormerSpatial`);
 - ``coxformer_shuffled``: the same model with the embedding table's rows permuted among genes
   (seeded): if the embeddings carry the signal, this must be worse.
 
@@ -57,7 +59,8 @@ from stinfer.metrics import (
     top_variable_genes,
 )
 from stinfer.modalities import canonical_modality
-from stinfer.models.gene_baselines import KNN_CANDIDATES, choose_knn_k, knn_profiles, mean_profile
+from stinfer.models import create_model
+from stinfer.models.gene_baselines import KNN_CANDIDATES
 from stinfer.preprocess import normalise_log1p_cp10k
 
 logger = logging.getLogger("stinfer")
@@ -253,12 +256,9 @@ def held_out_genes_evaluation(
         ``test_genes``, ``model`` (the trained model).
     """
     from stinfer.models.coxformer_spatial import (
-        CoxFormerSpatial,
         coxformer_spatial_config,
         embedding_table,
         measured_genes,
-        slide_log1p_cp10k,
-        standardise_embeddings,
     )
 
     modality = canonical_modality(modality)
@@ -277,7 +277,6 @@ def held_out_genes_evaluation(
     def scores(values: np.ndarray) -> dict[str, Any]:
         return held_out_metrics(values, truth, log_totals, highly_variable)
 
-    train_targets = slide_log1p_cp10k(visible, train_genes).astype(np.float64)
     logger.info(
         "held-out genes: %d training, %d test genes, %d spots, modality %s",
         len(train_genes),
@@ -289,7 +288,15 @@ def held_out_genes_evaluation(
     layers: dict[str, np.ndarray] = {}
 
     start = time.perf_counter()
-    model = CoxFormerSpatial(visible, table, train_genes, modality, config, image_features)
+    model = create_model(
+        "coxformer_spatial",
+        visible,
+        table,
+        train_genes=train_genes,
+        modality=modality,
+        config=config,
+        image_features=image_features,
+    )
     model.train()
     prediction = np.asarray(model.impute(test_genes).layers[LOG1P_LAYER], dtype=np.float64)
     metrics["coxformer"] = scores(prediction)
@@ -298,30 +305,38 @@ def held_out_genes_evaluation(
 
     if baselines:
         start = time.perf_counter()
-        layers["mean_profile"] = mean_profile(train_targets, len(test_genes))
+        mean_model = create_model("gene_mean_profile", visible, table, train_genes=train_genes)
+        mean_model.train()
+        layers["mean_profile"] = mean_model.predict_log1p(visible, test_genes)
         metrics["mean_profile"] = scores(layers["mean_profile"])
         metrics["mean_profile"]["seconds"] = time.perf_counter() - start
         start = time.perf_counter()
-        standardised = pd.DataFrame(standardise_embeddings(table)[0], index=table.index)
-        train_vectors = standardised.loc[train_genes].to_numpy()
+        candidates = tuple(int(k) for k in knn_candidates)
         cv_scores = getattr(model, "knn_cv_scores", None)
-        if cv_scores is not None and set(cv_scores) == {int(k) for k in knn_candidates}:
+        if cv_scores is not None and set(cv_scores) == set(candidates):
             # the model chose its top-k by this very CV (same genes, targets, vectors, seed)
-            best_k = max(cv_scores, key=lambda k: (cv_scores[k], -k))
+            knn_k: int | str = max(cv_scores, key=lambda k: (cv_scores[k], -k))
         else:
             logger.info(
                 "held-out genes: k-NN baseline, choosing k by 5-fold CV over %d training genes",
                 len(train_genes),
             )
-            best_k, cv_scores = choose_knn_k(
-                train_targets.astype(np.float32), train_vectors, knn_candidates, seed=seed
-            )
-        layers["knn"] = knn_profiles(
-            train_targets, train_vectors, standardised.loc[test_genes].to_numpy(), best_k
+            knn_k = "auto"
+        knn_model = create_model(
+            "gene_knn",
+            visible,
+            table,
+            train_genes=train_genes,
+            k=knn_k,
+            candidates=candidates,
+            seed=seed,
         )
+        knn_model.train()
+        cv_scores = cv_scores if knn_model.cv_scores is None else knn_model.cv_scores
+        layers["knn"] = knn_model.predict_log1p(visible, test_genes)
         metrics["knn"] = scores(layers["knn"])
         metrics["knn"].update(
-            k=best_k,
+            k=knn_model.k,
             cv_pcc_median={str(k): v for k, v in cv_scores.items()},
             seconds=time.perf_counter() - start,
         )
@@ -331,8 +346,14 @@ def held_out_genes_evaluation(
             "permuted among genes)"
         )
         start = time.perf_counter()
-        control = CoxFormerSpatial(
-            visible, shuffle_embeddings(table, seed), train_genes, modality, config, image_features
+        control = create_model(
+            "coxformer_spatial",
+            visible,
+            shuffle_embeddings(table, seed),
+            train_genes=train_genes,
+            modality=modality,
+            config=config,
+            image_features=image_features,
         )
         # its held-out predictions read the measured training genes and the attention's
         # gene-level parameters only: the spot decoder is trained where it matters

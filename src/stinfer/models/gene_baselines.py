@@ -5,7 +5,11 @@ Training-gene targets ``(S, G)`` (log1p CP10k at ``S`` spots) and gene embedding
 (:mod:`stinfer.evaluate.held_out_genes`) compares the model with, and
 :func:`choose_knn_k` also sets the ``k`` of CoxFormer's top-k gene attention
 (:class:`stinfer.models.coxformer_spatial.CoxFormerSpatial`, ``attention_top_k="auto"``), which
-is why they live with the models and not with the evaluation:
+is why they live with the models and not with the evaluation, and apart from the model
+classes that wrap them (:mod:`stinfer.models.imputation_baselines`, which import
+``coxformer_spatial``: one module would be an import cycle). The held-out genes protocol runs
+the baselines through those classes (``create_model("gene_mean_profile", ...)``,
+``create_model("gene_knn", ...)``):
 
 - :func:`mean_profile`: every query gene gets the per-spot mean of the training genes' profiles;
 - :func:`knn_profiles`: a query gene's profile is the similarity-weighted mean of the profiles

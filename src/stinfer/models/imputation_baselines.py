@@ -7,6 +7,9 @@ training genes, ``train()``, ``predict(slide, genes)`` / ``impute(genes)`` retur
 genes AnnData of log1p CP10k, and ``save(path)`` / ``load(path)`` in the one saved-model format
 (:mod:`stinfer.models.persistence`). Both predict a gene from the training genes *measured on
 the slide being predicted*, so a new slide must measure every training gene.
+The array functions stay in their own module because
+:class:`~stinfer.models.coxformer_spatial.CoxFormerSpatial` also needs ``choose_knn_k`` and
+this module imports ``coxformer_spatial``: one module would be an import cycle.
 
 - :class:`GeneMeanProfile`: every gene gets the per-spot mean of the training genes' profiles;
 - :class:`GeneKNN`: a gene's profile is the similarity-weighted mean of the profiles of its
@@ -116,17 +119,32 @@ class _GeneBaseline:
             )
         return slide_log1p_cp10k(slide, self.train_genes)
 
-    def impute(self, genes: Sequence[str] | None = None, slide: ad.AnnData | None = None):
-        """Predicted expression (``layers["log1p_cp10k"]``; ``X`` its expected counts) of
-        ``genes`` (default: the training genes) at every spot of
-        ``slide`` (default: the training slide)."""
+    def predict_log1p(
+        self, slide: ad.AnnData | None = None, genes: Sequence[str] | None = None
+    ) -> np.ndarray:
+        """``(n_spots, n_genes)`` float64 log1p CP10k of ``genes`` (default: the training genes)
+        at every spot of ``slide`` (default: the training slide).
+
+        The values :meth:`impute` stores, in float32, as ``layers["log1p_cp10k"]``; a protocol
+        that scores the model (:func:`stinfer.evaluate.held_out_genes.held_out_genes_evaluation`)
+        reads them here at full precision.
+        """
         slide = self.slide if slide is None else slide
         if slide is None:
             raise InputError("impute: give slide= (a loaded model has no training slide).")
         genes = list(self.train_genes if genes is None else genes)
         if not genes:
             raise InputError("impute: give at least one gene.")
-        return _imputed(slide, genes, self._profiles(self._targets(slide), genes), self.model_type)
+        return self._profiles(self._targets(slide), genes)
+
+    def impute(self, genes: Sequence[str] | None = None, slide: ad.AnnData | None = None):
+        """Predicted expression (``layers["log1p_cp10k"]``; ``X`` its expected counts) of
+        ``genes`` (default: the training genes) at every spot of
+        ``slide`` (default: the training slide)."""
+        slide = self.slide if slide is None else slide
+        values = self.predict_log1p(slide, genes)
+        genes = list(self.train_genes if genes is None else genes)
+        return _imputed(slide, genes, values, self.model_type)
 
     def predict(self, slide: ad.AnnData, genes: Sequence[str] | None = None) -> ad.AnnData:
         """:meth:`impute` on ``slide`` (same as ``impute(genes, slide=slide)``)."""
