@@ -486,3 +486,42 @@ def test_fusion_shift_nll_scores_the_decoded_fused_mean_and_reaches_each_expert(
     torch.testing.assert_close(scores[2], nll(outputs["mu_img"]))
     with pytest.raises(InputError, match="Product-of-Experts"):
         STEvsModule(GENES, tiny_config(fusion="concat")).fusion_shift_nll(outputs, counts, [0.0])
+
+
+# ---------------------------------------------------------------- patches of another side
+def test_patches_of_another_side_are_resized_to_the_encoders_input_and_pooled_for_the_loss():
+    """A patch spec in microns gives patches of any side on slides of other resolutions: a
+    fixed-size Swin reads them resized (as timm's pipelines do), and the image loss compares
+    the decoder's output with the patch area-averaged to its size."""
+    import torch.nn.functional as F
+
+    from stinfer.nn.stevs import image_reconstruction_error
+
+    torch.manual_seed(0)
+    encoder = ImageEncoder(
+        "swin_tiny_patch4_window7_224",
+        8,
+        img_size=32,
+        backbone_kwargs={**TINY_SWIN, "window_size": 4},
+    )
+    odd = torch.rand(2, 3, 45, 45) * 2 - 1
+    resized = F.interpolate(
+        odd, size=(32, 32), mode="bilinear", antialias=True, align_corners=False
+    )
+    torch.testing.assert_close(encoder.encode_features(odd), encoder.encode_features(resized))
+
+    recon = torch.rand(2, 3, 8, 8)
+    target = torch.rand(2, 3, 45, 45)
+    pooled = F.adaptive_avg_pool2d(target, (8, 8))
+    expected = ((recon - pooled) ** 2).sum(dim=(1, 2, 3)).mean() * (45 / 8) ** 2
+    torch.testing.assert_close(image_reconstruction_error(recon, target), expected)
+    # a side that r divides: exactly the average pooling of the full-patch design
+    target = torch.rand(2, 3, 32, 32)
+    expected = ((recon - F.avg_pool2d(target, 4)) ** 2).sum(dim=(1, 2, 3)).mean() * 16
+    torch.testing.assert_close(image_reconstruction_error(recon, target), expected)
+
+    module = STEvsModule(GENES, tiny_config(image_recon_size=8))
+    patches, coords, counts = batch()
+    odd_patches = F.interpolate(patches, size=(45, 45), mode="bilinear", align_corners=False)
+    losses = module.loss(module(odd_patches, coords), counts, odd_patches, epoch=1)
+    assert torch.isfinite(losses["loss"])

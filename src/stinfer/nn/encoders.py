@@ -22,6 +22,7 @@ from typing import Any, Literal, NamedTuple
 import timm
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from stinfer.errors import InputError
 from stinfer.nn.pretrained import LoadReport, load_matching_weights, timm_checkpoint_filter
@@ -240,10 +241,24 @@ class ImageEncoder(nn.Module):
         return self
 
     def encode_features(self, patches: torch.Tensor) -> torch.Tensor:
-        """Backbone features of ``(N, C, H, W)`` patches in ``[-1, 1]``: ``(N, F)``."""
+        """Backbone features of ``(N, C, H, W)`` patches in ``[-1, 1]``: ``(N, F)``.
+
+        Patches of another side than ``img_size`` (a patch spec in microns on a slide of
+        another resolution, a smaller ``patch_size_px``) are resized to it first (bilinear,
+        antialiased), as timm's data pipelines resize to a model's input size: fixed-size
+        backbones (Swin, ViT) accept nothing else, and a CNN keeps the scale it was built for.
+        """
         if patches.dim() != 4 or patches.shape[1] != self.in_chans:
             raise InputError(
                 f"image patches must be (N, {self.in_chans}, H, W); got {tuple(patches.shape)}"
+            )
+        if patches.shape[-2:] != (self.img_size, self.img_size):
+            patches = F.interpolate(
+                patches.float(),
+                size=(self.img_size, self.img_size),
+                mode="bilinear",
+                antialias=True,
+                align_corners=False,
             )
         if self.frozen:
             with torch.no_grad():

@@ -172,15 +172,16 @@ def kl_weight(epoch: float, beta_max: float, anneal_epochs: int) -> float:
 def image_reconstruction_error(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Squared error summed over a patch's pixels, mean over spots (STEvs Eq. 35).
 
-    ``recon`` ``(N, C, r, r)`` may be smaller than ``target`` ``(N, C, P, P)`` (``r`` divides
-    ``P``; ``image_recon_size``): the target is then average-pooled to ``r`` and the per-pixel
-    error is scaled by ``(P / r)^2``, so the term keeps the size of a full-patch sum and
-    ``lambda_img`` its meaning (it measures the low-pass part of the patch).
+    ``recon`` ``(N, C, r, r)`` may be smaller than ``target`` ``(N, C, P, P)``
+    (``image_recon_size``, or patches of another side than the module's ``patch_size``): the
+    target is then area-averaged to ``r`` (exactly ``avg_pool2d`` when ``r`` divides ``P``) and
+    the per-pixel error is scaled by ``(P / r)^2``, so the term keeps the size of a full-patch
+    sum and ``lambda_img`` its meaning (it measures the low-pass part of the patch).
     """
-    factor = target.shape[-1] // recon.shape[-1]
-    if factor > 1:
-        target = F.avg_pool2d(target, factor)
-    return (recon - target).pow(2).flatten(1).sum(1).mean() * factor**2
+    side, recon_side = target.shape[-1], recon.shape[-1]
+    if side != recon_side:
+        target = F.adaptive_avg_pool2d(target, recon.shape[-2:])
+    return (recon - target).pow(2).flatten(1).sum(1).mean() * (side / recon_side) ** 2
 
 
 class STEvsModule(nn.Module):
