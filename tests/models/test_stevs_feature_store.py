@@ -147,3 +147,16 @@ def test_a_store_with_an_encoder_that_trains_is_an_input_error(sections, tmp_pat
     config.module.freeze_encoder = False
     with pytest.raises(InputError, match=r"feature_store.*frozen"):
         STEvs([sections[0]], list(sections[0].var_names), config)
+
+
+def test_frozen_features_are_computed_on_the_runs_gpu_when_there_is_one(sections, monkeypatch):
+    """Features are cached before Lightning moves the module to its device: they go to the GPU
+    the trainer may use (this process's, under DDP), and stay where the module is otherwise."""
+    genes = list(sections[0].var_names[:5])
+    model = STEvs([sections[0]], genes, frozen_config())
+    assert model.feature_device() == torch.device("cpu")  # no GPU here
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert model.feature_device() == torch.device("cuda", 1)
+    model.config.trainer.accelerator = "cpu"
+    assert model.feature_device() == torch.device("cpu")

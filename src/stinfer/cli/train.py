@@ -237,7 +237,8 @@ def run(args: argparse.Namespace) -> None:
     else:
         genes = read_gene_list(args.genes)
     label = f"{args.model} ({preset})" if preset else args.model
-    print(f"training {label} on {len(slides)} slide(s), {len(genes)} genes")
+    if is_global_zero():  # a DDP run's other processes run this command again: say it once
+        print(f"training {label} on {len(slides)} slide(s), {len(genes)} genes")
     model = create_model(args.model, slides, genes, config=config)
     result = model.train()
     if not is_global_zero():

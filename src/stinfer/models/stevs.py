@@ -715,17 +715,45 @@ class STEvs:
     def _encode_patches(
         self, patches: np.ndarray | torch.Tensor, transform: torch.Tensor | None
     ) -> torch.Tensor:
-        """Frozen backbone features ``(n, F)`` of one batch of a slide's uint8 patches."""
-        return self.module.encode_image_features(self._encoder_input(patches, transform))
+        """Frozen backbone features ``(n, F)`` of one batch of a slide's uint8 patches, on the
+        CPU (computed where the image encoder is: see :meth:`_encoder_on_feature_device`)."""
+        device = next(self.module.image_encoder.parameters()).device
+        inputs = self._encoder_input(patches, transform).to(device)
+        return self.module.encode_image_features(inputs).cpu()
+
+    def feature_device(self) -> torch.device:
+        """Where frozen backbone features are computed: the run's GPU when the trainer may use
+        one and CUDA sees one (``cuda:<LOCAL_RANK>`` in a DDP process), else where the module
+        is. The features of every slide are computed before Lightning's fit moves the module
+        to its device, so without this a GPU run would encode every patch on the CPU."""
+        if self.config.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0") or 0))
+        return next(self.module.parameters()).device
+
+    @contextlib.contextmanager
+    def _encoder_on_feature_device(self) -> Iterator[None]:
+        """The image encoder on :meth:`feature_device` within the block, back home after it."""
+        encoder = self.module.image_encoder
+        home = next(encoder.parameters()).device
+        target = self.feature_device()
+        if target == home:
+            yield
+            return
+        encoder.to(target)
+        try:
+            yield
+        finally:
+            encoder.to(home)
 
     @torch.no_grad()
     def _features(self, source: PatchSource, transform: torch.Tensor | None) -> torch.Tensor:
         """Frozen backbone features ``(N, F)`` of a slide's patches, computed once, in chunks."""
         self.module.eval()
         size = self.config.training.predict_batch_size
-        return torch.cat(
-            [self._encode_patches(chunk, transform) for _, chunk in source.iter_chunks(size)]
-        )
+        with self._encoder_on_feature_device():
+            return torch.cat(
+                [self._encode_patches(chunk, transform) for _, chunk in source.iter_chunks(size)]
+            )
 
     def _feature_extractor(self, transform: torch.Tensor | None) -> FeatureExtractor:
         """What the feature store computes for a slide with colour ``transform``: the frozen
@@ -771,7 +799,8 @@ class STEvs:
         written there; equal to :meth:`_features` of its patches."""
         self.module.eval()
         store = self.config.training.feature_store
-        result = FeatureStore(store).get_or_compute(slide, self._feature_extractor(transform))
+        with self._encoder_on_feature_device():
+            result = FeatureStore(store).get_or_compute(slide, self._feature_extractor(transform))
         logger.info(
             "STEvs features of slide %s: %s %s (key %s)",
             slide_id(slide),
