@@ -221,8 +221,9 @@ def predict_cohort(
     ------
     InputError
         Before any slide is read: a run that is not an expression model, STEvs options for
-        another model, repeated slide names, an ``out_dir`` that cannot be written, or
-        ``workers > 1`` without Ray installed. A slide's own errors do not raise.
+        another model, repeated slide names or an ``out_dir`` that cannot be written. A
+        slide's own errors do not raise. ``workers > 1`` without Ray installed warns and runs
+        in this process.
     """
     from stinfer.io.atomic import check_writable, write_text
 
@@ -305,12 +306,16 @@ def _check_expression_run(
         )
 
 
-def _import_ray(workers: int) -> Any:
+def _import_ray(workers: int) -> Any | None:
+    """Ray, or ``None`` (a warning: the slides then run one after the other in this process,
+    as with one worker; the benchmark's ``--workers`` does the same)."""
     ray = import_ray()
     if ray is None:
-        raise InputError(
-            f"{workers} workers run the slides as Ray tasks, and Ray is not installed: "
-            f"{RAY_INSTALL}, or use 1 worker."
+        logger.warning(
+            "%d workers run the slides as Ray tasks, and Ray is not installed (%s): "
+            "predicting them one after the other in this process.",
+            workers,
+            RAY_INSTALL,
         )
     return ray
 

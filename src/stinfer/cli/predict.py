@@ -50,7 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "status: done, skipped or failed, error). --workers N > 1 runs N slides at a time as "
             "Ray tasks (one CPU and one torch thread each, the model loaded by each task; a "
             'local Ray unless one is already initialised): pip install -e ".[distributed]" '
-            "(or pip install ray)."
+            "(or pip install ray); without Ray, a warning and one slide after the other."
         ),
         formatter_class=HelpFormatter,
     )
@@ -134,7 +134,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=1,
         metavar="N",
         help="a cohort's slides predicted at a time: 1 in this process, one after the other; "
-        "N > 1 as Ray tasks on N CPUs (needs Ray)",
+        "N > 1 as Ray tasks on N CPUs (without Ray: a warning, then one after the other)",
     )
     parser.set_defaults(func=run)
 
