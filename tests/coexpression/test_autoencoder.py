@@ -155,3 +155,42 @@ def test_partner_batches_need_partners_for_dense_rows():
         train_autoencoder(rows, config, trainer, partners=sp.eye(5, format="csr"))
     result, _ = train_autoencoder(rows, config, trainer, partners=sp.eye(12, k=1, format="csr"))
     assert result.embeddings.shape == (12, 4)
+
+
+def test_the_low_rank_geometry_target_is_the_truncated_svd_of_the_input_rows():
+    """``geometry_target="low_rank"``: the target of genes a, b is entry [a, b] of the input
+    matrix's rank-r approximation (numpy's SVD as the reference); the loss the mean squared
+    cosine error over the batch's pairs."""
+    from stinfer.coexpression.autoencoder import (
+        AutoencoderConfig,
+        AutoencoderTask,
+        CoexpressionAutoencoder,
+        low_rank_factors,
+    )
+
+    rng = np.random.default_rng(0)
+    programs = rng.normal(size=(200, 4)) @ rng.normal(size=(4, 30))
+    matrix = np.corrcoef(programs + 0.5 * rng.normal(size=(200, 30)), rowvar=False)
+    u, s, vt = np.linalg.svd(matrix)
+    reference = (u[:, :4] * s[:4]) @ vt[:4]
+    left, right = low_rank_factors(matrix.astype(np.float32), 4)
+    np.testing.assert_allclose((left @ right.T).numpy(), reference, atol=1e-4)
+
+    config = AutoencoderConfig(
+        n_tokens=2,
+        d_model=8,
+        n_heads=2,
+        feedforward_dim=16,
+        latent_dim=4,
+        geometry_weight=1.0,
+        geometry_target="low_rank",
+        geometry_rank=4,
+    )
+    task = AutoencoderTask(CoexpressionAutoencoder(30, config), config, (left, right))
+    latent, index = torch.randn(3, 4), torch.tensor([7, 0, 21])
+    unit = torch.nn.functional.normalize(latent, dim=1)
+    target = torch.as_tensor(reference[np.ix_([7, 0, 21], [7, 0, 21])], dtype=torch.float32)
+    expected = ((unit @ unit.T - target)[~torch.eye(3, dtype=torch.bool)] ** 2).mean()
+    torch.testing.assert_close(
+        task._geometry(latent, torch.zeros(3, 30), index), expected, atol=1e-4, rtol=1e-4
+    )

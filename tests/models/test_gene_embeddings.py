@@ -128,9 +128,11 @@ def test_presets_differ_only_in_the_documented_fields():
         "max_epochs",
         "t_max",
         "geometry_weight",
+        "geometry_target",
         "partner_fraction",
     }
     assert paper.autoencoder.geometry_weight == paper.autoencoder.partner_fraction == 0.0
+    assert fast.autoencoder.geometry_target == "low_rank"
     assert (paper.autoencoder_input, fast.autoencoder_input) == ("top_k", "dense")
     assert set(PRESETS) == {"paper", "fast"}
     assert gene_embedding_config("fast", top_k=100).graph.top_k == 100

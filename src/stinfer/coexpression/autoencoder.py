@@ -66,6 +66,12 @@ __all__ = [
 ]
 
 
+GEOMETRY_TARGETS = ("coexpression", "rows", "low_rank")
+"""``coexpression``: the batch's co-expression read off its input rows; ``rows``: the cosine of
+the input rows; ``low_rank``: the rank-``geometry_rank`` approximation of the input matrix (its
+co-expression with the sampling noise of the corpus's small singular directions removed)."""
+
+
 @dataclass
 class AutoencoderConfig:
     """Hyperparameters of the co-expression autoencoder (CoxFormer Suppl. S2 unless marked)."""
@@ -84,7 +90,8 @@ class AutoencoderConfig:
     batch_size: int = 32  # Suppl. S2
     max_epochs: int = 200  # Suppl. S2
     geometry_weight: float = 0.0  # stinfer: weight of geometry_loss (0 = the paper's loss)
-    geometry_target: str = "coexpression"  # stinfer: "coexpression" or "rows", see geometry_loss
+    geometry_target: str = "coexpression"  # stinfer: "coexpression", "rows" or "low_rank"
+    geometry_rank: int = 64  # stinfer: rank of the "low_rank" target (the SVD baseline's 64)
     partner_fraction: float = 0.0  # stinfer: batch share of graph partners (PartnerBatchSampler)
     seed: int = 0
 
@@ -93,9 +100,9 @@ class AutoencoderConfig:
             raise InputError(
                 f"d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})."
             )
-        if self.geometry_target not in ("coexpression", "rows"):
+        if self.geometry_target not in GEOMETRY_TARGETS:
             raise InputError(
-                f"geometry_target must be 'coexpression' or 'rows', got {self.geometry_target!r}."
+                f"geometry_target must be one of {GEOMETRY_TARGETS}, got {self.geometry_target!r}."
             )
         if self.geometry_weight < 0:
             raise InputError(f"geometry_weight must be >= 0, got {self.geometry_weight}.")
@@ -258,7 +265,10 @@ class PartnerBatchSampler(torch.utils.data.Sampler):
 
 
 def geometry_loss(
-    latent: torch.Tensor, rows: torch.Tensor, index: torch.Tensor | None = None
+    latent: torch.Tensor,
+    rows: torch.Tensor,
+    index: torch.Tensor | None = None,
+    pairwise: bool = False,
 ) -> torch.Tensor:
     """Mean squared difference between the cosine similarities of the latents and a target
     similarity, over the batch's distinct gene pairs.
@@ -268,26 +278,50 @@ def geometry_loss(
     ``index`` (the batch's genes, so that ``rows[a, index[b]]`` is the co-expression of genes
     ``a`` and ``b``), the target is that co-expression itself: the cosine of two embeddings
     approximates their genes' co-expression, as the dot product of SVD gene vectors
-    approximates their correlation. Without it, the target is the cosine of the input rows.
+    approximates their correlation. Without it, the target is the cosine of the input rows;
+    with ``pairwise``, ``rows`` is the ``(batch, batch)`` target itself.
     """
 
     def cosines(vectors: torch.Tensor) -> torch.Tensor:
         unit = nn.functional.normalize(vectors.float(), dim=1)
         return unit @ unit.T
 
-    target = cosines(rows) if index is None else rows[:, index].float()
+    if pairwise:
+        target = rows.float()
+    else:
+        target = cosines(rows) if index is None else rows[:, index].float()
     off_diagonal = ~torch.eye(latent.shape[0], dtype=torch.bool, device=latent.device)
     difference = (cosines(latent) - target)[off_diagonal]
     return (difference**2).mean() if difference.numel() else latent.sum() * 0.0
 
 
 class AutoencoderTask(L.LightningModule):
-    """Lightning wrapper: MSE reconstruction, Adam + cosine annealing (Suppl. S2)."""
+    """Lightning wrapper: MSE reconstruction, Adam + cosine annealing (Suppl. S2).
 
-    def __init__(self, module: CoexpressionAutoencoder, config: AutoencoderConfig) -> None:
+    ``low_rank`` (``geometry_target="low_rank"``): ``(left, right)`` factors ``(n_genes, r)``
+    of the input matrix's rank-``r`` approximation; the target of genes ``a, b`` is
+    ``left[a] @ right[b]``.
+    """
+
+    def __init__(
+        self,
+        module: CoexpressionAutoencoder,
+        config: AutoencoderConfig,
+        low_rank: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
         super().__init__()
         self.module = module
         self.config = config
+        self.low_rank = low_rank
+
+    def _geometry(self, latent: torch.Tensor, batch: torch.Tensor, index: torch.Tensor):
+        target = self.config.geometry_target
+        if target == "low_rank":
+            left, right = self.low_rank
+            genes = index.cpu()
+            block = (left[genes] @ right[genes].T).to(latent.device)
+            return geometry_loss(latent, block, pairwise=True)
+        return geometry_loss(latent, batch, index if target == "coexpression" else None)
 
     def training_step(self, batch: torch.Tensor, batch_index: int) -> torch.Tensor:
         batch, index = batch
@@ -302,8 +336,7 @@ class AutoencoderTask(L.LightningModule):
             batch_size=batch.shape[0],
         )
         if self.config.geometry_weight > 0:
-            by_coexpression = self.config.geometry_target == "coexpression"
-            geometry = geometry_loss(latent, batch, index if by_coexpression else None)
+            geometry = self._geometry(latent, batch, index)
             self.log(
                 "train/geometry",
                 geometry,
@@ -379,6 +412,19 @@ def encode_rows(
     return embeddings.astype(np.float32), errors
 
 
+def low_rank_factors(
+    matrix: sp.spmatrix | np.ndarray, rank: int, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(U S, V)`` of the rank-``rank`` truncated SVD of ``matrix`` (randomised, seeded;
+    scikit-learn's ``randomized_svd``): ``(U S)[a] @ V[b]`` approximates ``matrix[a, b]``."""
+    from sklearn.utils.extmath import randomized_svd
+
+    dense = matrix if sp.issparse(matrix) else np.asarray(matrix, dtype=np.float32)
+    rank = min(int(rank), min(dense.shape) - 1)
+    u, s, vt = randomized_svd(dense, rank, random_state=seed)
+    return torch.from_numpy((u * s).astype(np.float32)), torch.from_numpy(vt.T.astype(np.float32))
+
+
 def train_autoencoder(
     coexpression: sp.spmatrix | np.ndarray,
     config: AutoencoderConfig | None = None,
@@ -441,7 +487,10 @@ def train_autoencoder(
         trainer or TrainerConfig(), max_epochs=config.max_epochs, monitor=None, seed=config.seed
     )
     start = time.perf_counter()
-    fitted = fit(AutoencoderTask(module, config), loader, None, trainer)
+    low_rank = None
+    if config.geometry_weight > 0 and config.geometry_target == "low_rank":
+        low_rank = low_rank_factors(matrix, config.geometry_rank, config.seed)
+    fitted = fit(AutoencoderTask(module, config, low_rank), loader, None, trainer)
     embeddings, errors = encode_rows(module, matrix)
     seconds = time.perf_counter() - start
     logger.info(
