@@ -104,9 +104,6 @@ def fit(corpora: dict, variant: str, seed: int):
     from stinfer.models.gene_embeddings import CoxFormerEmbeddings, gene_embedding_config
 
     config = gene_embedding_config("fast", top_k=50, trainer={"seed": seed, "progress_bar": False})
-    if variant == "fast-low-rank":  # the geometry target: rank-64 approximation of the rows
-        autoencoder = replace(config.autoencoder, geometry_target="low_rank")
-        config = replace(config, autoencoder=autoencoder)
     if variant == "fast-top-k":  # the fast preset before the fix
         autoencoder = replace(config.autoencoder, geometry_weight=0.0, max_epochs=10, t_max=10)
         config = replace(config, autoencoder=autoencoder, autoencoder_input="top_k")
@@ -120,9 +117,7 @@ def main() -> None:
     parser.add_argument("--data-root", type=Path, default=Path("../shared/data/her2st"))
     parser.add_argument("--tune", default="A", help="patient whose sections train (A)")
     parser.add_argument("--check", default="D", help="patient whose sections score (D)")
-    parser.add_argument(
-        "--variants", nargs="+", default=["fast"], choices=["fast", "fast-top-k", "fast-low-rank"]
-    )
+    parser.add_argument("--variants", nargs="+", default=["fast"], choices=["fast", "fast-top-k"])
     parser.add_argument("--pairs", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True, help="markdown table (.md; .csv beside)")
