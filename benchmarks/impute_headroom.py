@@ -52,7 +52,13 @@ from stinfer.models.coxformer_spatial import (
     slide_log1p_cp10k,
     standardise_embeddings,
 )
-from stinfer.models.gene_baselines import choose_knn_k, knn_profiles, mean_profile
+from stinfer.models.gene_baselines import (  # the k-NN baseline's neighbour and weight rule
+    _knn_weights,
+    _nearest,
+    choose_knn_k,
+    knn_profiles,
+    mean_profile,
+)
 from stinfer.preprocess import normalise_log1p_cp10k
 
 RIDGE_PENALTIES = (1.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
@@ -97,17 +103,11 @@ def zscore_columns(values: np.ndarray) -> np.ndarray:
 def slide_correlation_knn(
     train: np.ndarray, test: np.ndarray, fit: np.ndarray, score: np.ndarray, k: int
 ) -> np.ndarray:
-    """k-NN profiles on the ``score`` spots, neighbours by measured correlation on ``fit``."""
+    """k-NN profiles on the ``score`` spots, neighbours by measured correlation on ``fit``
+    (the k-NN baseline's own neighbour and weight rule, on that correlation)."""
     correlation = zscore_columns(test[fit]).T @ zscore_columns(train[fit]) / len(fit)
-    # knn_profiles takes vectors whose cosine is the similarity: rows of the correlation
-    # matrix are not that, so rank and weight directly (the same rule: clipped similarity)
-    k = min(k, correlation.shape[1])
-    top = np.argpartition(-correlation, k - 1, axis=1)[:, :k]
-    weights = np.clip(np.take_along_axis(correlation, top, axis=1), 0.0, None) + 1e-12
-    weights /= weights.sum(axis=1, keepdims=True)
-    dense = np.zeros_like(correlation)
-    np.put_along_axis(dense, top, weights, axis=1)
-    return train[score] @ dense.T
+    index, values = _nearest(correlation, k)
+    return train[score] @ _knn_weights(index, values, k, correlation.shape[1]).T
 
 
 def section_rows(slide, table, section: str, seed: int, repeats: int) -> list[dict]:
@@ -126,9 +126,11 @@ def section_rows(slide, table, section: str, seed: int, repeats: int) -> list[di
 
     k, _ = choose_knn_k(train, train_vectors, seed=seed)
     penalty = choose_ridge_penalty(train, train_vectors, seed)
+    # row-wise linear in the spots: its rows on any half-spots are that half's k-NN profiles
+    knn = knn_profiles(train, train_vectors, test_vectors, k)
     scores = {
         "mean_profile": median_pcc(mean_profile(train, len(test_genes)), test),
-        "knn": median_pcc(knn_profiles(train, train_vectors, test_vectors, k), test),
+        "knn": median_pcc(knn, test),
         "embedding_ridge": median_pcc(
             ridge_readout(train, train_vectors, test_vectors, penalty), test
         ),
@@ -140,9 +142,7 @@ def section_rows(slide, table, section: str, seed: int, repeats: int) -> list[di
         order = rng.permutation(slide.n_obs)
         first, second = order[: slide.n_obs // 2], order[slide.n_obs // 2 :]
         for fit, score in ((first, second), (second, first)):
-            halves.setdefault("halves_knn", []).append(
-                median_pcc(knn_profiles(train[score], train_vectors, test_vectors, k), test[score])
-            )
+            halves.setdefault("halves_knn", []).append(median_pcc(knn[score], test[score]))
             halves.setdefault("halves_slide_knn", []).append(
                 median_pcc(slide_correlation_knn(train, test, fit, score, k), test[score])
             )
