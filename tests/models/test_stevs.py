@@ -51,10 +51,8 @@ def quick_fast_config(epochs: int = EPOCHS):
 
 @pytest.fixture(scope="module")
 def trained(sections) -> STEvs:
-    """The quick ``fast`` model, with the (optional) fusion calibration switched on."""
-    config = quick_fast_config()
-    config.training.fusion_calibration = "validation"
-    model = STEvs([sections[0]], genes=list(sections[0].var_names), config=config)
+    """The quick ``fast`` model (distance-aware fusion, the preset's), trained on section 1."""
+    model = STEvs([sections[0]], genes=list(sections[0].var_names), config=quick_fast_config())
     model.train()
     return model
 
@@ -142,9 +140,12 @@ def test_prediction_says_how_much_each_spot_trusted_each_expert(trained, section
     # recomputed from each expert's own posterior variance (single-modality predictions)
     var_img = trained.predict(section, mode="image").obsm["stevs_posterior_var"].astype(float)
     var_xy = trained.predict(section, mode="spatial").obsm["stevs_posterior_var"].astype(float)
-    # the fusion calibration divides each expert's precision by exp(-offset)
-    offset_img, offset_xy = trained.module.fusion.log_precision_offset.double().numpy()
-    var_img, var_xy = var_img * np.exp(-offset_img), var_xy * np.exp(-offset_xy)
+    # the distance-aware fusion multiplies each expert's variance by max(1, d2 / d2_ref)
+    fusion = trained.module.fusion
+    assert bool(fusion.distance_fitted)
+    for expert, (mode, variance) in enumerate((("image", var_img), ("spatial", var_xy))):
+        mean = torch.from_numpy(trained.predict(section, mode=mode).obsm["X_stevs"].copy())
+        variance *= np.exp(fusion.distance_log_inflation(mean, expert).double().numpy())
     np.testing.assert_allclose(image, (var_xy / (var_img + var_xy)).mean(1), rtol=1e-4)
     spatial = trained.predict(section, mode="spatial")
     assert (spatial.obs["stevs_image_expert_weight"] == 0).all()
@@ -182,10 +183,53 @@ def test_save_then_load_gives_identical_predictions(trained, sections, tmp_path)
         STEvs.load(tmp_path)
 
 
-def test_the_fusion_calibration_is_fitted_on_validation_spots_and_saved(trained, tmp_path):
+def test_the_distance_aware_fusion_trusts_an_image_unlike_the_training_ones_less(
+    trained, sections, tmp_path
+):
+    """The ``fast`` fusion fits each expert's latent distribution on the training spots and its
+    reference distance on the validation spots. Patches of uniform noise (a texture unlike any
+    training patch, which the image expert reads as nothing: image-only PCC ~0) get a clearly
+    lower image weight than the same section's own patches, and only through the distance:
+    the plain product of the same experts weighs them as it weighs the real patches. The fit is
+    saved with the weights."""
+    calibration = trained.fusion_calibration
+    n_val = round(0.1 * trained.train_slides[0].n_obs)
+    assert calibration["method"] == "distance" and calibration["validation_spots"] == n_val
+    assert calibration["training_spots"] == trained.train_slides[0].n_obs - n_val
+    section = sections[1]
+    patches = spot_patches(section, trained.config.training.patch)
+    noise = np.random.default_rng(0).integers(0, 256, patches.shape, dtype=np.uint8)
+    weight = {}
+    for name, images in (("real", patches), ("noise", noise)):
+        weight[name] = float(
+            trained.predict(section, patches=images).obs["stevs_image_expert_weight"].mean()
+        )
+    assert weight["noise"] < 0.8 * weight["real"], weight
+    assert median_pcc(trained.predict(section, mode="image", patches=noise), section) < 0.1
+    fusion = trained.module.fusion
+    fitted = {name: value.clone() for name, value in fusion.state_dict().items()}
+    fusion.distance_fitted.fill_(False)  # the plain product of the same experts
+    try:
+        plain_noise = trained.predict(section, patches=noise).obs["stevs_image_expert_weight"]
+    finally:
+        fusion.load_state_dict(fitted)
+    assert float(plain_noise.mean()) > weight["noise"] + 0.05, (float(plain_noise.mean()), weight)
+    restored = STEvs.load(trained.save(tmp_path / "run"))
+    for name, value in trained.module.fusion.state_dict().items():
+        torch.testing.assert_close(restored.module.fusion.state_dict()[name], value)
+    assert restored.fusion_calibration == calibration
+
+
+def test_the_fusion_calibration_is_fitted_on_validation_spots_and_saved(sections, tmp_path):
     """The calibration chooses the PoE shift on the validation spots: never worse there than the
     uncalibrated product, only ever lowering an expert's precision, saved with the weights."""
+    config = quick_fast_config()
+    config.training.fusion_calibration = "validation"
+    trained = STEvs([sections[0]], genes=list(sections[0].var_names), config=config)
+    trained.train()
+    assert not bool(trained.module.fusion.distance_fitted)  # one calibration at a time
     calibration = trained.fusion_calibration
+    assert calibration["method"] == "validation"
     assert calibration["validation_nll"] <= calibration["validation_nll_uncalibrated"]
     assert calibration["validation_spots"] == round(0.1 * trained.train_slides[0].n_obs)
     offsets = trained.module.fusion.log_precision_offset

@@ -151,9 +151,60 @@ def test_poe_log_precision_offset_rescales_each_experts_precision():
     mu, logvar = fusion(image, spatial)
     torch.testing.assert_close(mu, 0.25 * image.mu + 0.75 * spatial.mu)
     torch.testing.assert_close(logvar, image.logvar - math.log(4.0 / 3.0))
-    weights = image_expert_weight(*fusion.expert_logvars(image.logvar, spatial.logvar))
+    weights = image_expert_weight(
+        *fusion.expert_logvars(image.mu, image.logvar, spatial.mu, spatial.logvar)
+    )
     torch.testing.assert_close(weights, torch.full_like(weights, 0.25))
     assert "log_precision_offset" in fusion.state_dict()  # saved with the model
+
+
+def test_distance_aware_fusion_inflates_each_expert_by_its_distance_from_the_training_latents():
+    """After :meth:`PoEFusion.fit_distance` an expert's variance is multiplied by
+    ``max(1, d2 / d2_ref)``: ``d2`` the squared Mahalanobis distance (scikit-learn's Ledoit-Wolf
+    estimate on the training latents), ``d2_ref`` its median over held-out latents. A spot
+    whose image latent lies far from the training latents hands the fused mean to the
+    coordinates; typical spots, training mode and a reset fusion keep the plain product."""
+    from sklearn.covariance import LedoitWolf
+
+    generator = torch.Generator().manual_seed(0)
+    latent = 4
+    train_img, train_xy, held_img, held_xy = (
+        torch.randn(n, latent, generator=generator) for n in (400, 400, 100, 100)
+    )
+    fusion = PoEFusion(latent).eval()
+    summary = fusion.fit_distance((train_img, train_xy), (held_img, held_xy))
+    estimate = LedoitWolf().fit(train_img.double().numpy())
+    reference = float(torch.as_tensor(estimate.mahalanobis(held_img.double().numpy())).median())
+    assert summary["image_reference"] == pytest.approx(reference, rel=1e-5)
+
+    far = torch.zeros(3, latent)
+    far[:, 0] = torch.tensor([0.0, 6.0, 12.0])  # typical, far, farther (sd ~1 per dimension)
+    near_xy = torch.zeros(3, latent)
+    logvar = torch.zeros(3, latent)
+    image = ModalityPosterior(torch.zeros(3, 1), far, logvar)
+    spatial = ModalityPosterior(torch.zeros(3, 1), near_xy, logvar)
+    logvar_img, logvar_xy = fusion.expert_logvars(far, logvar, near_xy, logvar)
+    d2 = torch.as_tensor(estimate.mahalanobis(far.double().numpy())).float()
+    expected = torch.log((d2 / reference).clamp_min(1.0))
+    torch.testing.assert_close(
+        logvar_img, expected[:, None].expand(3, latent), rtol=1e-4, atol=1e-5
+    )
+    torch.testing.assert_close(logvar_xy, torch.zeros(3, latent))  # at the training mean
+    weights = image_expert_weight(logvar_img, logvar_xy)
+    assert weights[0] == pytest.approx(0.5) and 0.5 > weights[1] > weights[2]
+    assert float(weights[2]) < 0.1
+    mu, _ = fusion(image, spatial)
+    torch.testing.assert_close(mu[0], far[0])
+    assert float(mu[2, 0]) < 0.1 * 12.0  # the far image latent barely moves the fused mean
+
+    fusion.train()  # training (and test-time adaptation) see the plain experts
+    torch.testing.assert_close(fusion(image, spatial), fuse_poe(far, logvar, near_xy, logvar))
+    fusion.eval()
+    fusion.reset_distance()
+    torch.testing.assert_close(fusion(image, spatial), fuse_poe(far, logvar, near_xy, logvar))
+    assert {"latent_mean", "latent_precision", "distance_reference", "distance_fitted"} <= set(
+        fusion.state_dict()
+    )
 
 
 def test_calibration_offsets_only_ever_make_the_over_trusted_expert_less_precise():

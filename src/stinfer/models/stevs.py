@@ -92,7 +92,10 @@ IN_MEMORY_PATCH_BYTES = 1 << 30
 # Candidate PoE shifts of the fusion calibration (log-precision units, see calibration_offsets):
 # from "coordinates only" to "image only" in steps of a factor e^0.5 in the precision ratio.
 FUSION_CALIBRATION_SHIFTS = tuple(float(v) for v in np.arange(-16.0, 16.25, 0.5))
-FUSION_CALIBRATIONS = ("none", "validation")
+FUSION_CALIBRATIONS = ("none", "validation", "distance")
+# The distance-aware fusion fits each expert's latent distribution on at most this many seeded
+# training spots: a Gaussian in the latent dimension needs thousands at most, not a cohort.
+DISTANCE_FIT_SPOTS = 20_000
 # A streamed slide's colour moments are estimated from this many seeded random spots.
 COLOUR_SAMPLE_SPOTS = 4096
 # Posterior samples per validation spot when the uncertainty calibration is fitted.
@@ -117,11 +120,18 @@ class STEvsTrainingConfig:
     differs as a whole, and the encoder should read differences between spots, not the
     section's overall colour.
 
-    ``fusion_calibration="validation"`` shifts the PoE experts' relative precision after
-    training to what predicts the validation spots best (:meth:`STEvs._calibrate_fusion`).
-    It is off in both presets: random validation spots of the training section reward the
-    coordinate expert for interpolating between neighbours, which it cannot do on another
-    section (``benchmarks/her2st_fusion_calibration.yaml`` measures it).
+    ``fusion_calibration`` corrects what the Product of Experts believes of each expert after
+    training. ``"distance"`` (the ``fast`` preset) makes each expert's variance grow with how far
+    a spot's posterior mean lies from the means of the training spots
+    (:meth:`~stinfer.nn.fusion.PoEFusion.fit_distance`), per spot and at prediction time: an
+    image expert reading a section unlike the training ones, or a coordinate expert outside the
+    training tissue, then weighs less. The experts' own variances are learned on the training
+    spots, where a flexible encoder is confident, and carry nothing about transfer to another
+    section (``benchmarks/synthetic_fusion.yaml``). ``"validation"`` instead shifts the experts'
+    relative precision to what predicts the validation spots best
+    (:meth:`STEvs._calibrate_fusion`); it is off in both presets: random validation spots of the
+    training section reward the coordinate expert for interpolating between neighbours, which
+    it cannot do on another section (``benchmarks/her2st_fusion_calibration.yaml``).
 
     ``observed_library`` (``expression_scale="profile"`` only): the NB term of a training spot
     uses its observed total over the panel as library size (scVI), so the composition head
@@ -155,7 +165,7 @@ class STEvsTrainingConfig:
     modality_dropout: float = 0.0  # probability a batch trains one expert alone (MVAE subsets)
     observed_library: bool = False  # profile scale: NB term uses the observed library (scVI)
     subset_elbo: bool = False  # each expert alone also explains the counts (MVAE subsets)
-    fusion_calibration: str = "none"  # "validation": PoE weights chosen on the validation spots
+    fusion_calibration: str = "none"  # "distance" / "validation": see the class docstring
     initialise_decoder: bool = True  # gene decoder output biases start at the training means
     cache_features: bool = True  # frozen encoder: compute backbone features once per slide
     feature_store: str | None = None  # zarr store of those features, shared across runs
@@ -317,7 +327,11 @@ def fast_preset() -> STEvsModelConfig:
       memorise the training section's layout and transfer worse to a serial section;
     - ``subset_elbo=True``: besides the fused ELBO, each expert alone also decodes the counts
       (MVAE sub-sampled ELBOs, Wu & Goodman 2018), so each expert's Gaussian is a calibrated
-      estimate on its own, which is what the product of experts assumes when it weighs them.
+      estimate on its own, which is what the product of experts assumes when it weighs them;
+    - ``fusion_calibration="distance"``: each expert's variance grows with the distance of a
+      spot's latent from the training spots' latents, so an expert that extrapolates (an image
+      unlike the training section's) is trusted less, spot by spot
+      (:meth:`~stinfer.nn.fusion.PoEFusion.fit_distance`).
     """
     module = STEvsConfig(
         backbone="stinfer_histology_cnn",
@@ -343,6 +357,7 @@ def fast_preset() -> STEvsModelConfig:
         modality_dropout=0.3,
         observed_library=True,
         subset_elbo=True,
+        fusion_calibration="distance",
     )
     trainer = TrainerConfig(max_epochs=30, monitor=None, swa_epoch_start=0.5)
     return STEvsModelConfig(module=module, training=training, trainer=trainer)
@@ -636,7 +651,7 @@ class STEvs:
         )
         self.fit_result: FitResult | None = None
         self.validation_image_expert_weight: float | None = None
-        self.fusion_calibration: dict[str, float] | None = None
+        self.fusion_calibration: dict[str, Any] | None = None
         self.uncertainty_calibration: dict[str, Any] | None = None
         self.feature_weights_id: str | None = None
         if self.config.training.feature_store is not None and not self._uses_cached_features():
@@ -862,14 +877,19 @@ class STEvs:
             generator=generator,
             collate_fn=stacked_batch,
         )
-        val_loader = None
-        if n_val:
-            val_loader = DataLoader(
-                torch.utils.data.Subset(dataset, val_idx.tolist()),
-                batch_size=training.predict_batch_size,
-                collate_fn=stacked_batch,
-            )
+        val_loader = self._spot_loader(dataset, val_idx) if n_val else None
         return train_loader, val_loader
+
+    def _spot_loader(
+        self, dataset: SpotDataset, indices: np.ndarray, batch_size: int | None = None
+    ) -> DataLoader:
+        """The spots ``indices`` of ``dataset`` in order, in batches of ``batch_size``
+        (default: the prediction batch size)."""
+        return DataLoader(
+            torch.utils.data.Subset(dataset, indices.tolist()),
+            batch_size=batch_size or self.config.training.predict_batch_size,
+            collate_fn=stacked_batch,
+        )
 
     # ----------------------------------------------------------------- training
     def train(self, patches: Sequence[np.ndarray] | None = None) -> FitResult:
@@ -893,12 +913,15 @@ class STEvs:
                 self.module.gene_decoder.initialise_from_totals(*dataset.count_totals())
             if isinstance(self.module.fusion, PoEFusion):
                 self.module.fusion.log_precision_offset.zero_()
+                self.module.fusion.reset_distance()
             task = STEvsTask(self.module, self.config.training, colour_transforms=transforms)
             self.fit_result = fit(task, train_loader, val_loader, trainer_config)
             self.module.eval()
-            experts = self._validation_experts(task, val_loader)
+            experts = self._expert_posteriors(task, val_loader)
             if experts is not None and self.config.training.fusion_calibration == "validation":
                 self._calibrate_fusion(*experts)
+            if experts is not None and self.config.training.fusion_calibration == "distance":
+                self._fit_distance_fusion(task, dataset, experts[0])
             if experts is not None:
                 self.validation_image_expert_weight = float(
                     self.module.image_expert_weight(experts[0]).mean()
@@ -1058,18 +1081,20 @@ class STEvs:
         return record
 
     @torch.no_grad()
-    def _validation_experts(
-        self, task: STEvsTask, loader: DataLoader | None
-    ) -> tuple[dict[str, torch.Tensor], torch.Tensor] | None:
+    def _expert_posteriors(
+        self, task: STEvsTask, loader: DataLoader | None, keep_counts: bool = True
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None] | None:
         """Both experts' posteriors (``mu_img``, ``logvar_img``, ``mu_xy``, ``logvar_xy``) and
-        the counts of the validation spots, with the trained weights; ``None`` without
-        validation spots or without the Product of Experts."""
+        the counts of the spots of ``loader`` (unaugmented; ``None`` unless ``keep_counts``:
+        a dense spots x genes matrix), with the trained weights; ``None`` without spots or
+        without the Product of Experts."""
         if loader is None or not isinstance(self.module.fusion, PoEFusion):
             return None
         device = next(self.module.parameters()).device
         keys = ("mu_img", "logvar_img", "mu_xy", "logvar_xy")
         parts: dict[str, list[torch.Tensor]] = {key: [] for key in keys}
         counts = []
+        n_spots = 0
         for inputs, coords, batch_counts, targets, slides in loader:
             inputs, _ = task._prepare(inputs.to(device), targets.to(device), slides, augment=False)
             outputs = self.module(
@@ -1077,10 +1102,47 @@ class STEvs:
             )
             for key in keys:
                 parts[key].append(outputs[key].float())
-            counts.append(batch_counts.to(device).float())
-        if not counts:
+            n_spots += len(coords)
+            if keep_counts:
+                counts.append(batch_counts.to(device).float())
+        if not n_spots:
             return None
-        return {key: torch.cat(values) for key, values in parts.items()}, torch.cat(counts)
+        posteriors = {key: torch.cat(values) for key, values in parts.items()}
+        return posteriors, torch.cat(counts) if keep_counts else None
+
+    def _fit_distance_fusion(
+        self, task: STEvsTask, dataset: SpotDataset, held_out: dict[str, torch.Tensor]
+    ) -> None:
+        """Fit the distance-aware fusion (:meth:`~stinfer.nn.fusion.PoEFusion.fit_distance`):
+        each expert's latent distribution from the training spots (up to
+        :data:`DISTANCE_FIT_SPOTS`, seeded), its reference distance from the validation spots'
+        posteriors ``held_out``."""
+        seed = self.config.trainer.seed
+        train_idx, _ = validation_split(self.train_slides, self.config.training.val_fraction, seed)
+        if len(train_idx) > DISTANCE_FIT_SPOTS:
+            rng = np.random.default_rng(seed)
+            train_idx = np.sort(rng.choice(train_idx, DISTANCE_FIT_SPOTS, replace=False))
+        # in training-sized batches: the encoder's activations bound this pass's peak memory
+        loader = self._spot_loader(dataset, train_idx, self.config.training.batch_size)
+        training = self._expert_posteriors(task, loader, keep_counts=False)
+        assert training is not None  # PoE and at least one spot, as for held_out
+        summary = self.module.fusion.fit_distance(
+            (training[0]["mu_img"], training[0]["mu_xy"]), (held_out["mu_img"], held_out["mu_xy"])
+        )
+        self.fusion_calibration = {
+            "method": "distance",
+            "training_spots": len(train_idx),
+            "validation_spots": len(held_out["mu_img"]),
+            **summary,
+        }
+        logger.info(
+            "STEvs distance-aware fusion fitted on %d training spots; reference squared "
+            "distance of %d validation spots: image %.1f, coordinates %.1f",
+            len(train_idx),
+            len(held_out["mu_img"]),
+            summary["image_reference"],
+            summary["spatial_reference"],
+        )
 
     def _calibrate_fusion(self, experts: dict[str, torch.Tensor], counts: torch.Tensor) -> None:
         """Set the PoE log-precision offset that predicts the validation spots best.
@@ -1099,6 +1161,7 @@ class STEvs:
         offsets = torch.tensor(calibration_offsets(shift))
         self.module.fusion.log_precision_offset.copy_(offsets)
         self.fusion_calibration = {
+            "method": "validation",
             "shift": shift,
             "validation_nll": float(scores[best]),
             "validation_nll_uncalibrated": float(scores[FUSION_CALIBRATION_SHIFTS.index(0.0)]),
@@ -1514,8 +1577,9 @@ class STEvs:
         model.feature_weights_id = saved.state.get("feature_weights_id")
         model.module = STEvsModule(num_genes=len(genes), config=config.module)
         weights = saved.tensors()
-        if isinstance(model.module.fusion, PoEFusion):  # saved before the fusion calibration
-            weights.setdefault("fusion.log_precision_offset", torch.zeros(2))
+        if isinstance(model.module.fusion, PoEFusion):  # saved before the fusion calibrations
+            for name, neutral in model.module.fusion.state_dict().items():
+                weights.setdefault(f"fusion.{name}", neutral)
         model.module.load_state_dict(weights)
         model.module.eval()
         return model

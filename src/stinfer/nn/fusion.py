@@ -154,27 +154,109 @@ def reparameterize(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 class PoEFusion(nn.Module):
     """Product-of-Experts fusion of the two expert posteriors (STEvs Eq. 1); no trained parameters.
 
-    ``log_precision_offset`` ``(2,)`` (image, coordinates) is added to each expert's
-    log-precision before the product, i.e. subtracted from its log-variance: zero (the paper's
-    PoE) unless :func:`calibrate_log_precision_offset` set it from held-out spots. It is a
-    buffer, so it is saved with the weights.
+    Two optional corrections of the experts' log-variances, both buffers (saved with the
+    weights) that are neutral until set after training:
+
+    - ``log_precision_offset`` ``(2,)`` (image, coordinates) is added to each expert's
+      log-precision before the product, i.e. subtracted from its log-variance: zero (the paper's
+      PoE) unless the validation calibration set it (:func:`calibration_offsets`).
+    - the distance-aware variance (:meth:`fit_distance`): an expert whose posterior mean lies
+      far from the means it gave the training spots is extrapolating, so its variance is
+      multiplied by ``max(1, d2 / d2_ref)``, ``d2`` the squared Mahalanobis distance of the
+      spot's mean from the training spots' means and ``d2_ref`` the median of ``d2`` over
+      held-out spots of the training slides (the distance of an ordinary unseen spot). This is
+      the feature-density view of epistemic uncertainty (DDU, Mukhoti et al. 2023; SNGP, Liu
+      et al. 2020) put on each expert, so that an image of a section unlike the training ones
+      no longer outweighs the coordinates by a confidence it learned on the training section.
+      It applies in eval mode only: training and test-time adaptation see the plain experts.
+
+    Parameters
+    ----------
+    latent_dim
+        Latent size ``D`` of the experts (sets the shape of the distance buffers).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, latent_dim: int = 128) -> None:
         super().__init__()
         self.register_buffer("log_precision_offset", torch.zeros(2))
+        self.register_buffer("latent_mean", torch.zeros(2, latent_dim))
+        self.register_buffer("latent_precision", torch.eye(latent_dim).repeat(2, 1, 1))
+        self.register_buffer("distance_reference", torch.ones(2))
+        self.register_buffer("distance_fitted", torch.tensor(False))
+
+    @torch.no_grad()
+    def fit_distance(
+        self,
+        training_means: tuple[torch.Tensor, torch.Tensor],
+        held_out_means: tuple[torch.Tensor, torch.Tensor],
+    ) -> dict[str, float]:
+        """Fit the distance-aware variance from the experts' posterior means.
+
+        ``training_means`` and ``held_out_means`` are ``(image, coordinates)`` pairs of
+        ``(N, D)`` means: of the spots the model was trained on (the mean and a Ledoit-Wolf
+        shrunk covariance of each expert's means, scikit-learn: ``D`` may exceed what a few
+        hundred spots estimate well) and of held-out spots of the same slides (the reference
+        distance). Returns each expert's reference and the median distance ratio of the
+        held-out spots, for the log.
+        """
+        from sklearn.covariance import LedoitWolf  # scikit-learn is imported only when fitting
+
+        summary: dict[str, float] = {}
+        for index, (name, train, held_out) in enumerate(
+            zip(("image", "spatial"), training_means, held_out_means, strict=True)
+        ):
+            estimate = LedoitWolf().fit(train.double().cpu().numpy())
+            self.latent_mean[index].copy_(torch.from_numpy(estimate.location_))
+            self.latent_precision[index].copy_(torch.from_numpy(estimate.precision_))
+            distances = self._squared_distances(held_out.to(self.latent_mean), index)
+            reference = float(distances.median().clamp_min(1e-6))
+            self.distance_reference[index] = reference
+            summary[f"{name}_reference"] = reference
+        self.distance_fitted.fill_(True)
+        return summary
+
+    def reset_distance(self) -> None:
+        """Back to the plain experts (before training again)."""
+        self.latent_mean.zero_()
+        self.latent_precision.copy_(torch.eye(self.latent_mean.shape[1]).repeat(2, 1, 1))
+        self.distance_reference.fill_(1.0)
+        self.distance_fitted.fill_(False)
+
+    def _squared_distances(self, mu: torch.Tensor, index: int) -> torch.Tensor:
+        centred = mu.float() - self.latent_mean[index].float()
+        return ((centred @ self.latent_precision[index].float()) * centred).sum(-1)
+
+    def distance_log_inflation(self, mu: torch.Tensor, expert: int) -> torch.Tensor | None:
+        """``(N, 1)`` log of expert ``expert``'s variance factor (0 image, 1 coordinates),
+        ``log max(1, d2 / d2_ref)``; ``None`` when not fitted or in training mode."""
+        if self.training or not bool(self.distance_fitted):
+            return None
+        ratio = self._squared_distances(mu, expert) / self.distance_reference[expert].float()
+        return torch.log(ratio.clamp_min(1.0)).unsqueeze(-1).to(mu.dtype)
 
     def expert_logvars(
-        self, logvar_img: torch.Tensor, logvar_xy: torch.Tensor
+        self,
+        mu_img: torch.Tensor,
+        logvar_img: torch.Tensor,
+        mu_xy: torch.Tensor,
+        logvar_xy: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The experts' log-variances as the product uses them (after the calibration offset)."""
+        """The experts' ``(N, D)`` log-variances as the product uses them: after the
+        calibration offset and the distance-aware inflation (see the class)."""
         offset = self.log_precision_offset.to(logvar_img.dtype)
-        return logvar_img - offset[0], logvar_xy - offset[1]
+        logvar_img, logvar_xy = logvar_img - offset[0], logvar_xy - offset[1]
+        inflation_img = self.distance_log_inflation(mu_img, 0)
+        if inflation_img is not None:
+            logvar_img = logvar_img + inflation_img
+            logvar_xy = logvar_xy + self.distance_log_inflation(mu_xy, 1)
+        return logvar_img, logvar_xy
 
     def forward(
         self, image: ModalityPosterior, spatial: ModalityPosterior
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        logvar_img, logvar_xy = self.expert_logvars(image.logvar, spatial.logvar)
+        logvar_img, logvar_xy = self.expert_logvars(
+            image.mu, image.logvar, spatial.mu, spatial.logvar
+        )
         return fuse_poe(image.mu, logvar_img, spatial.mu, logvar_xy)
 
 
@@ -305,7 +387,7 @@ def build_fusion(
         For an unknown name; the message lists the valid ones.
     """
     if name == "poe":
-        return PoEFusion()
+        return PoEFusion(latent_dim)
     if name == "mean":
         return MeanFusion()
     if name == "concat":

@@ -474,7 +474,9 @@ class STEvsModule(nn.Module):
         if "logvar_img" not in outputs or "logvar_xy" not in outputs:
             return None
         return image_expert_weight(
-            *self.fusion.expert_logvars(outputs["logvar_img"], outputs["logvar_xy"])
+            *self.fusion.expert_logvars(
+                outputs["mu_img"], outputs["logvar_img"], outputs["mu_xy"], outputs["logvar_xy"]
+            )
         )
 
     @torch.no_grad()
