@@ -920,8 +920,16 @@ class STEvs:
             experts = self._expert_posteriors(task, val_loader)
             if experts is not None and self.config.training.fusion_calibration == "validation":
                 self._calibrate_fusion(*experts)
-            if experts is not None and self.config.training.fusion_calibration == "distance":
+            calibration = self.config.training.fusion_calibration
+            if experts is not None and calibration == "distance":
                 self._fit_distance_fusion(task, dataset, experts[0])
+            elif experts is None and calibration != "none":
+                logger.warning(
+                    "STEvs fusion_calibration=%r needs validation spots (none here: fewer than "
+                    "20 spots or val_fraction=0) and the Product of Experts; the experts are "
+                    "fused as trained",
+                    calibration,
+                )
             if experts is not None:
                 self.validation_image_expert_weight = float(
                     self.module.image_expert_weight(experts[0]).mean()
