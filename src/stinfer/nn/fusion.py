@@ -196,8 +196,8 @@ class PoEFusion(nn.Module):
         ``(N, D)`` means: of the spots the model was trained on (the mean and a Ledoit-Wolf
         shrunk covariance of each expert's means, scikit-learn: ``D`` may exceed what a few
         hundred spots estimate well) and of held-out spots of the same slides (the reference
-        distance). Returns each expert's reference and the median distance ratio of the
-        held-out spots, for the log.
+        distance). Returns each expert's reference distance (``image_reference``,
+        ``spatial_reference``), for the log.
         """
         from sklearn.covariance import LedoitWolf  # scikit-learn is imported only when fitting
 
