@@ -140,12 +140,28 @@ def test_prediction_says_how_much_each_spot_trusted_each_expert(trained, section
     # recomputed from each expert's own posterior variance (single-modality predictions)
     var_img = trained.predict(section, mode="image").obsm["stevs_posterior_var"].astype(float)
     var_xy = trained.predict(section, mode="spatial").obsm["stevs_posterior_var"].astype(float)
-    # the distance-aware fusion multiplies each expert's variance by max(1, d2 / d2_ref)
+    # the distance-aware fusion floors each expert's variance at its training range and
+    # multiplies it by max(1, d2 / d2_ref), for the image expert the larger of its latent's and
+    # its backbone features' ratio
     fusion = trained.module.fusion
-    assert bool(fusion.distance_fitted)
-    for expert, (mode, variance) in enumerate((("image", var_img), ("spatial", var_xy))):
-        mean = torch.from_numpy(trained.predict(section, mode=mode).obsm["X_stevs"].copy())
-        variance *= np.exp(fusion.distance_log_inflation(mean, expert).double().numpy())
+    floor = fusion.logvar_floor.exp().double().numpy()
+    var_img, var_xy = np.maximum(var_img, floor[0]), np.maximum(var_xy, floor[1])
+    assert bool(fusion.distance_fitted) and bool(fusion.feature_distance_fitted)
+    features = []
+    hook = trained.module.image_encoder.register_forward_hook(
+        lambda module, inputs, output: features.append(output.features)
+    )
+    try:
+        means = [
+            torch.from_numpy(trained.predict(section, mode=mode).obsm["X_stevs"].copy())
+            for mode in ("image", "spatial")
+        ]
+    finally:
+        hook.remove()
+    inflation_img = fusion.distance_log_inflation(means[0], 0, torch.cat(features))
+    assert (inflation_img >= fusion.distance_log_inflation(means[0], 0)).all()
+    var_img *= np.exp(inflation_img.double().numpy())
+    var_xy *= np.exp(fusion.distance_log_inflation(means[1], 1).double().numpy())
     np.testing.assert_allclose(image, (var_xy / (var_img + var_xy)).mean(1), rtol=1e-4)
     spatial = trained.predict(section, mode="spatial")
     assert (spatial.obs["stevs_image_expert_weight"] == 0).all()
@@ -190,8 +206,10 @@ def test_the_distance_aware_fusion_trusts_an_image_unlike_the_training_ones_less
     reference distance on the validation spots. Patches of uniform noise (a texture unlike any
     training patch, which the image expert reads as nothing: image-only PCC ~0) get a clearly
     lower image weight than the same section's own patches, and only through the distance:
-    the plain product of the same experts weighs them as it weighs the real patches. The fit is
-    saved with the weights."""
+    the plain product of the same experts weighs them as it weighs the real patches. Blank
+    grey patches, which drive the image expert's raw variance below anything it had in
+    training, are handed to the coordinates: the fused prediction is then the spatial one.
+    The fit is saved with the weights."""
     calibration = trained.fusion_calibration
     n_val = round(0.1 * trained.train_slides[0].n_obs)
     assert calibration["method"] == "distance" and calibration["validation_spots"] == n_val
@@ -199,12 +217,16 @@ def test_the_distance_aware_fusion_trusts_an_image_unlike_the_training_ones_less
     section = sections[1]
     patches = spot_patches(section, trained.config.training.patch)
     noise = np.random.default_rng(0).integers(0, 256, patches.shape, dtype=np.uint8)
-    weight = {}
-    for name, images in (("real", patches), ("noise", noise)):
-        weight[name] = float(
-            trained.predict(section, patches=images).obs["stevs_image_expert_weight"].mean()
-        )
+    blank = np.full_like(patches, 200)
+    weight, fused = {}, {}
+    for name, images in (("real", patches), ("noise", noise), ("blank", blank)):
+        prediction = trained.predict(section, patches=images)
+        weight[name] = float(prediction.obs["stevs_image_expert_weight"].mean())
+        fused[name] = median_pcc(prediction, section)
     assert weight["noise"] < 0.8 * weight["real"], weight
+    assert weight["blank"] < 0.25 * weight["real"], weight
+    spatial_only = median_pcc(trained.predict(section, mode="spatial"), section)
+    assert fused["blank"] > spatial_only - 0.03, (fused, spatial_only)
     assert median_pcc(trained.predict(section, mode="image", patches=noise), section) < 0.1
     fusion = trained.module.fusion
     fitted = {name: value.clone() for name, value in fusion.state_dict().items()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -158,6 +159,43 @@ def test_poe_log_precision_offset_rescales_each_experts_precision():
     assert "log_precision_offset" in fusion.state_dict()  # saved with the model
 
 
+def _experts(mu_img, mu_xy, logvar, features=None):
+    """Posteriors as ``STEvsModule.forward`` returns them, both experts with ``logvar``."""
+    experts = {"mu_img": mu_img, "logvar_img": logvar, "mu_xy": mu_xy, "logvar_xy": logvar}
+    if features is not None:
+        experts["features_img"] = features
+    return experts
+
+
+def test_distance_aware_fusion_floors_each_experts_log_variance_at_its_training_quantile():
+    """No expert is more certain than on its 1 % most certain training spots: a log-variance
+    far below the training range (a blank patch) is raised to the per-dimension 1 % quantile
+    (torch.quantile's linear interpolation) in eval mode; training sees the raw values."""
+    generator = torch.Generator().manual_seed(3)
+    latent = 2
+    logvar_img = torch.randn(1000, latent, generator=generator)
+    logvar_xy = torch.randn(1000, latent, generator=generator) - 1.0
+    means = torch.zeros(1000, latent)
+    fusion = PoEFusion(latent).eval()
+    fusion.fit_distance(
+        {"mu_img": means, "logvar_img": logvar_img, "mu_xy": means, "logvar_xy": logvar_xy},
+        _experts(means[:50], means[:50], torch.zeros(50, latent)),
+    )
+    floor_img = torch.from_numpy(np.quantile(logvar_img.numpy(), 0.01, axis=0)).float()
+    floor_xy = torch.from_numpy(np.quantile(logvar_xy.numpy(), 0.01, axis=0)).float()
+    torch.testing.assert_close(fusion.logvar_floor, torch.stack([floor_img, floor_xy]))
+    at_mean = torch.zeros(2, latent)
+    confident = torch.tensor([[-30.0, 0.5], [-30.0, -30.0]])
+    out_img, out_xy = fusion.expert_logvars(at_mean, confident, at_mean, confident)
+    torch.testing.assert_close(out_img, torch.maximum(confident, floor_img))
+    torch.testing.assert_close(out_xy, torch.maximum(confident, floor_xy))
+    assert float(out_img[0, 1]) == 0.5  # above the floor: unchanged
+    fusion.train()
+    torch.testing.assert_close(
+        fusion.expert_logvars(at_mean, confident, at_mean, confident)[0], confident
+    )
+
+
 def test_distance_aware_fusion_inflates_each_expert_by_its_distance_from_the_training_latents():
     """After :meth:`PoEFusion.fit_distance` an expert's variance is multiplied by
     ``max(1, d2 / d2_ref)``: ``d2`` the squared Mahalanobis distance (scikit-learn's Ledoit-Wolf
@@ -172,7 +210,10 @@ def test_distance_aware_fusion_inflates_each_expert_by_its_distance_from_the_tra
         torch.randn(n, latent, generator=generator) for n in (400, 400, 100, 100)
     )
     fusion = PoEFusion(latent).eval()
-    summary = fusion.fit_distance((train_img, train_xy), (held_img, held_xy))
+    summary = fusion.fit_distance(
+        _experts(train_img, train_xy, torch.zeros(400, latent)),
+        _experts(held_img, held_xy, torch.zeros(100, latent)),
+    )
     estimate = LedoitWolf().fit(train_img.double().numpy())
     reference = float(torch.as_tensor(estimate.mahalanobis(held_img.double().numpy())).median())
     assert summary["image_reference"] == pytest.approx(reference, rel=1e-5)
@@ -202,8 +243,63 @@ def test_distance_aware_fusion_inflates_each_expert_by_its_distance_from_the_tra
     fusion.eval()
     fusion.reset_distance()
     torch.testing.assert_close(fusion(image, spatial), fuse_poe(far, logvar, near_xy, logvar))
-    assert {"latent_mean", "latent_precision", "distance_reference", "distance_fitted"} <= set(
-        fusion.state_dict()
+    assert {
+        "logvar_floor",
+        "latent_mean",
+        "latent_precision",
+        "distance_reference",
+        "distance_fitted",
+    } <= set(fusion.state_dict())
+
+
+def test_image_expert_also_inflated_by_the_distance_of_its_backbone_features():
+    """A patch whose backbone features are far from every training patch's (a blank or noise
+    patch) but whose latent is ordinary (the latent head projects the unusual direction away)
+    is caught by the feature distance: the image variance grows by the larger of the latent
+    and the feature ratio, the feature ratio as scikit-learn's Ledoit-Wolf Mahalanobis
+    distance over its median on held-out features. Without features the latent ratio alone
+    applies, as for a module built without ``feature_dim``."""
+    from sklearn.covariance import LedoitWolf
+
+    generator = torch.Generator().manual_seed(1)
+    latent, width = 3, 6
+    train_feat, held_feat = (torch.randn(n, width, generator=generator) for n in (500, 120))
+    projection = torch.zeros(width, latent)
+    projection[:latent, :latent] = torch.eye(latent)  # the latent sees features 0-2 only
+    fusion = PoEFusion(latent, feature_dim=width).eval()
+    summary = fusion.fit_distance(
+        _experts(
+            train_feat @ projection, train_feat @ projection, torch.zeros(500, latent), train_feat
+        ),
+        _experts(
+            held_feat @ projection, held_feat @ projection, torch.zeros(120, latent), held_feat
+        ),
+    )
+    estimate = LedoitWolf().fit(train_feat.double().numpy())
+    reference = float(torch.as_tensor(estimate.mahalanobis(held_feat.double().numpy())).median())
+    assert summary["image_feature_reference"] == pytest.approx(reference, rel=1e-5)
+
+    features = torch.zeros(2, width)
+    features[1, 5] = 15.0  # far along a direction the latent does not see
+    mu = features @ projection  # both at the training mean in latent space
+    logvar = torch.zeros(2, latent)
+    logvar_img, logvar_xy = fusion.expert_logvars(mu, logvar, mu, logvar, features)
+    d2 = torch.as_tensor(estimate.mahalanobis(features.double().numpy())).float()
+    expected = torch.log((d2 / reference).clamp_min(1.0))
+    assert float(expected[1]) > math.log(10.0) and float(expected[0]) == 0.0
+    torch.testing.assert_close(
+        logvar_img, expected[:, None].expand(2, latent), rtol=1e-4, atol=1e-5
+    )
+    torch.testing.assert_close(logvar_xy, torch.zeros(2, latent))  # coordinates: latent only
+    weights = image_expert_weight(logvar_img, logvar_xy)
+    assert weights[0] == pytest.approx(0.5) and float(weights[1]) < 0.1
+    # without the features, or in a module without feature buffers, only the latent counts
+    plain = fusion.expert_logvars(mu, logvar, mu, logvar)
+    torch.testing.assert_close(plain[0], torch.zeros(2, latent))
+    fusion.reset_distance()
+    assert not bool(fusion.feature_distance_fitted)
+    torch.testing.assert_close(
+        fusion.expert_logvars(mu, logvar, mu, logvar, features)[0], torch.zeros(2, latent)
     )
 
 

@@ -122,10 +122,11 @@ class STEvsTrainingConfig:
 
     ``fusion_calibration`` corrects what the Product of Experts believes of each expert after
     training. ``"distance"`` (the ``fast`` preset) makes each expert's variance grow with how far
-    a spot's posterior mean lies from the means of the training spots
-    (:meth:`~stinfer.nn.fusion.PoEFusion.fit_distance`), per spot and at prediction time: an
-    image expert reading a section unlike the training ones, or a coordinate expert outside the
-    training tissue, then weighs less. The experts' own variances are learned on the training
+    a spot's posterior mean (for the image also its backbone features) lies from the training
+    spots', and never lets it fall below the expert's variance on its most certain training
+    spots (:class:`~stinfer.nn.fusion.PoEFusion`), per spot and at prediction time: an image
+    expert reading a section unlike the training ones or a patch that is not tissue, or a
+    coordinate expert outside the training tissue, then weighs less. The experts' own variances are learned on the training
     spots, where a flexible encoder is confident, and carry nothing about transfer to another
     section (``benchmarks/synthetic_fusion.yaml``). ``"validation"`` instead shifts the experts'
     relative precision to what predicts the validation spots best
@@ -329,9 +330,10 @@ def fast_preset() -> STEvsModelConfig:
       (MVAE sub-sampled ELBOs, Wu & Goodman 2018), so each expert's Gaussian is a calibrated
       estimate on its own, which is what the product of experts assumes when it weighs them;
     - ``fusion_calibration="distance"``: each expert's variance grows with the distance of a
-      spot's latent from the training spots' latents, so an expert that extrapolates (an image
-      unlike the training section's) is trusted less, spot by spot
-      (:meth:`~stinfer.nn.fusion.PoEFusion.fit_distance`).
+      spot's latent (and, for the image, its backbone features) from the training spots', and
+      is floored at its training range, so an expert that extrapolates (an image unlike the
+      training section's, a patch that is not tissue) is trusted less, spot by spot
+      (:class:`~stinfer.nn.fusion.PoEFusion`).
     """
     module = STEvsConfig(
         backbone="stinfer_histology_cnn",
@@ -1092,14 +1094,14 @@ class STEvs:
     def _expert_posteriors(
         self, task: STEvsTask, loader: DataLoader | None, keep_counts: bool = True
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None] | None:
-        """Both experts' posteriors (``mu_img``, ``logvar_img``, ``mu_xy``, ``logvar_xy``) and
-        the counts of the spots of ``loader`` (unaugmented; ``None`` unless ``keep_counts``:
+        """Both experts' posteriors (``mu_img``, ``logvar_img``, ``mu_xy``, ``logvar_xy``), the
+        image backbone features (``features_img``) and the counts of the spots of ``loader`` (unaugmented; ``None`` unless ``keep_counts``:
         a dense spots x genes matrix), with the trained weights; ``None`` without spots or
         without the Product of Experts."""
         if loader is None or not isinstance(self.module.fusion, PoEFusion):
             return None
         device = next(self.module.parameters()).device
-        keys = ("mu_img", "logvar_img", "mu_xy", "logvar_xy")
+        keys = ("mu_img", "logvar_img", "mu_xy", "logvar_xy", "features_img")
         parts: dict[str, list[torch.Tensor]] = {key: [] for key in keys}
         counts = []
         n_spots = 0
@@ -1122,9 +1124,9 @@ class STEvs:
         self, task: STEvsTask, dataset: SpotDataset, held_out: dict[str, torch.Tensor]
     ) -> None:
         """Fit the distance-aware fusion (:meth:`~stinfer.nn.fusion.PoEFusion.fit_distance`):
-        each expert's latent distribution from the training spots (up to
-        :data:`DISTANCE_FIT_SPOTS`, seeded), its reference distance from the validation spots'
-        posteriors ``held_out``."""
+        each expert's log-variance floor and latent distribution (and the image backbone
+        features') from the training spots (up to :data:`DISTANCE_FIT_SPOTS`, seeded), the
+        reference distances from the validation spots' posteriors ``held_out``."""
         seed = self.config.trainer.seed
         train_idx, _ = validation_split(self.train_slides, self.config.training.val_fraction, seed)
         if len(train_idx) > DISTANCE_FIT_SPOTS:
@@ -1134,9 +1136,7 @@ class STEvs:
         loader = self._spot_loader(dataset, train_idx, self.config.training.batch_size)
         training = self._expert_posteriors(task, loader, keep_counts=False)
         assert training is not None  # PoE and at least one spot, as for held_out
-        summary = self.module.fusion.fit_distance(
-            (training[0]["mu_img"], training[0]["mu_xy"]), (held_out["mu_img"], held_out["mu_xy"])
-        )
+        summary = self.module.fusion.fit_distance(training[0], held_out)
         self.fusion_calibration = {
             "method": "distance",
             "training_spots": len(train_idx),

@@ -26,6 +26,7 @@ from stinfer.nn.encoders import GaussianHeads, ModalityPosterior
 
 __all__ = [
     "FUSIONS",
+    "LOGVAR_FLOOR_QUANTILE",
     "ConcatFusion",
     "CrossAttentionFusion",
     "FusionName",
@@ -41,6 +42,11 @@ __all__ = [
 ]
 
 FusionName = Literal["poe", "concat", "mean", "cross_attention"]
+
+#: Quantile, over the training spots, of each latent dimension's log-variance below which the
+#: distance-aware fusion does not let an expert go (:class:`PoEFusion`): the experts' own 1 %
+#: most confident spots set how confident they may be anywhere.
+LOGVAR_FLOOR_QUANTILE = 0.01
 FUSIONS: tuple[str, ...] = ("poe", "concat", "mean", "cross_attention")
 
 
@@ -160,78 +166,122 @@ class PoEFusion(nn.Module):
     - ``log_precision_offset`` ``(2,)`` (image, coordinates) is added to each expert's
       log-precision before the product, i.e. subtracted from its log-variance: zero (the paper's
       PoE) unless the validation calibration set it (:func:`calibration_offsets`).
-    - the distance-aware variance (:meth:`fit_distance`): an expert whose posterior mean lies
-      far from the means it gave the training spots is extrapolating, so its variance is
-      multiplied by ``max(1, d2 / d2_ref)``, ``d2`` the squared Mahalanobis distance of the
-      spot's mean from the training spots' means and ``d2_ref`` the median of ``d2`` over
-      held-out spots of the training slides (the distance of an ordinary unseen spot). This is
-      the feature-density view of epistemic uncertainty (DDU, Mukhoti et al. 2023; SNGP, Liu
-      et al. 2020) put on each expert, so that an image of a section unlike the training ones
-      no longer outweighs the coordinates by a confidence it learned on the training section.
-      It applies in eval mode only: training and test-time adaptation see the plain experts.
+    - the distance-aware variance (:meth:`fit_distance`). Each expert's variance is a function
+      of its input fitted on the training spots only, so away from them it extrapolates, and
+      nothing stops it extrapolating to more confidence than it ever had. Two corrections, in
+      eval mode only (training and test-time adaptation see the plain experts):
+
+      1. no expert is more certain than on its most certain training spots: each latent
+         dimension's log-variance is floored at its :data:`LOGVAR_FLOOR_QUANTILE` quantile
+         over the training spots (a blank patch otherwise drove the image variance far below
+         anything seen in training, and its weight up to 0.85);
+      2. an expert whose input lies far from the training spots' is extrapolating, so its
+         variance is multiplied by ``max(1, d2 / d2_ref)``: ``d2`` the squared Mahalanobis
+         distance of the spot's posterior mean from the training spots' means, ``d2_ref`` the
+         median of ``d2`` over held-out spots of the training slides (the distance of an
+         ordinary unseen spot). For the image expert the same ratio is also taken on the
+         backbone features the latent is computed from (``feature_dim`` wide) and the larger
+         ratio is used: the latent mean is a linear projection of those features, and a noisy,
+         colour-inverted or colour-swapped patch can land near an ordinary latent while its
+         features are far from any training patch's (the feature-space Mahalanobis detector
+         of Lee et al. 2018).
+
+      This is the feature-density view of epistemic uncertainty (DDU, Mukhoti et al. 2023;
+      SNGP, Liu et al. 2020) put on each expert, so that an image unlike the training ones no
+      longer outweighs the coordinates by a confidence it learned on the training section.
 
     Parameters
     ----------
     latent_dim
         Latent size ``D`` of the experts (sets the shape of the distance buffers).
+    feature_dim
+        Width ``F`` of the image backbone features; 0 leaves the feature distance out.
     """
 
-    def __init__(self, latent_dim: int = 128) -> None:
+    def __init__(self, latent_dim: int = 128, feature_dim: int = 0) -> None:
         super().__init__()
         self.register_buffer("log_precision_offset", torch.zeros(2))
+        self.register_buffer("logvar_floor", torch.full((2, latent_dim), -math.inf))
         self.register_buffer("latent_mean", torch.zeros(2, latent_dim))
         self.register_buffer("latent_precision", torch.eye(latent_dim).repeat(2, 1, 1))
         self.register_buffer("distance_reference", torch.ones(2))
         self.register_buffer("distance_fitted", torch.tensor(False))
+        self.register_buffer("feature_mean", torch.zeros(feature_dim))
+        self.register_buffer("feature_precision", torch.eye(feature_dim))
+        self.register_buffer("feature_reference", torch.ones(()))
+        self.register_buffer("feature_distance_fitted", torch.tensor(False))
 
     @torch.no_grad()
     def fit_distance(
-        self,
-        training_means: tuple[torch.Tensor, torch.Tensor],
-        held_out_means: tuple[torch.Tensor, torch.Tensor],
+        self, training: dict[str, torch.Tensor], held_out: dict[str, torch.Tensor]
     ) -> dict[str, float]:
-        """Fit the distance-aware variance from the experts' posterior means.
+        """Fit the distance-aware variance (see the class) from the experts' posteriors.
 
-        ``training_means`` and ``held_out_means`` are ``(image, coordinates)`` pairs of
-        ``(N, D)`` means: of the spots the model was trained on (the mean and a Ledoit-Wolf
-        shrunk covariance of each expert's means, scikit-learn: ``D`` may exceed what a few
-        hundred spots estimate well) and of held-out spots of the same slides (the reference
-        distance). Returns each expert's reference distance (``image_reference``,
-        ``spatial_reference``), for the log.
+        ``training`` holds the posteriors of spots the model was trained on, ``held_out`` those
+        of held-out spots of the same slides, as :meth:`STEvsModule.forward
+        <stinfer.nn.stevs.STEvsModule.forward>` returns them: ``mu_img``, ``logvar_img``,
+        ``mu_xy``, ``logvar_xy`` ``(N, D)`` and, for the feature distance (when the module has
+        ``feature_dim > 0``), ``features_img`` ``(N, F)``. From the training spots: each
+        expert's log-variance floor and the mean and Ledoit-Wolf shrunk covariance of its means
+        (scikit-learn: ``D`` may exceed what a few hundred spots estimate well); from the
+        held-out spots: the reference distances. Returns the reference distances
+        (``image_reference``, ``spatial_reference``, ``image_feature_reference``), for the log.
         """
-        from sklearn.covariance import LedoitWolf  # scikit-learn is imported only when fitting
-
         summary: dict[str, float] = {}
-        for index, (name, train, held_out) in enumerate(
-            zip(("image", "spatial"), training_means, held_out_means, strict=True)
-        ):
-            estimate = LedoitWolf().fit(train.double().cpu().numpy())
-            self.latent_mean[index].copy_(torch.from_numpy(estimate.location_))
-            self.latent_precision[index].copy_(torch.from_numpy(estimate.precision_))
-            distances = self._squared_distances(held_out.to(self.latent_mean), index)
+        for index, (name, key) in enumerate((("image", "img"), ("spatial", "xy"))):
+            logvars = training[f"logvar_{key}"].float()
+            self.logvar_floor[index].copy_(torch.quantile(logvars, LOGVAR_FLOOR_QUANTILE, dim=0))
+            location, precision = _shrunk_gaussian(training[f"mu_{key}"])
+            self.latent_mean[index].copy_(location)
+            self.latent_precision[index].copy_(precision)
+            distances = self._squared_distances(held_out[f"mu_{key}"].to(self.latent_mean), index)
             reference = float(distances.median().clamp_min(1e-6))
             self.distance_reference[index] = reference
             summary[f"{name}_reference"] = reference
         self.distance_fitted.fill_(True)
+        if self.feature_mean.numel() and "features_img" in training:
+            location, precision = _shrunk_gaussian(training["features_img"])
+            self.feature_mean.copy_(location)
+            self.feature_precision.copy_(precision)
+            distances = self._feature_distances(held_out["features_img"].to(self.feature_mean))
+            self.feature_reference.fill_(float(distances.median().clamp_min(1e-6)))
+            self.feature_distance_fitted.fill_(True)
+            summary["image_feature_reference"] = float(self.feature_reference)
         return summary
 
     def reset_distance(self) -> None:
         """Back to the plain experts (before training again)."""
+        self.logvar_floor.fill_(-math.inf)
         self.latent_mean.zero_()
         self.latent_precision.copy_(torch.eye(self.latent_mean.shape[1]).repeat(2, 1, 1))
         self.distance_reference.fill_(1.0)
         self.distance_fitted.fill_(False)
+        self.feature_mean.zero_()
+        self.feature_precision.copy_(torch.eye(self.feature_mean.shape[0]))
+        self.feature_reference.fill_(1.0)
+        self.feature_distance_fitted.fill_(False)
 
     def _squared_distances(self, mu: torch.Tensor, index: int) -> torch.Tensor:
         centred = mu.float() - self.latent_mean[index].float()
         return ((centred @ self.latent_precision[index].float()) * centred).sum(-1)
 
-    def distance_log_inflation(self, mu: torch.Tensor, expert: int) -> torch.Tensor | None:
+    def _feature_distances(self, features: torch.Tensor) -> torch.Tensor:
+        centred = features.float() - self.feature_mean.float()
+        return ((centred @ self.feature_precision.float()) * centred).sum(-1)
+
+    def distance_log_inflation(
+        self, mu: torch.Tensor, expert: int, features: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
         """``(N, 1)`` log of expert ``expert``'s variance factor (0 image, 1 coordinates),
-        ``log max(1, d2 / d2_ref)``; ``None`` when not fitted or in training mode."""
+        ``log max(1, d2 / d2_ref)``, for the image expert the larger of the latent and the
+        feature ratio when ``features`` ``(N, F)`` are given and the feature distance is
+        fitted; ``None`` when not fitted or in training mode."""
         if self.training or not bool(self.distance_fitted):
             return None
         ratio = self._squared_distances(mu, expert) / self.distance_reference[expert].float()
+        if expert == 0 and features is not None and bool(self.feature_distance_fitted):
+            feature_ratio = self._feature_distances(features) / self.feature_reference.float()
+            ratio = torch.maximum(ratio, feature_ratio)
         return torch.log(ratio.clamp_min(1.0)).unsqueeze(-1).to(mu.dtype)
 
     def expert_logvars(
@@ -240,24 +290,36 @@ class PoEFusion(nn.Module):
         logvar_img: torch.Tensor,
         mu_xy: torch.Tensor,
         logvar_xy: torch.Tensor,
+        features_img: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The experts' ``(N, D)`` log-variances as the product uses them: after the
-        calibration offset and the distance-aware inflation (see the class)."""
+        calibration offset and the distance-aware floor and inflation (see the class);
+        ``features_img`` ``(N, F)`` are the image backbone features, for the feature distance."""
         offset = self.log_precision_offset.to(logvar_img.dtype)
         logvar_img, logvar_xy = logvar_img - offset[0], logvar_xy - offset[1]
-        inflation_img = self.distance_log_inflation(mu_img, 0)
+        inflation_img = self.distance_log_inflation(mu_img, 0, features_img)
         if inflation_img is not None:
-            logvar_img = logvar_img + inflation_img
-            logvar_xy = logvar_xy + self.distance_log_inflation(mu_xy, 1)
+            floor = self.logvar_floor.to(logvar_img.dtype)
+            logvar_img = torch.maximum(logvar_img, floor[0]) + inflation_img
+            logvar_xy = torch.maximum(logvar_xy, floor[1]) + self.distance_log_inflation(mu_xy, 1)
         return logvar_img, logvar_xy
 
     def forward(
         self, image: ModalityPosterior, spatial: ModalityPosterior
     ) -> tuple[torch.Tensor, torch.Tensor]:
         logvar_img, logvar_xy = self.expert_logvars(
-            image.mu, image.logvar, spatial.mu, spatial.logvar
+            image.mu, image.logvar, spatial.mu, spatial.logvar, image.features
         )
         return fuse_poe(image.mu, logvar_img, spatial.mu, logvar_xy)
+
+
+def _shrunk_gaussian(samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and Ledoit-Wolf shrunk precision of ``(N, K)`` samples (scikit-learn; ``K`` may
+    exceed what a few hundred spots estimate well), as float64 tensors."""
+    from sklearn.covariance import LedoitWolf  # scikit-learn is imported only when fitting
+
+    estimate = LedoitWolf().fit(samples.double().cpu().numpy())
+    return torch.from_numpy(estimate.location_), torch.from_numpy(estimate.precision_)
 
 
 def calibration_offsets(shift: float) -> tuple[float, float]:
@@ -387,7 +449,7 @@ def build_fusion(
         For an unknown name; the message lists the valid ones.
     """
     if name == "poe":
-        return PoEFusion(latent_dim)
+        return PoEFusion(latent_dim, image_feature_dim)
     if name == "mean":
         return MeanFusion()
     if name == "concat":

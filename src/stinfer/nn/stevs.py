@@ -475,7 +475,11 @@ class STEvsModule(nn.Module):
             return None
         return image_expert_weight(
             *self.fusion.expert_logvars(
-                outputs["mu_img"], outputs["logvar_img"], outputs["mu_xy"], outputs["logvar_xy"]
+                outputs["mu_img"],
+                outputs["logvar_img"],
+                outputs["mu_xy"],
+                outputs["logvar_xy"],
+                outputs.get("features_img"),
             )
         )
 
