@@ -5,10 +5,13 @@ and predicts the two serial sections with their own patches and with corrupted o
 noise, a blank grey patch, inverted colours, red and blue swapped, and a 4x box blur. For each
 (test section, patches) it records the mean image-expert weight of the fused prediction
 (``obs["stevs_image_expert_weight"]``), the median PCC (raw counts) of the fused, image-only and
-spatial-only predictions, and the fused PCC and image weight of the same experts under the
+spatial-only predictions, the mean posterior variance of the image-only prediction's latent
+(``obsm["stevs_posterior_var"]``: how uncertain an H&E-only prediction says it is), and the
+fused PCC and image weight of the same experts under the
 paper's plain product (the distance-aware fusion switched off, ``distance_fitted = False``).
-What a user should see: the image weight falls and fused stays near spatial-only when the image
-is not tissue, while the real patches keep their weight.
+What a user should see: the image weight falls, fused stays near spatial-only and the
+image-only posterior widens when the image is not tissue, while the real patches keep their
+weight.
 
 Example (alone on the machine, ~3 min per seed with 2 threads)::
 
@@ -98,6 +101,7 @@ def run_seed(seed: int, spots: int, genes: int, data_dir: Path) -> list[dict]:
                     "image_weight": float(fused.obs["stevs_image_expert_weight"].mean()),
                     "fused": evaluate_anndata(fused, section).pcc_median,
                     "image_only": evaluate_anndata(image, section).pcc_median,
+                    "image_only_latent_var": float(image.obsm["stevs_posterior_var"].mean()),
                     "spatial_only": spatial,
                     "plain_image_weight": float(plain.obs["stevs_image_expert_weight"].mean()),
                     "plain_fused": evaluate_anndata(plain, section).pcc_median,
@@ -113,6 +117,7 @@ def summary_text(frame: pd.DataFrame, args: argparse.Namespace, seconds: float) 
         "image_weight",
         "fused",
         "image_only",
+        "image_only_latent_var",
         "spatial_only",
         "plain_image_weight",
         "plain_fused",

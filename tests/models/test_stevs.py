@@ -137,31 +137,29 @@ def test_prediction_says_how_much_each_spot_trusted_each_expert(trained, section
     image = fused.obs["stevs_image_expert_weight"].to_numpy()
     assert image.dtype == np.float32 and ((image > 0) & (image < 1)).all()
     np.testing.assert_allclose(image + fused.obs["stevs_spatial_expert_weight"], 1.0, atol=1e-6)
-    # recomputed from each expert's own posterior variance (single-modality predictions)
-    var_img = trained.predict(section, mode="image").obsm["stevs_posterior_var"].astype(float)
-    var_xy = trained.predict(section, mode="spatial").obsm["stevs_posterior_var"].astype(float)
-    # the distance-aware fusion floors each expert's variance at its training range and
-    # multiplies it by max(1, d2 / d2_ref), for the image expert the larger of its latent's and
-    # its backbone features' ratio
+    # recomputed from each expert's own posterior variance (single-modality predictions),
+    # which carries the distance-aware corrections the product applies: the variance floored
+    # at the expert's training range, then multiplied by max(1, d2 / d2_ref), for the image
+    # expert the larger of its latent's and its backbone features' ratio
     fusion = trained.module.fusion
-    floor = fusion.logvar_floor.exp().double().numpy()
-    var_img, var_xy = np.maximum(var_img, floor[0]), np.maximum(var_xy, floor[1])
     assert bool(fusion.distance_fitted) and bool(fusion.feature_distance_fitted)
-    features = []
+    raw = []
     hook = trained.module.image_encoder.register_forward_hook(
-        lambda module, inputs, output: features.append(output.features)
+        lambda module, inputs, output: raw.append(output)
     )
     try:
-        means = [
-            torch.from_numpy(trained.predict(section, mode=mode).obsm["X_stevs"].copy())
-            for mode in ("image", "spatial")
-        ]
+        image_only = trained.predict(section, mode="image")
     finally:
         hook.remove()
-    inflation_img = fusion.distance_log_inflation(means[0], 0, torch.cat(features))
-    assert (inflation_img >= fusion.distance_log_inflation(means[0], 0)).all()
-    var_img *= np.exp(inflation_img.double().numpy())
-    var_xy *= np.exp(fusion.distance_log_inflation(means[1], 1).double().numpy())
+    var_img = image_only.obsm["stevs_posterior_var"].astype(float)
+    var_xy = trained.predict(section, mode="spatial").obsm["stevs_posterior_var"].astype(float)
+    mu, logvar, features = (
+        torch.cat([getattr(p, name) for p in raw]) for name in ("mu", "logvar", "features")
+    )
+    inflation = fusion.distance_log_inflation(mu, 0, features)
+    assert (inflation >= fusion.distance_log_inflation(mu, 0)).all()
+    expected = torch.maximum(logvar, fusion.logvar_floor[0]) + inflation
+    np.testing.assert_allclose(var_img, expected.exp().double().numpy(), rtol=1e-4)
     np.testing.assert_allclose(image, (var_xy / (var_img + var_xy)).mean(1), rtol=1e-4)
     spatial = trained.predict(section, mode="spatial")
     assert (spatial.obs["stevs_image_expert_weight"] == 0).all()
@@ -208,7 +206,8 @@ def test_the_distance_aware_fusion_trusts_an_image_unlike_the_training_ones_less
     lower image weight than the same section's own patches, and only through the distance:
     the plain product of the same experts weighs them as it weighs the real patches. Blank
     grey patches, which drive the image expert's raw variance below anything it had in
-    training, are handed to the coordinates: the fused prediction is then the spatial one.
+    training, are handed to the coordinates: the fused prediction is then the spatial one, and
+    the image-only prediction's posterior variance is wide.
     The fit is saved with the weights."""
     calibration = trained.fusion_calibration
     n_val = round(0.1 * trained.train_slides[0].n_obs)
@@ -227,6 +226,17 @@ def test_the_distance_aware_fusion_trusts_an_image_unlike_the_training_ones_less
     assert weight["blank"] < 0.25 * weight["real"], weight
     spatial_only = median_pcc(trained.predict(section, mode="spatial"), section)
     assert fused["blank"] > spatial_only - 0.03, (fused, spatial_only)
+    # an H&E-only prediction of the blank patches says it knows little: its posterior variance
+    # is many times that of the real patches
+    variance = {
+        name: float(
+            trained.predict(section, mode="image", patches=images)
+            .obsm["stevs_posterior_var"]
+            .mean()
+        )
+        for name, images in (("real", patches), ("blank", blank))
+    }
+    assert variance["blank"] > 10 * variance["real"], variance
     assert median_pcc(trained.predict(section, mode="image", patches=noise), section) < 0.1
     fusion = trained.module.fusion
     fitted = {name: value.clone() for name, value in fusion.state_dict().items()}

@@ -186,6 +186,10 @@ class PoEFusion(nn.Module):
          features are far from any training patch's (the feature-space Mahalanobis detector
          of Lee et al. 2018).
 
+      The same corrections apply to an expert used alone (image-only or coordinate-only
+      inference, :meth:`single_expert_logvar`), so its posterior variance, and the predictive
+      uncertainty drawn from it, widens where it extrapolates.
+
       This is the feature-density view of epistemic uncertainty (DDU, Mukhoti et al. 2023;
       SNGP, Liu et al. 2020) put on each expert, so that an image unlike the training ones no
       longer outweighs the coordinates by a confidence it learned on the training section.
@@ -284,6 +288,23 @@ class PoEFusion(nn.Module):
             ratio = torch.maximum(ratio, feature_ratio)
         return torch.log(ratio.clamp_min(1.0)).unsqueeze(-1).to(mu.dtype)
 
+    def single_expert_logvar(
+        self,
+        mu: torch.Tensor,
+        logvar: torch.Tensor,
+        expert: int,
+        features: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``(N, D)`` log-variance of expert ``expert`` (0 image, 1 coordinates) when it is the
+        only posterior (single-modality inference, STEvs Table 5), after the distance-aware
+        floor and inflation: an H&E-only prediction of a patch unlike the training ones is
+        then as uncertain as its distance says, not as confident as the extrapolating variance
+        head. Unchanged in training mode or when the distance is not fitted."""
+        inflation = self.distance_log_inflation(mu, expert, features)
+        if inflation is None:
+            return logvar
+        return torch.maximum(logvar, self.logvar_floor[expert].to(logvar.dtype)) + inflation
+
     def expert_logvars(
         self,
         mu_img: torch.Tensor,
@@ -297,12 +318,10 @@ class PoEFusion(nn.Module):
         ``features_img`` ``(N, F)`` are the image backbone features, for the feature distance."""
         offset = self.log_precision_offset.to(logvar_img.dtype)
         logvar_img, logvar_xy = logvar_img - offset[0], logvar_xy - offset[1]
-        inflation_img = self.distance_log_inflation(mu_img, 0, features_img)
-        if inflation_img is not None:
-            floor = self.logvar_floor.to(logvar_img.dtype)
-            logvar_img = torch.maximum(logvar_img, floor[0]) + inflation_img
-            logvar_xy = torch.maximum(logvar_xy, floor[1]) + self.distance_log_inflation(mu_xy, 1)
-        return logvar_img, logvar_xy
+        return (
+            self.single_expert_logvar(mu_img, logvar_img, 0, features_img),
+            self.single_expert_logvar(mu_xy, logvar_xy, 1),
+        )
 
     def forward(
         self, image: ModalityPosterior, spatial: ModalityPosterior

@@ -356,9 +356,9 @@ class STEvsModule(nn.Module):
         if image is not None and spatial is not None:
             mu, logvar = self.fusion(image, spatial)
         elif image is not None:
-            mu, logvar = image.mu, image.logvar
+            mu, logvar = image.mu, self._single_expert_logvar(image, 0)
         else:
-            mu, logvar = spatial.mu, spatial.logvar
+            mu, logvar = spatial.mu, self._single_expert_logvar(spatial, 1)
         z = reparameterize(mu, logvar) if sample else mu
         outputs.update(mu=mu, logvar=logvar, z=z)
         if sample and image is not None and spatial is not None:
@@ -371,6 +371,15 @@ class STEvsModule(nn.Module):
         if decode_image and self.image_decoder is not None:
             outputs["image_recon"] = self.image_decoder(z)
         return outputs
+
+    def _single_expert_logvar(self, posterior: ModalityPosterior, expert: int) -> torch.Tensor:
+        """An expert's log-variance when it is the only posterior: with the Product of Experts,
+        after the distance-aware floor and inflation
+        (:meth:`~stinfer.nn.fusion.PoEFusion.single_expert_logvar`; eval mode only)."""
+        if not isinstance(self.fusion, PoEFusion):
+            return posterior.logvar
+        features = posterior.features if expert == 0 else None
+        return self.fusion.single_expert_logvar(posterior.mu, posterior.logvar, expert, features)
 
     # ------------------------------------------------------------------ losses
     def loss(
