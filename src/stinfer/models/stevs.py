@@ -126,9 +126,9 @@ class STEvsTrainingConfig:
     spots', and never lets it fall below the expert's variance on its most certain training
     spots (:class:`~stinfer.nn.fusion.PoEFusion`), per spot and at prediction time: an image
     expert reading a section unlike the training ones or a patch that is not tissue, or a
-    coordinate expert outside the training tissue, then weighs less. The experts' own variances are learned on the training
-    spots, where a flexible encoder is confident, and carry nothing about transfer to another
-    section (``benchmarks/synthetic_fusion.yaml``). ``"validation"`` instead shifts the experts'
+    coordinate expert outside the training tissue, then weighs less. The experts' own
+    variances are learned on the training spots, where a flexible encoder is confident, and
+    carry nothing about transfer to another section (``benchmarks/synthetic_fusion.yaml``). ``"validation"`` instead shifts the experts'
     relative precision to what predicts the validation spots best
     (:meth:`STEvs._calibrate_fusion`); it is off in both presets: random validation spots of the
     training section reward the coordinate expert for interpolating between neighbours, which
@@ -1095,9 +1095,9 @@ class STEvs:
         self, task: STEvsTask, loader: DataLoader | None, keep_counts: bool = True
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None] | None:
         """Both experts' posteriors (``mu_img``, ``logvar_img``, ``mu_xy``, ``logvar_xy``), the
-        image backbone features (``features_img``) and the counts of the spots of ``loader`` (unaugmented; ``None`` unless ``keep_counts``:
-        a dense spots x genes matrix), with the trained weights; ``None`` without spots or
-        without the Product of Experts."""
+        image backbone features (``features_img``) and the counts of the spots of ``loader``
+        (unaugmented; ``None`` unless ``keep_counts``: a dense spots x genes matrix), with the
+        trained weights; ``None`` without spots or without the Product of Experts."""
         if loader is None or not isinstance(self.module.fusion, PoEFusion):
             return None
         device = next(self.module.parameters()).device

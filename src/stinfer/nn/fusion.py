@@ -43,11 +43,12 @@ __all__ = [
 
 FusionName = Literal["poe", "concat", "mean", "cross_attention"]
 
+FUSIONS: tuple[str, ...] = ("poe", "concat", "mean", "cross_attention")
+
 #: Quantile, over the training spots, of each latent dimension's log-variance below which the
 #: distance-aware fusion does not let an expert go (:class:`PoEFusion`): the experts' own 1 %
 #: most confident spots set how confident they may be anywhere.
 LOGVAR_FLOOR_QUANTILE = 0.01
-FUSIONS: tuple[str, ...] = ("poe", "concat", "mean", "cross_attention")
 
 
 def product_of_experts(
