@@ -128,11 +128,12 @@ class STEvsTrainingConfig:
     expert reading a section unlike the training ones or a patch that is not tissue, or a
     coordinate expert outside the training tissue, then weighs less. The experts' own
     variances are learned on the training spots, where a flexible encoder is confident, and
-    carry nothing about transfer to another section (``benchmarks/synthetic_fusion.yaml``). ``"validation"`` instead shifts the experts'
-    relative precision to what predicts the validation spots best
-    (:meth:`STEvs._calibrate_fusion`); it is off in both presets: random validation spots of the
-    training section reward the coordinate expert for interpolating between neighbours, which
-    it cannot do on another section (``benchmarks/her2st_fusion_calibration.yaml``).
+    carry nothing about transfer to another section (``benchmarks/synthetic_fusion.yaml``).
+    ``"validation"`` instead shifts the experts' relative precision to what predicts the
+    validation spots best (:meth:`STEvs._calibrate_fusion`); it is off in both presets: random
+    validation spots of the training section reward the coordinate expert for interpolating
+    between neighbours, which it cannot do on another section
+    (``benchmarks/her2st_fusion_calibration.yaml``).
 
     ``observed_library`` (``expression_scale="profile"`` only): the NB term of a training spot
     uses its observed total over the panel as library size (scVI), so the composition head
